@@ -1,0 +1,89 @@
+"""Masked-language-model corruption on device, with fixed shapes.
+
+Each row gets up to `max_predictions` chosen positions, as BERT's data generator picks them:
+n = min(max_predictions, max(1, round(mask_rate * maskable))) among the maskable tokens (not special, not
+padding). Of the chosen, `mask_token_rate` become [MASK], `random_token_rate` a random non-special token,
+the rest stay as they are. Everything is [batch, max_predictions]-shaped, so the vocab projection runs only
+there, and the data pipeline stays unaware of the objective.
+"""
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class MaskedBatch:
+    """input_ids: [B, S] corrupted ids; positions, labels, weights: [B, P] (weights 1.0 on real predictions)."""
+
+    input_ids: jax.Array
+    positions: jax.Array
+    labels: jax.Array
+    weights: jax.Array
+
+
+@flax.struct.dataclass
+class MaskingSpec:
+    """Static settings of the corruption (hashable, closed over by the jitted step)."""
+
+    vocab_size: int = flax.struct.field(pytree_node=False)
+    mask_id: int = flax.struct.field(pytree_node=False)
+    pad_id: int = flax.struct.field(pytree_node=False)
+    special_ids: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    mask_rate: float = flax.struct.field(pytree_node=False, default=0.15)
+    max_predictions: int = flax.struct.field(pytree_node=False, default=20)
+    mask_token_rate: float = flax.struct.field(pytree_node=False, default=0.8)
+    random_token_rate: float = flax.struct.field(pytree_node=False, default=0.1)
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_rate <= 1.0:
+            raise ValueError(f"objective.mask_rate={self.mask_rate} must be in (0, 1]")
+        if self.mask_token_rate < 0 or self.random_token_rate < 0 or (
+                self.mask_token_rate + self.random_token_rate > 1.0):
+            raise ValueError("objective.mask_token_rate + objective.random_token_rate must lie in [0, 1]")
+        if self.max_predictions < 1:
+            raise ValueError(f"objective.max_predictions={self.max_predictions} must be >= 1")
+
+
+def maskable(input_ids: jax.Array, spec: MaskingSpec) -> jax.Array:
+    """[B, S] bool: positions that may be chosen (not padding, not any special token)."""
+    special = np.asarray(sorted(set(spec.special_ids) | {spec.pad_id}), np.int32)
+    return ~jnp.isin(input_ids, special)
+
+
+def mask_tokens(rng: jax.Array, input_ids: jax.Array, spec: MaskingSpec) -> MaskedBatch:
+    """input_ids [B, S] -> MaskedBatch with P = min(max_predictions, S) prediction slots per row."""
+    num_slots = min(spec.max_predictions, input_ids.shape[1])
+    k_choose, k_action, k_random = jax.random.split(rng, 3)
+    can = maskable(input_ids, spec)
+    num_can = can.sum(axis=1)
+    num_pick = jnp.minimum(num_slots, jnp.maximum(1, jnp.round(num_can * spec.mask_rate))).astype(jnp.int32)
+    num_pick = jnp.where(num_can > 0, jnp.minimum(num_pick, num_can), 0)
+    # A uniformly random subset of the maskable positions: the top-k of random scores (-1 where not allowed).
+    scores = jnp.where(can, jax.random.uniform(k_choose, can.shape), -1.0)
+    _, positions = jax.lax.top_k(scores, num_slots)
+    weights = (jnp.arange(num_slots)[None, :] < num_pick[:, None])
+    positions = jnp.where(weights, positions, 0).astype(jnp.int32)
+    labels = jnp.take_along_axis(input_ids, positions, axis=1)
+
+    # 80 / 10 / 10: [MASK], a random non-special token, unchanged.
+    u = jax.random.uniform(k_action, positions.shape)
+    non_special = np.setdiff1d(np.arange(spec.vocab_size), np.asarray(spec.special_ids + (spec.pad_id,)))
+    random_ids = jnp.asarray(non_special, jnp.int32)[
+        jax.random.randint(k_random, positions.shape, 0, len(non_special))]
+    new = jnp.where(u < spec.mask_token_rate, spec.mask_id,
+                    jnp.where(u < spec.mask_token_rate + spec.random_token_rate, random_ids, labels))
+    new = jnp.where(weights, new, labels)
+    rows = jnp.arange(input_ids.shape[0])[:, None]
+    # Unused slots write out of bounds and are dropped (their position 0 is only read, with weight 0).
+    write_at = jnp.where(weights, positions, input_ids.shape[1])
+    corrupted = input_ids.at[rows, write_at].set(new.astype(input_ids.dtype), mode="drop")
+    return MaskedBatch(input_ids=corrupted, positions=positions, labels=labels.astype(jnp.int32),
+                       weights=weights.astype(jnp.float32))
+
+
+def special_ids_tuple(ids: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({int(i) for i in ids}))

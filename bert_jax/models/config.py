@@ -1,0 +1,49 @@
+"""The model's typed configuration: a frozen dataclass built from the `model` config section."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Sizes and settings of a BERT encoder; field names follow Hugging Face's BertConfig where they can."""
+
+    vocab_size: int
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # activation/compute dtype; parameters are always float32
+    remat: str = "none"  # none | full | dots
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def num_params(self, with_mlm_head: bool = True) -> int:
+        """Closed-form parameter count (equals Hugging Face BertForMaskedLM's when with_mlm_head)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        embeddings = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h
+        layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+        head = (h * h + h) + 2 * h + v if with_mlm_head else 0
+        return embeddings + self.num_layers * layer + head

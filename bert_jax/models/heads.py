@@ -1,0 +1,47 @@
+"""Pretraining heads. The MLM head projects onto the vocabulary only at the chosen positions."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bert_jax.models.config import EncoderConfig
+from bert_jax.models.encoder import BertEncoder
+from bert_jax.models.layers import Dense, LayerNorm, param
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, S, H], positions [B, P] int -> [B, P, H]."""
+    return jnp.take_along_axis(x, positions[..., None], axis=1)
+
+
+class MlmHead(nnx.Module):
+    """BERT's MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.transform = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), cfg, rngs)
+        self.norm = LayerNorm(cfg.hidden_size, cfg, rngs, name="mlp")
+        self.bias = param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",))
+
+    def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+        """h [..., H], word_embeddings [V, H] -> logits [..., V] in float32."""
+        h = self.norm(jax.nn.gelu(self.transform(h), approximate=False))
+        logits = jnp.einsum("...h,vh->...v", h, word_embeddings.astype(h.dtype))
+        return logits.astype(jnp.float32) + self.bias[...]
+
+
+class BertForMaskedLM(nnx.Module):
+    """Encoder + MLM head. Returns the vocabulary logits at `masked_positions` only: [B, P, V]."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.mlm_head = MlmHead(cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, masked_positions, *, dropout_key=None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key)
+        return self.mlm_head(gather_positions(h, masked_positions), self.encoder.embeddings.word[...])
+
+    def all_logits(self, input_ids, attention_mask, token_type_ids):
+        """Logits at every position [B, S, V] (deterministic): for conversion checks, not for training."""
+        h = self.encoder(input_ids, attention_mask, token_type_ids)
+        return self.mlm_head(h, self.encoder.embeddings.word[...])

@@ -1,0 +1,128 @@
+"""Building blocks: dense layers with logical axis names, LayerNorm, dropout, attention, one encoder layer.
+
+Every parameter is created through `param()` so that it carries logical axis names from one vocabulary
+(batch, length, embed, mlp, heads, kv, vocab, layers); `bert_jax.sharding` maps them onto the mesh.
+Dropout takes an explicit PRNG key (None = deterministic) so the step stays a pure function of its inputs.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bert_jax.models.config import EncoderConfig
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter initialised by `init` and annotated with logical axis `names`."""
+    assert len(shape) == len(names), (shape, names)
+    return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), jnp.float32))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias over the last axis; kernel [in, out] with logical names (in_name, out_name)."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: EncoderConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(cfg.initializer_range)
+        self.kernel = param(rngs, init, (d_in, d_out), names)
+        self.bias = param(rngs, nnx.initializers.zeros, (d_out,), names[1:])
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with the two-pass variance (as PyTorch computes it), statistics in float32."""
+
+    def __init__(self, dim: int, cfg: EncoderConfig, rngs: nnx.Rngs, name: str = "embed"):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (name,))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (name,))
+        self.eps = cfg.layer_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(dtype)
+
+
+class HeadsDense(nnx.Module):
+    """Projection of the hidden state onto heads: [B, S, embed] -> [B, S, heads, kv]."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(cfg.initializer_range)
+        shape = (cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+        self.kernel = param(rngs, init, shape, ("embed", "heads", "kv"))
+        self.bias = param(rngs, nnx.initializers.zeros, shape[1:], ("heads", "kv"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        return jnp.einsum("bsh,hnd->bsnd", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+
+
+class HeadsOutput(nnx.Module):
+    """Merge of the heads back into the hidden state: [B, S, heads, kv] -> [B, S, embed]."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(cfg.initializer_range)
+        self.kernel = param(rngs, init, (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "kv", "embed"))
+        self.bias = param(rngs, nnx.initializers.zeros, (cfg.hidden_size,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        return jnp.einsum("bsnd,ndh->bsh", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention; q/k/v kernels are [embed, heads, kv] so heads shard over `tensor`."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.query = HeadsDense(cfg, rngs)
+        self.key = HeadsDense(cfg, rngs)
+        self.value = HeadsDense(cfg, rngs)
+        self.output = HeadsOutput(cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
+        """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]."""
+        dt = x.dtype
+
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        q = q * jnp.asarray(self.cfg.head_dim ** -0.5, dt)
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        probs = dropout(probs, self.cfg.attention_dropout, key)
+        return self.output(jnp.einsum("bnqk,bknd->bqnd", probs, v))
+
+
+class EncoderLayer(nnx.Module):
+    """Post-LayerNorm transformer layer as in BERT: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.attention = SelfAttention(cfg, rngs)
+        self.attention_norm = LayerNorm(cfg.hidden_size, cfg, rngs)
+        self.intermediate = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), cfg, rngs)
+        self.output = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), cfg, rngs)
+        self.output_norm = LayerNorm(cfg.hidden_size, cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
+        k_attn, k_h1, k_h2 = jax.random.split(key, 3) if key is not None else (None, None, None)
+        rate = self.cfg.hidden_dropout
+        x = self.attention_norm(x + dropout(self.attention(x, bias, k_attn), rate, k_h1))
+        h = jax.nn.gelu(self.intermediate(x), approximate=False)  # BERT's exact (erf) GELU
+        return self.output_norm(x + dropout(self.output(h), rate, k_h2))

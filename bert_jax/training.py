@@ -1,0 +1,278 @@
+"""`python -m bert_jax.training --config configs/bert.py:tiny --workdir W [--config.KEY=VALUE ...]`
+
+The thin main parses flags, hides accelerators from TensorFlow and calls `train_and_evaluate`. Everything
+the config says is checked before anything is compiled; running the same command again resumes from the
+newest checkpoint in `W/checkpoints/` and continues the step count.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import ConfigDict, config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/bert.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and logs.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any compilation."""
+
+
+def _model_config(config: ConfigDict, vocab_size: int):
+    from bert_jax.models import EncoderConfig
+    m = config.model
+    return EncoderConfig(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
+        type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
+        initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat)
+
+
+def _optim_config(config: ConfigDict):
+    from bert_jax.optim import OptimConfig
+    o = config.optim
+    return OptimConfig(name=o.name, learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                       total_steps=config.train.steps, schedule=o.schedule, end_lr_ratio=o.end_lr_ratio,
+                       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+
+
+def _masking_spec(config: ConfigDict, manifest: dict, vocab_size: int):
+    from bert_jax.masking import MaskingSpec, special_ids_tuple
+    o = config.objective
+    ids = manifest["special_ids"]
+    return MaskingSpec(vocab_size=vocab_size, mask_id=ids["mask"], pad_id=ids["pad"],
+                       special_ids=special_ids_tuple(manifest["special_token_ids"]), mask_rate=o.mask_rate,
+                       max_predictions=o.max_predictions, mask_token_rate=o.mask_token_rate,
+                       random_token_rate=o.random_token_rate)
+
+
+def check_config(config: ConfigDict, manifest: dict, num_devices: int, process_count: int = 1) -> dict:
+    """Everything that can be known wrong before compiling. Returns derived values; raises ConfigError."""
+    from bert_jax import sharding
+    d, t, m = config.data, config.train, config.model
+    if config.objective.name != "mlm":
+        raise ConfigError(f"objective.name={config.objective.name!r}: only 'mlm' is available")
+    if d.seq_len != manifest["seq_len"]:
+        raise ConfigError(f"data.seq_len={d.seq_len} differs from seq_len={manifest['seq_len']} in "
+                          f"{os.path.join(d.dir, 'manifest.json')}")
+    if d.seq_len > m.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}")
+    vocab_size = manifest["vocab_size"] if m.vocab_size == -1 else m.vocab_size
+    if vocab_size != manifest["vocab_size"]:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} differs from vocab_size={manifest['vocab_size']} "
+                          f"in {os.path.join(d.dir, 'manifest.json')} (use -1 to take the manifest's)")
+    try:
+        mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch_shards = mesh_shape[0] * mesh_shape[1]
+    accum = config.optim.grad_accum_steps
+    for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                       ("train.log_every", t.log_every), ("optim.grad_accum_steps", accum)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if t.batch_size % (accum * batch_shards) or t.batch_size % process_count:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum_steps={accum} "
+                          f"x data*fsdp devices={batch_shards} and by the {process_count} processes")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if t.eval_every > 0:
+        rows = manifest["splits"].get("validation", {}).get("rows", 0)
+        if rows < t.batch_size:
+            raise ConfigError(f"the validation split of {d.dir} has {rows} rows, fewer than one batch of "
+                              f"train.batch_size={t.batch_size}; set train.eval_every=0 or add data")
+    return {"vocab_size": vocab_size, "mesh_shape": mesh_shape}
+
+
+def _load_manifest(data_dir: str) -> dict:
+    from data_pipeline.dataset import load_manifest
+    if not data_dir:
+        raise ConfigError("data.dir is empty: point it at a folder written by `python -m data_pipeline.pretokenize`")
+    return load_manifest(data_dir)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
+    """Trains to config.train.steps (resuming from workdir if it holds checkpoints); returns the last metrics."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bert_jax import checkpointing, metrics as metrics_lib, objectives, optim, sharding, train_state, train_step
+    from bert_jax.models import BertForMaskedLM
+    from data_pipeline import dataset as data_lib
+
+    manifest = _load_manifest(config.data.dir)
+    derived = check_config(config, manifest, jax.device_count(), jax.process_count())
+    try:  # the typed configs validate their own fields
+        model_cfg = _model_config(config, derived["vocab_size"])
+        optim_cfg = _optim_config(config)
+        objective = objectives.MlmObjective(_masking_spec(config, manifest, derived["vocab_size"]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    mesh = sharding.make_mesh(*derived["mesh_shape"])
+    tx = optim.make_optimizer(optim_cfg)
+    lr_schedule = optim.learning_rate_schedule(optim_cfg)
+    seed = config.train.seed
+    model_fn = lambda: BertForMaskedLM(model_cfg, nnx.Rngs(seed))  # noqa: E731
+    layout = train_state.state_layout(model_fn, tx, mesh)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
+    writer.log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+               f"{n_params:,} parameters, {sharding.bytes_per_device(layout.abstract.params) / 2**20:.1f} MiB "
+               f"of parameters per device")
+
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, layout.abstract)
+        if meta.get("vocab_hash") != manifest["vocab_hash"]:
+            raise ConfigError(f"the checkpoint at step {latest} in {ckpt.directory} was trained with another "
+                              f"vocabulary than {config.data.dir}")
+        writer.log(f"resumed from step {latest} ({ckpt.directory})")
+    else:
+        init_params = None
+        if config.checkpoint.init_from:
+            init_params, init_meta = checkpointing.load_params(config.checkpoint.init_from)
+            try:
+                train_state.check_shapes(init_params, layout.abstract.params)
+            except ValueError as e:
+                raise ConfigError(f"checkpoint.init_from={config.checkpoint.init_from}: {e}") from None
+            writer.log(f"initialised from {config.checkpoint.init_from} (step {init_meta.get('step')})")
+        state = train_state.create_state(model_fn, tx, mesh, layout, seed, params=init_params)
+        if is_main:  # the workdir is self-contained: config, data manifest and tokenizer files
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+            shutil.copyfile(os.path.join(config.data.dir, "manifest.json"),
+                            os.path.join(workdir, "data_manifest.json"))
+            shutil.copytree(os.path.join(config.data.dir, manifest["tokenizer"]["dir"]),
+                            os.path.join(workdir, "tokenizer"), dirs_exist_ok=True)
+    start_step = int(jax.device_get(state.step))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
+                                         accum_steps=config.optim.grad_accum_steps)
+    eval_fn = train_step.make_eval_step(layout, batch_sharding, objective=objective)
+    host_batch = config.train.batch_size // jax.process_count()
+
+    def to_global(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+    # One global batch per step, so the data position of step s is "s batches consumed".
+    train_ds = data_lib.make_dataset(
+        config.data.dir, "train", host_batch, shuffle=True, repeat=True, seed=config.data.seed,
+        shuffle_buffer=config.data.shuffle_buffer, process_index=jax.process_index(),
+        process_count=jax.process_count(), skip_batches=start_step)
+    train_iter = train_ds.as_numpy_iterator()
+    eval_batches = []
+    if config.train.eval_every > 0:
+        val_rows = manifest["splits"]["validation"]["rows"]
+        n_eval = max(1, min(config.train.eval_batches, val_rows // config.train.batch_size))
+        eval_ds = data_lib.make_dataset(config.data.dir, "validation", host_batch, shuffle=False, repeat=False,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+        eval_batches = [to_global(b) for b in eval_ds.take(n_eval).as_numpy_iterator()]
+    eval_rng = jax.random.PRNGKey(seed + 2)  # fixed masks: eval numbers are comparable across steps and runs
+
+    def evaluate():
+        sums = None
+        for i, batch in enumerate(eval_batches):
+            out = eval_fn(state.params, batch, jax.random.fold_in(eval_rng, i))
+            sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+        values = metrics_lib.finish_sums(jax.device_get(sums))
+        return {"eval/loss": values["mlm_loss"], "eval/mlm_accuracy": values["mlm_accuracy"]}
+
+    def save(step):
+        meta = {"step": step, "data": {"batches_consumed": step, "seed": config.data.seed},
+                "vocab_hash": manifest["vocab_hash"], "model": dataclasses.asdict(model_cfg),
+                "objective": config.objective.name, "config": json.loads(config.to_json_best_effort())}
+        ckpt.save(step, state, meta)
+
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    last = {}
+    pending, t_log, t_data = [], time.perf_counter(), 0.0
+    writer.log(f"training steps {start_step} -> {config.train.steps}, batch {config.train.batch_size} x "
+               f"{config.data.seq_len}")
+    for step in range(start_step + 1, config.train.steps + 1):
+        t0 = time.perf_counter()
+        batch = to_global(next(train_iter))
+        t_data += time.perf_counter() - t0
+        state, step_metrics = step_fn(state, batch)
+        pending.append(step_metrics)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            values = metrics_lib.mean_of(pending)  # the only host sync: once per log interval
+            elapsed = time.perf_counter() - t_log
+            last = {"train/loss": values["loss"], "train/mlm_accuracy": values["mlm_accuracy"],
+                    "train/grad_norm": values["grad_norm"], "learning_rate": float(lr_schedule(step - 1)),
+                    "tokens_per_sec": len(pending) * tokens_per_step / elapsed,
+                    "data_wait_fraction": t_data / elapsed}
+            writer.write(step, last)
+            pending, t_log, t_data = [], time.perf_counter(), 0.0
+        if eval_batches and (step % config.train.eval_every == 0 or step == config.train.steps):
+            last = {**last, **evaluate()}
+            writer.write(step, {k: v for k, v in last.items() if k.startswith("eval/")}, prefix="eval ")
+            t_log = time.perf_counter()
+        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
+            save(step)
+    if start_step >= config.train.steps:
+        writer.log(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={config.train.steps}")
+    ckpt.close()
+    return last
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print(config)
+        return
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required")
+    # TensorFlow only reads data here: keep it off any accelerator so it does not take device memory.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    from data_pipeline.errors import DataError
+    try:
+        train_and_evaluate(config, _WORKDIR.value)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _parse_flags(argv):
+    """absl's parsing, with one clear line (no traceback) for a bad value or an unknown config key."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError) as e:  # ml_collections: the override names a key the config lacks
+        text = str(e.args[0] if e.args else e)
+        key = re.search(r"'([\w.-]+)", text)
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        bad = " ".join(a for a in argv[1:] if a.startswith("--config.")) or "the config overrides"
+        sys.exit(f"error: unknown config key {key.group(1) if key else '?'!r} in {bad}"
+                 + (f' (did you mean "{hint.group(1)}"?)' if hint else ""))
+
+
+def run():
+    """Console-script entry point (`bert-jax-train`)."""
+    flags.mark_flag_as_required("config")
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

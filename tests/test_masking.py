@@ -1,0 +1,96 @@
+"""Masking statistics: rates, the 80/10/10 split, the cap, and that specials and padding are never chosen."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import masking
+
+SPECIALS = (0, 1, 2, 3, 4)
+SPEC = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.15,
+                           max_predictions=40)
+
+
+def _rows(n=512, s=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 500, (n, s)).astype(np.int32)
+    ids[:, 0] = 2
+    lengths = rng.integers(20, s + 1, n)
+    for i, length in enumerate(lengths):
+        ids[i, length - 1] = 3
+        ids[i, length:] = 0
+        ids[i, rng.integers(1, length - 1)] = 3  # a document boundary inside the row
+    return jnp.asarray(ids), lengths
+
+
+def test_choice_rate_cap_and_never_special():
+    ids, lengths = _rows()
+    out = jax.jit(masking.mask_tokens, static_argnums=2)(jax.random.PRNGKey(0), ids, SPEC)
+    ids_np, pos, w = np.asarray(ids), np.asarray(out.positions), np.asarray(out.weights)
+    maskable = ~np.isin(ids_np, SPECIALS)
+    n_maskable = maskable.sum(1)
+    expected = np.minimum(40, np.maximum(1, np.round(n_maskable * 0.15)))
+    np.testing.assert_array_equal(w.sum(1), expected)
+    for i in range(len(ids_np)):
+        chosen = pos[i][w[i] > 0]
+        assert len(set(chosen.tolist())) == len(chosen)  # distinct positions
+        assert maskable[i, chosen].all()  # never [CLS], [SEP], [PAD] or another special
+    np.testing.assert_array_equal(np.take_along_axis(ids_np, pos, 1), np.asarray(out.labels))
+    # Outside the chosen positions nothing changes.
+    changed = np.asarray(out.input_ids) != ids_np
+    chosen_mask = np.zeros_like(changed)
+    for i in range(len(ids_np)):
+        chosen_mask[i, pos[i][w[i] > 0]] = True
+    assert not (changed & ~chosen_mask).any()
+
+
+def test_cap_binds_on_long_rows():
+    ids, _ = _rows()
+    spec = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.5,
+                               max_predictions=10)
+    out = masking.mask_tokens(jax.random.PRNGKey(1), ids, spec)
+    assert out.positions.shape == (512, 10)
+    assert float(out.weights.sum(1).max()) == 10
+
+
+def test_80_10_10_proportions():
+    ids, _ = _rows(n=2048)
+    out = masking.mask_tokens(jax.random.PRNGKey(2), ids, SPEC)
+    w = np.asarray(out.weights) > 0
+    new = np.take_along_axis(np.asarray(out.input_ids), np.asarray(out.positions), 1)[w]
+    orig = np.asarray(out.labels)[w]
+    n = len(new)
+    frac_mask = np.mean(new == 4)
+    frac_same = np.mean(new == orig)
+    frac_random = 1 - frac_mask - frac_same
+    # 3-sigma binomial bounds; a random replacement equals the original 1/495 of the time.
+    for frac, p in ((frac_mask, 0.8), (frac_random, 0.1 * (1 - 1 / 495)), (frac_same, 0.1 + 0.1 / 495)):
+        assert abs(frac - p) < 3 * np.sqrt(p * (1 - p) / n) + 1e-3, (frac, p, n)
+    random_ids = new[(new != 4) & (new != orig)]
+    assert not np.isin(random_ids, SPECIALS).any()
+    assert len(np.unique(random_ids)) > 300  # spread over the vocabulary
+
+
+def test_every_maskable_position_is_equally_likely():
+    ids = jnp.asarray(np.tile(np.r_[2, np.arange(5, 35), 3, 0, 0].astype(np.int32), (4000, 1)))
+    out = masking.mask_tokens(jax.random.PRNGKey(3), ids, SPEC)
+    counts = np.bincount(np.asarray(out.positions)[np.asarray(out.weights) > 0], minlength=34)
+    assert counts[[0, 31, 32, 33]].sum() == 0
+    inner = counts[1:31]
+    expected = 4000 * 4 / 30  # 4 = round(0.15 * 30) picks per row
+    assert np.all(np.abs(inner - expected) < 5 * np.sqrt(expected))
+
+
+def test_fresh_masks_per_key_and_deterministic_per_key():
+    ids, _ = _rows(n=8)
+    a = masking.mask_tokens(jax.random.PRNGKey(5), ids, SPEC)
+    b = masking.mask_tokens(jax.random.PRNGKey(5), ids, SPEC)
+    c = masking.mask_tokens(jax.random.PRNGKey(6), ids, SPEC)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert not np.array_equal(a.positions, c.positions)
+
+
+def test_bad_rates_are_refused():
+    with pytest.raises(ValueError, match="mask_rate"):
+        masking.MaskingSpec(vocab_size=10, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.0)

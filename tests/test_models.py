@@ -1,0 +1,90 @@
+"""Model shapes, parameter counts (against Hugging Face's BertForMaskedLM) and logical axis names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from bert_jax import sharding
+from bert_jax.models import BertForMaskedLM, EncoderConfig
+from configs import common
+
+TINY = EncoderConfig(vocab_size=211, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                     max_position_embeddings=64)
+
+
+def _abstract(cfg):
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    return sharding.abstract_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(0)), mesh)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large"])
+def test_param_count_matches_closed_form(size):
+    layers, hidden, heads, mlp = common.SIZES[size]
+    cfg = EncoderConfig(vocab_size=30522, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                        intermediate_size=mlp)
+    _, abstract, _ = _abstract(cfg)
+    assert _count(abstract) == cfg.num_params()
+
+
+def test_base_param_count_equals_hf_bert_for_masked_lm():
+    import transformers  # pylint: disable=import-outside-toplevel
+    hf_cfg = transformers.BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072)
+    hf = transformers.BertForMaskedLM(hf_cfg)
+    hf_count = sum(p.numel() for p in hf.parameters())  # tied decoder counted once
+    cfg = EncoderConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+    _, abstract, _ = _abstract(cfg)
+    assert _count(abstract) == hf_count == cfg.num_params() == 109_514_298
+
+
+def test_every_parameter_has_logical_axes():
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        _, state = nnx.split(nnx.eval_shape(lambda: BertForMaskedLM(TINY, nnx.Rngs(0))))
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+        assert names is not None and len(names) == len(var.shape), (path, names)
+
+
+def test_output_shapes_and_masked_positions_only():
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        model = BertForMaskedLM(TINY, nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 211, (3, 16)), jnp.int32)
+    mask = jnp.ones_like(ids).at[2, 10:].set(0)
+    types = jnp.zeros_like(ids)
+    positions = jnp.asarray([[1, 2], [3, 4], [5, 9]], jnp.int32)
+    logits = model(ids, mask, types, positions)
+    assert logits.shape == (3, 2, 211)
+    hidden = model.encoder(ids, mask, types)
+    assert hidden.shape == (3, 16, 32)
+    all_logits = model.all_logits(ids, mask, types)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(all_logits), np.asarray(positions)[..., None], 1),
+                               logits, atol=1e-5)
+    # Padding keys get no attention: changing tokens under padding does not change the other outputs.
+    ids2 = ids.at[2, 12].set(7)
+    np.testing.assert_allclose(model.encoder(ids2, mask, types)[2, :10], hidden[2, :10], atol=1e-6)
+    # Dropout changes outputs only when a key is given.
+    cfg_drop = EncoderConfig(**{**TINY.__dict__, "hidden_dropout": 0.5})
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        m2 = BertForMaskedLM(cfg_drop, nnx.Rngs(0))
+    a = m2.encoder(ids, mask, types)
+    b = m2.encoder(ids, mask, types, dropout_key=jax.random.PRNGKey(1))
+    np.testing.assert_allclose(a, m2.encoder(ids, mask, types), atol=0)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_layer_kernels_shard_over_fsdp_and_tensor():
+    _, _, shardings = sharding.abstract_params(lambda: BertForMaskedLM(TINY, nnx.Rngs(0)),
+                                               sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    layers = shardings["encoder"]["layers"]
+    assert layers["intermediate"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert layers["attention"]["query"]["kernel"].spec == P(None, "fsdp", "tensor", None)
+    assert shardings["encoder"]["embeddings"]["word"].spec == P("tensor", "fsdp")

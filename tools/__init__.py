@@ -1,0 +1,1 @@
+"""Command-line tools around bert_jax: the demo, conversion, benchmarks, plots."""

@@ -1,0 +1,286 @@
+"""The one table between our parameter tree and Hugging Face (transformers, PyTorch) tensor names.
+
+Each row says: our path (slash-separated, into the nested params dict), the HF tensor name, and the
+transform between the two layouts. Rows whose HF name holds `{i}` address one layer of our *stacked*
+layer arrays (leading axis = layer). `{base}` is the encoder's prefix in the HF model (`bert` for
+BertForMaskedLM; ELECTRA will use `electra`). Only numpy is used here, so exporting needs neither torch
+nor transformers.
+
+Layouts: our dense kernels are [in, out] (x @ kernel), PyTorch Linear weights are [out, in]; our q/k/v
+kernels are [hidden, heads, head_dim] and the attention output kernel is [heads, head_dim, hidden], where
+HF flattens (heads, head_dim) heads-major into one axis. All transforms are transposes and reshapes, so a
+round trip is bitwise exact.
+
+To add ELECTRA: add a `ModelSpec` to `MODELS` with base "electra", its head rows
+(`discriminator_predictions.*` or `generator_predictions.*` / `generator_lm_head.bias`) and, when the
+embedding width differs, rows for `electra.embeddings_project.*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A pair of exact inverses between our array (one layer's slice) and the HF tensor."""
+
+    to_hf: Callable[[np.ndarray, object], np.ndarray]
+    from_hf: Callable[[np.ndarray, object], np.ndarray]
+
+
+def _heads(cfg):
+    return cfg.num_heads, cfg.head_dim
+
+
+IDENTITY = Transform(lambda x, cfg: x, lambda x, cfg: x)
+# Dense kernel [in, out] <-> Linear weight [out, in].
+LINEAR = Transform(lambda x, cfg: x.T, lambda x, cfg: x.T)
+# q/k/v kernel [H, heads, head_dim] <-> Linear weight [heads*head_dim, H].
+HEADS_IN = Transform(lambda x, cfg: x.reshape(x.shape[0], -1).T,
+                     lambda x, cfg: x.T.reshape(x.shape[1], *_heads(cfg)))
+# q/k/v bias [heads, head_dim] <-> [heads*head_dim].
+HEADS_BIAS = Transform(lambda x, cfg: x.reshape(-1), lambda x, cfg: x.reshape(*_heads(cfg)))
+# attention output kernel [heads, head_dim, H] <-> Linear weight [H, heads*head_dim].
+HEADS_OUT = Transform(lambda x, cfg: x.reshape(-1, x.shape[-1]).T,
+                      lambda x, cfg: x.T.reshape(*_heads(cfg), x.shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    ours: str  # path into our params dict
+    hf: str  # HF tensor name; may contain {base} and {i}
+    transform: Transform = IDENTITY
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+def _layer_norm(ours: str, hf: str) -> tuple[Row, Row]:
+    return Row(f"{ours}/scale", f"{hf}.weight"), Row(f"{ours}/bias", f"{hf}.bias")
+
+
+def _dense(ours: str, hf: str, kernel: Transform = LINEAR, bias: Transform = IDENTITY) -> tuple[Row, Row]:
+    return Row(f"{ours}/kernel", f"{hf}.weight", kernel), Row(f"{ours}/bias", f"{hf}.bias", bias)
+
+
+_L = "encoder/layers"
+_HF_L = "{base}.encoder.layer.{i}"
+
+ENCODER_ROWS: tuple[Row, ...] = (
+    Row("encoder/embeddings/word", "{base}.embeddings.word_embeddings.weight"),
+    Row("encoder/embeddings/position", "{base}.embeddings.position_embeddings.weight"),
+    Row("encoder/embeddings/token_type", "{base}.embeddings.token_type_embeddings.weight"),
+    *_layer_norm("encoder/embeddings/norm", "{base}.embeddings.LayerNorm"),
+    *_dense(f"{_L}/attention/query", f"{_HF_L}.attention.self.query", HEADS_IN, HEADS_BIAS),
+    *_dense(f"{_L}/attention/key", f"{_HF_L}.attention.self.key", HEADS_IN, HEADS_BIAS),
+    *_dense(f"{_L}/attention/value", f"{_HF_L}.attention.self.value", HEADS_IN, HEADS_BIAS),
+    *_dense(f"{_L}/attention/output", f"{_HF_L}.attention.output.dense", HEADS_OUT),
+    *_layer_norm(f"{_L}/attention_norm", f"{_HF_L}.attention.output.LayerNorm"),
+    *_dense(f"{_L}/intermediate", f"{_HF_L}.intermediate.dense"),
+    *_dense(f"{_L}/output", f"{_HF_L}.output.dense"),
+    *_layer_norm(f"{_L}/output_norm", f"{_HF_L}.output.LayerNorm"),
+)
+
+MLM_HEAD_ROWS: tuple[Row, ...] = (
+    *_dense("mlm_head/transform", "cls.predictions.transform.dense"),
+    *_layer_norm("mlm_head/norm", "cls.predictions.transform.LayerNorm"),
+    Row("mlm_head/bias", "cls.predictions.bias"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One exportable model: HF architecture, encoder prefix, head rows, and HF tensors that carry no
+    information of ours (tied copies, buffers, heads we do not have) and are skipped on import."""
+
+    architecture: str
+    base: str
+    head_rows: tuple[Row, ...]
+    # HF name -> our path it must equal (tied weights stored anyway by some writers).
+    tied: dict = dataclasses.field(default_factory=dict)
+    ignored_prefixes: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return ENCODER_ROWS + self.head_rows
+
+
+# --model name -> spec. ELECTRA's "discriminator" and "generator" go here once the models exist.
+MODELS: dict[str, ModelSpec] = {
+    "mlm": ModelSpec(
+        architecture="BertForMaskedLM", base="bert", head_rows=MLM_HEAD_ROWS,
+        tied={"cls.predictions.decoder.weight": "encoder/embeddings/word",
+              "cls.predictions.decoder.bias": "mlm_head/bias"},
+        # position_ids: a buffer older writers saved; pooler: BertModel's, BertForMaskedLM has none;
+        # seq_relationship: the NSP head of BertForPreTraining.
+        ignored_prefixes=("bert.embeddings.position_ids", "bert.pooler.", "cls.seq_relationship."),
+    ),
+}
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _has(tree: dict, path: str) -> bool:
+    try:
+        _get(tree, path)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def _set(tree: dict, path: str, value):
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def hf_names(row: Row, spec: ModelSpec, num_layers: int) -> list[str]:
+    """The HF tensor names of one row: one per layer for stacked rows, else one."""
+    name = row.hf.replace("{base}", spec.base)
+    return [name.format(i=i) for i in range(num_layers)] if row.per_layer else [name]
+
+
+def to_hf(params: dict, cfg, model: str = "mlm") -> dict[str, np.ndarray]:
+    """Our params (nested dict; arrays of any array type) -> {HF name: C-contiguous float32 array}.
+
+    The tied decoder weight is not written (transformers re-ties it from the word embeddings)."""
+    spec = MODELS[model]
+    out = {}
+    for row in spec.rows:
+        value = np.asarray(_get(params, row.ours), np.float32)
+        names = hf_names(row, spec, cfg.num_layers)
+        slices = list(value) if row.per_layer else [value]
+        if len(slices) != len(names):
+            raise ValueError(f"{row.ours}: {len(slices)} stacked layers, config says {cfg.num_layers}")
+        for name, x in zip(names, slices):
+            out[name] = np.ascontiguousarray(row.transform.to_hf(x, cfg))
+    return out
+
+
+def normalize_names(tensors: dict, model: str = "mlm") -> dict:
+    """Adds the encoder prefix to bare encoder names (`embeddings.*`, `encoder.*`, `pooler.*`, as a
+    BertModel writes them) and renames TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`."""
+    base = MODELS[model].base
+    out = {}
+    for name, value in tensors.items():
+        if name.split(".", 1)[0] in ("embeddings", "encoder", "pooler"):
+            name = f"{base}.{name}"
+        if name.endswith(".gamma") or name.endswith(".beta"):
+            name = name.rsplit(".", 1)[0] + (".weight" if name.endswith(".gamma") else ".bias")
+        out[name] = value
+    return out
+
+
+def from_hf(tensors: dict, cfg, model: str = "mlm", fallback: dict | None = None) -> dict:
+    """{HF name: array} -> our params (nested dict of float32 numpy arrays); the exact inverse of `to_hf`.
+
+    Names must carry the `{base}.` prefix (see `normalize_names`). Rows whose tensors are all absent take
+    their value from `fallback` (a partial params dict, e.g. a freshly initialised head) when it has the
+    path, else raise.
+    Tied copies must equal what they are tied to; tensors the table does not know raise, except the
+    ignored ones of the spec (see `unused_names`)."""
+    spec = MODELS[model]
+    params: dict = {}
+    known = set()
+    for row in spec.rows:
+        names = hf_names(row, spec, cfg.num_layers)
+        known.update(names)
+        present = [n for n in names if n in tensors]
+        if not present and fallback is not None and _has(fallback, row.ours):
+            _set(params, row.ours, np.array(_get(fallback, row.ours), np.float32))
+            continue
+        if len(present) != len(names):
+            missing = [n for n in names if n not in tensors]
+            raise KeyError(f"missing HF tensors: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        slices = [row.transform.from_hf(np.asarray(tensors[n], np.float32), cfg) for n in names]
+        _set(params, row.ours, np.stack(slices) if row.per_layer else slices[0])
+    for name, ours in spec.tied.items():
+        if name in tensors and not np.array_equal(np.asarray(tensors[name], np.float32), _get(params, ours)):
+            raise ValueError(f"{name} differs from the tensor it must be tied to ({ours}): untied weights "
+                             "cannot be represented")
+    unknown = [n for n in tensors if n not in known and n not in spec.tied and not _ignored(n, spec)]
+    if unknown:
+        raise ValueError(f"HF tensors with no place in our {model} model: {unknown[:4]}"
+                         f"{' ...' if len(unknown) > 4 else ''}")
+    return params
+
+
+def _ignored(name: str, spec: ModelSpec) -> bool:
+    return any(name.startswith(p) for p in spec.ignored_prefixes)
+
+
+def unused_names(tensors: dict, model: str = "mlm") -> list[str]:
+    """HF tensors that `from_hf` skips: buffers, pooler, NSP head, tied copies."""
+    spec = MODELS[model]
+    return sorted(n for n in tensors if _ignored(n, spec) or n in spec.tied)
+
+
+def hf_bert_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
+    """A transformers BertConfig (as a config.json dict) for our EncoderConfig; `special_ids` needs "pad"."""
+    return {
+        "architectures": [MODELS[model].architecture],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu",  # exact erf GELU, as our layers compute it
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.initializer_range,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": int(special_ids["pad"]),
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+
+
+def encoder_config_kwargs(hf_config: dict) -> dict:
+    """EncoderConfig keyword arguments from a BERT config.json dict; raises ValueError (one line) for an
+    architecture our encoder cannot represent."""
+    def refuse(why):
+        raise ValueError(f"cannot import this model: {why}")
+
+    if hf_config.get("model_type", "bert") != "bert":
+        refuse(f"model_type={hf_config.get('model_type')!r} (only 'bert')")
+    if hf_config.get("position_embedding_type", "absolute") != "absolute":
+        refuse(f"position_embedding_type={hf_config['position_embedding_type']!r} (only 'absolute')")
+    if hf_config.get("hidden_act", "gelu") != "gelu":
+        refuse(f"hidden_act={hf_config['hidden_act']!r} (only 'gelu', the exact erf GELU)")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if hf_config.get(flag):
+            refuse(f"{flag}=true (only bidirectional encoders)")
+    if not hf_config.get("tie_word_embeddings", True):
+        refuse("tie_word_embeddings=false (our MLM decoder is tied to the word embeddings)")
+    if "embedding_size" in hf_config and hf_config["embedding_size"] != hf_config["hidden_size"]:
+        refuse("embedding_size differs from hidden_size")
+    try:
+        return {
+            "vocab_size": int(hf_config["vocab_size"]),
+            "hidden_size": int(hf_config["hidden_size"]),
+            "num_layers": int(hf_config["num_hidden_layers"]),
+            "num_heads": int(hf_config["num_attention_heads"]),
+            "intermediate_size": int(hf_config["intermediate_size"]),
+            "max_position_embeddings": int(hf_config.get("max_position_embeddings", 512)),
+            "type_vocab_size": int(hf_config.get("type_vocab_size", 2)),
+            "hidden_dropout": float(hf_config.get("hidden_dropout_prob", 0.1)),
+            "attention_dropout": float(hf_config.get("attention_probs_dropout_prob", 0.1)),
+            "layer_norm_eps": float(hf_config.get("layer_norm_eps", 1e-12)),
+            "initializer_range": float(hf_config.get("initializer_range", 0.02)),
+        }
+    except KeyError as e:
+        refuse(f"config.json lacks {e.args[0]!r}")
