@@ -43,14 +43,21 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def restore_untyped(self, step: int) -> tuple[dict, dict]:
-        """-> (the saved state as a plain nested dict of arrays, meta), with no target: for tools that need
-        the parameters (conversion, init_from) without rebuilding the optimizer."""
+        """-> (the saved state as a plain nested dict of arrays on one local device, meta), with no target
+        but the checkpoint's own metadata: for tools that need the parameters (conversion, init_from)
+        without rebuilding the optimizer, in a process whose devices need not match the saving run's."""
+        import jax  # pylint: disable=import-outside-toplevel
+
         if step not in self.all_steps():
             raise ValueError(f"checkpoint step {step} not found in {self.directory}; "
                              f"available: {self.all_steps()}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-        return dict(restored["state"]), dict(restored["meta"])
+        path = os.path.join(self.directory, str(step), "state")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(path).item_metadata
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            state = reader.restore(path, target)
+        return dict(state), self.restore_meta(step)
 
     def restore_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -16,3 +16,14 @@ def weighted_accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
     """-> (weighted count of argmax == label, sum of weights)."""
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return (correct * weights).sum(), weights.sum()
+
+
+def weighted_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+    """Binary logits [...], labels [...] in {0, 1}, weights [...] -> (sum of weighted NLL, sum of weights).
+
+    -log sigmoid(x) for label 1 and -log(1 - sigmoid(x)) for 0, in the stable form max(x, 0) - x*y +
+    log(1 + exp(-|x|))."""
+    x = logits.astype(jnp.float32)
+    y = labels.astype(jnp.float32)
+    nll = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return (nll * weights).sum(), weights.sum()

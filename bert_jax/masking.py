@@ -5,6 +5,9 @@ n = min(max_predictions, max(1, round(mask_rate * maskable))) among the maskable
 padding). Of the chosen, `mask_token_rate` become [MASK], `random_token_rate` a random non-special token,
 the rest stay as they are. Everything is [batch, max_predictions]-shaped, so the vocab projection runs only
 there, and the data pipeline stays unaware of the objective.
+
+ELECTRA's replacements: `sample_tokens` draws from a generator's softmax (Gumbel-max, never a special
+token), and `replace_tokens` writes the draws into the original ids and labels what changed.
 """
 
 from typing import Sequence
@@ -83,6 +86,30 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, spec: MaskingSpec) -> Mask
     corrupted = input_ids.at[rows, write_at].set(new.astype(input_ids.dtype), mode="drop")
     return MaskedBatch(input_ids=corrupted, positions=positions, labels=labels.astype(jnp.int32),
                        weights=weights.astype(jnp.float32))
+
+
+def sample_tokens(keys: jax.Array, logits: jax.Array, spec: MaskingSpec, temperature: float = 1.0) -> jax.Array:
+    """keys [B, 2] uint32 (one per row), logits [B, P, V] -> sampled ids [B, P] int32 from softmax(logits / T).
+
+    Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from that softmax. The noise comes from one key
+    per row, so a row draws the same tokens whether it is in a micro-batch or the whole batch. Special tokens
+    and padding get -inf logits and are never drawn. No gradient flows through the draw."""
+    logits = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
+    special = np.asarray(sorted(set(spec.special_ids) | {spec.pad_id, spec.mask_id}), np.int32)
+    logits = logits.at[..., special].set(-jnp.inf)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], jnp.float32))(keys)
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+
+
+def replace_tokens(input_ids: jax.Array, positions: jax.Array, weights: jax.Array, sampled: jax.Array):
+    """Original input_ids [B, S], positions / weights / sampled [B, P] -> (ids [B, S] with the sampled tokens
+    written at the real positions, labels [B, S] float32: 1.0 where the id now differs from the original).
+
+    A sampled token equal to the original counts as original (label 0), as in the ELECTRA paper."""
+    rows = jnp.arange(input_ids.shape[0])[:, None]
+    write_at = jnp.where(weights > 0, positions, input_ids.shape[1])  # unused slots fall out of bounds
+    replaced = input_ids.at[rows, write_at].set(sampled.astype(input_ids.dtype), mode="drop")
+    return replaced, (replaced != input_ids).astype(jnp.float32)
 
 
 def special_ids_tuple(ids: Sequence[int]) -> tuple[int, ...]:

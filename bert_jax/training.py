@@ -33,6 +33,7 @@ def _model_config(config: ConfigDict, vocab_size: int):
     m = config.model
     return EncoderConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        embedding_size=None if m.embedding_size == -1 else m.embedding_size,
         intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
         type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
@@ -57,12 +58,38 @@ def _masking_spec(config: ConfigDict, manifest: dict, vocab_size: int):
                        random_token_rate=o.random_token_rate)
 
 
+def _mlm_setup(config: ConfigDict, model_cfg, spec):
+    """BERT: -> (objective, model builder from nnx.Rngs, extra checkpoint meta)."""
+    del config
+    from bert_jax import objectives
+    from bert_jax.models import BertForMaskedLM
+    from bert_jax.models.heads import check_bert_config
+    check_bert_config(model_cfg)
+    return objectives.MlmObjective(spec), lambda rngs: BertForMaskedLM(model_cfg, rngs), {}
+
+
+def _electra_setup(config: ConfigDict, model_cfg, spec):
+    """ELECTRA: `model` is the discriminator; the generator is derived from it (recorded in the meta, so
+    that each tower can be rebuilt and exported on its own)."""
+    from bert_jax import objectives
+    from bert_jax.models import ElectraForPretraining, generator_config
+    o = config.objective
+    gen_cfg = generator_config(model_cfg, o.generator_fraction, o.generator_layers)
+    objective = objectives.ElectraObjective(spec, disc_weight=o.disc_weight, temperature=o.sampling_temperature)
+    return (objective, lambda rngs: ElectraForPretraining(model_cfg, gen_cfg, rngs),
+            {"generator": dataclasses.asdict(gen_cfg)})
+
+
+# objective.name -> its set-up: the one place where the objective's name chooses code.
+OBJECTIVES = {"mlm": _mlm_setup, "electra": _electra_setup}
+
+
 def check_config(config: ConfigDict, manifest: dict, num_devices: int, process_count: int = 1) -> dict:
     """Everything that can be known wrong before compiling. Returns derived values; raises ConfigError."""
     from bert_jax import sharding
     d, t, m = config.data, config.train, config.model
-    if config.objective.name != "mlm":
-        raise ConfigError(f"objective.name={config.objective.name!r}: only 'mlm' is available")
+    if config.objective.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={config.objective.name!r}: choose one of {sorted(OBJECTIVES)}")
     if d.seq_len != manifest["seq_len"]:
         raise ConfigError(f"data.seq_len={d.seq_len} differs from seq_len={manifest['seq_len']} in "
                           f"{os.path.join(d.dir, 'manifest.json')}")
@@ -109,8 +136,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bert_jax import checkpointing, metrics as metrics_lib, objectives, optim, sharding, train_state, train_step
-    from bert_jax.models import BertForMaskedLM
+    from bert_jax import checkpointing, metrics as metrics_lib, optim, sharding, train_state, train_step
     from data_pipeline import dataset as data_lib
 
     manifest = _load_manifest(config.data.dir)
@@ -118,7 +144,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     try:  # the typed configs validate their own fields
         model_cfg = _model_config(config, derived["vocab_size"])
         optim_cfg = _optim_config(config)
-        objective = objectives.MlmObjective(_masking_spec(config, manifest, derived["vocab_size"]))
+        spec = _masking_spec(config, manifest, derived["vocab_size"])
+        objective, build_model, extra_meta = OBJECTIVES[config.objective.name](config, model_cfg, spec)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -129,7 +156,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     tx = optim.make_optimizer(optim_cfg)
     lr_schedule = optim.learning_rate_schedule(optim_cfg)
     seed = config.train.seed
-    model_fn = lambda: BertForMaskedLM(model_cfg, nnx.Rngs(seed))  # noqa: E731
+    model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
     layout = train_state.state_layout(model_fn, tx, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     writer.log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
@@ -148,13 +175,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         writer.log(f"resumed from step {latest} ({ckpt.directory})")
     else:
         init_params = None
-        if config.checkpoint.init_from:
-            init_params, init_meta = checkpointing.load_params(config.checkpoint.init_from)
+        if config.init_from:
             try:
+                init_params, init_meta = checkpointing.load_params(config.init_from)
                 train_state.check_shapes(init_params, layout.abstract.params)
             except ValueError as e:
-                raise ConfigError(f"checkpoint.init_from={config.checkpoint.init_from}: {e}") from None
-            writer.log(f"initialised from {config.checkpoint.init_from} (step {init_meta.get('step')})")
+                raise ConfigError(f"init_from={config.init_from}: {e}") from None
+            writer.log(f"initialised from {config.init_from} (step {init_meta.get('step')})")
         state = train_state.create_state(model_fn, tx, mesh, layout, seed, params=init_params)
         if is_main:  # the workdir is self-contained: config, data manifest and tokenizer files
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -195,12 +222,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             out = eval_fn(state.params, batch, jax.random.fold_in(eval_rng, i))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         values = metrics_lib.finish_sums(jax.device_get(sums))
-        return {"eval/loss": values["mlm_loss"], "eval/mlm_accuracy": values["mlm_accuracy"]}
+        return {"eval/loss": objective.total_loss(values), **{f"eval/{k}": v for k, v in values.items()}}
 
     def save(step):
         meta = {"step": step, "data": {"batches_consumed": step, "seed": config.data.seed},
                 "vocab_hash": manifest["vocab_hash"], "model": dataclasses.asdict(model_cfg),
-                "objective": config.objective.name, "config": json.loads(config.to_json_best_effort())}
+                "objective": config.objective.name, **extra_meta,
+                "config": json.loads(config.to_json_best_effort())}
         ckpt.save(step, state, meta)
 
     tokens_per_step = config.train.batch_size * config.data.seq_len
@@ -217,8 +245,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         if step % config.train.log_every == 0 or step == config.train.steps:
             values = metrics_lib.mean_of(pending)  # the only host sync: once per log interval
             elapsed = time.perf_counter() - t_log
-            last = {"train/loss": values["loss"], "train/mlm_accuracy": values["mlm_accuracy"],
-                    "train/grad_norm": values["grad_norm"], "learning_rate": float(lr_schedule(step - 1)),
+            last = {**{f"train/{k}": v for k, v in values.items()},
+                    "learning_rate": float(lr_schedule(step - 1)),
                     "tokens_per_sec": len(pending) * tokens_per_step / elapsed,
                     "data_wait_fraction": t_data / elapsed}
             writer.write(step, last)

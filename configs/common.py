@@ -1,6 +1,6 @@
 """Shared pieces of the recipe configs: the model size table and the config skeleton.
 
-Every recipe file (`bert.py`, later `electra.py`) starts from `base_config()` and picks a row of `SIZES`,
+Every recipe file (`bert.py`, `electra.py`) starts from `base_config()` and picks a row of `SIZES`,
 so that the keys, their types and their comments live in one place. Every key can be overridden on the
 command line (`--config.train.steps=100`); ml_collections refuses unknown keys and wrong types.
 """
@@ -28,6 +28,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.size = size  # informative only: the numbers below are what the model uses
     m.num_layers = layers
     m.hidden_size = hidden
+    # Width of the (word, position, token type) embeddings; -1: hidden_size. ELECTRA may make it smaller
+    # (a projection per tower then maps it to the hidden size); BERT (objective mlm) needs -1 or hidden_size.
+    m.embedding_size = -1
     m.num_heads = heads
     m.intermediate_size = mlp
     m.vocab_size = -1  # -1: take it from the data manifest; any other value must equal the manifest's
@@ -46,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     """All sections with defaults; recipes change what differs."""
     c = ml_collections.ConfigDict()
     c.model = model_config("tiny")
+    # A fresh run (no checkpoint in the workdir yet) starts from these parameters: another run's workdir or a
+    # folder written by `python -m tools.import_from_hf`. Optimizer state and step start anew.
+    c.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # folder written by `python -m data_pipeline.pretokenize` (holds manifest.json)
@@ -54,11 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seed = 0  # shuffling order of the training rows
 
     c.objective = ml_collections.ConfigDict()
-    c.objective.name = "mlm"  # mlm
+    c.objective.name = "mlm"  # mlm | electra (replaced-token detection, configs/electra.py)
     c.objective.mask_rate = 0.15  # fraction of the maskable (non-special, non-padding) tokens chosen
     c.objective.max_predictions = 20  # cap of chosen positions per row; the vocab projection runs on these only
     c.objective.mask_token_rate = 0.8  # of the chosen: replaced by [MASK]
     c.objective.random_token_rate = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)
+    # ELECTRA only (objective.name = "electra"); `model` describes the discriminator.
+    c.objective.generator_fraction = 0.25  # generator width (hidden, heads, intermediate) / discriminator's
+    c.objective.generator_layers = -1  # generator depth; -1: the discriminator's
+    c.objective.disc_weight = 50.0  # total loss = generator MLM loss + disc_weight x discriminator loss
+    c.objective.sampling_temperature = 1.0  # replacements are drawn from softmax(generator logits / T)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | lamb
@@ -90,7 +101,4 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 500  # steps between checkpoints (and always at the last step); 0: only at the end
     c.checkpoint.max_to_keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # training continues while a checkpoint is written
-    # A fresh run (no checkpoint in the workdir yet) starts from these parameters: another run's workdir or a
-    # folder written by `python -m tools.import_from_hf`. Optimizer state and step start anew.
-    c.checkpoint.init_from = ""
     return c

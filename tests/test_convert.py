@@ -16,8 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bert_jax import sharding  # noqa: E402
 from bert_jax.checkpointing import Checkpointer, load_params  # noqa: E402
-from bert_jax.models import EncoderConfig  # noqa: E402
+from bert_jax.models import ElectraForPretraining, EncoderConfig, generator_config  # noqa: E402
 from data_pipeline import tokenization  # noqa: E402
 from tools import convert_to_hf, hf_mapping, import_from_hf  # noqa: E402
 
@@ -287,3 +291,74 @@ def test_from_hf_rejects_unknown_and_untied(small_workdir):
     missing = {k: v for k, v in tensors.items() if k != "bert.encoder.layer.1.output.dense.weight"}
     with pytest.raises(KeyError, match="layer.1.output.dense.weight"):
         hf_mapping.from_hf(missing, cfg)
+
+
+# ---- ELECTRA: each tower exported on its own ----
+
+@pytest.fixture(scope="module")
+def electra_workdir(tmp_path_factory):
+    """A random small ELECTRA checkpoint: the discriminator (64 wide) projects its 32-wide embeddings, the
+    half-width generator (32) does not."""
+    workdir = tmp_path_factory.mktemp("electra")
+    tok = tokenization.Tokenizer.load(tokenization.train_wordpiece(_texts(), 500, str(workdir / "tokenizer")))
+    disc = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, embedding_size=32, num_layers=2, num_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+    gen = generator_config(disc, 0.5)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    model_fn = lambda: ElectraForPretraining(disc, gen, nnx.Rngs(1))  # noqa: E731
+    _, _, shardings = sharding.abstract_params(model_fn, mesh)
+    rng = np.random.default_rng(0)
+    params = _map(lambda x: (np.asarray(x) + rng.normal(0, 0.05, x.shape)).astype(np.float32),
+                  jax.device_get(sharding.init_params(model_fn, mesh, shardings)))
+    manifest = {"special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
+                                "mask": tok.mask_id}, "lowercase": True, "vocab_hash": tok.vocab_hash}
+    (workdir / "data_manifest.json").write_text(json.dumps(manifest))
+    ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    meta = {"step": 3, "model": dataclasses.asdict(disc), "generator": dataclasses.asdict(gen),
+            "objective": "electra"}
+    ckpt.save(3, {"params": params, "step": np.int32(3)}, meta)
+    ckpt.close()
+    return str(workdir), disc, gen, params
+
+
+@pytest.mark.parametrize("model, architecture", [("discriminator", "ElectraForPreTraining"),
+                                                 ("generator", "ElectraForMaskedLM")])
+def test_electra_export_verifies_and_loads(electra_workdir, tmp_path, model, architecture):
+    from safetensors.numpy import load_file
+    workdir, disc, gen, params = electra_workdir
+    out = str(tmp_path / model)
+    summary = convert_to_hf.convert(workdir, out, model=model, verify=True)
+    print(model, {k: summary[k] for k in ("max_abs_diff_logits", "max_abs_diff_hidden")})
+    assert summary["ok"] and summary["architecture"] == architecture
+    cfg = disc if model == "discriminator" else gen
+    config = json.loads((tmp_path / model / "config.json").read_text())
+    assert config["architectures"] == [architecture] and config["model_type"] == "electra"
+    assert (config["embedding_size"], config["hidden_size"], config["num_attention_heads"]) == (
+        32, cfg.hidden_size, cfg.num_heads)
+
+    hf_model, info = getattr(transformers, architecture).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    names = set(load_file(os.path.join(out, "model.safetensors")))
+    assert names == {k for k in hf_model.state_dict() if k != "generator_lm_head.weight"}
+    assert any(n.startswith("electra.embeddings_project.") for n in names) == (model == "discriminator")
+    # The tied decoder really is the word embedding table.
+    if model == "generator":
+        np.testing.assert_array_equal(hf_model.generator_lm_head.weight.detach().numpy(),
+                                      params["embeddings"]["word"])
+    # HF -> ours: the exact inverse, on this tower's paths.
+    back = hf_mapping.from_hf(load_file(os.path.join(out, "model.safetensors")), cfg, model)
+    assert set(back) == {"embeddings", model}
+    for path, x in _flat(back).items():
+        np.testing.assert_array_equal(x, _flat(params)[path], err_msg=path)
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_electra_checkpoint_has_no_mlm_export(electra_workdir, tmp_path):
+    with pytest.raises(SystemExit, match=r"--model mlm is not available for this checkpoint \(objective electra"):
+        convert_to_hf.convert(electra_workdir[0], str(tmp_path / "o"), model="mlm")

@@ -82,7 +82,9 @@ def test_output_shapes_and_masked_positions_only():
 
 
 def test_layer_kernels_shard_over_fsdp_and_tensor():
-    _, _, shardings = sharding.abstract_params(lambda: BertForMaskedLM(TINY, nnx.Rngs(0)),
+    # An even vocabulary: an indivisible one (TINY's 211) is replicated over `tensor` (divisible_spec).
+    cfg = EncoderConfig(**{**TINY.__dict__, "vocab_size": 212})
+    _, _, shardings = sharding.abstract_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(0)),
                                                sharding.make_mesh(data=2, fsdp=2, tensor=2))
     layers = shardings["encoder"]["layers"]
     assert layers["intermediate"]["kernel"].spec == P(None, "fsdp", "tensor")

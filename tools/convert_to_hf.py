@@ -2,8 +2,12 @@
 
     python -m tools.convert_to_hf --workdir W --out DIR [--step N] [--model mlm] [--verify] [--overwrite]
 
-Writes config.json (BertConfig, architectures ["BertForMaskedLM"]), model.safetensors (HF tensor names;
-the decoder weight is tied to the word embeddings and not written), and the tokenizer files (vocab.txt,
+`--model` picks what to export: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
+`discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared
+embeddings; ElectraConfig with that tower's sizes and embedding_size).
+
+Writes config.json (BertConfig or ElectraConfig), model.safetensors (HF tensor names; the MLM decoder
+weight is tied to the word embeddings and not written), and the tokenizer files (vocab.txt,
 tokenizer.json, tokenizer_config.json, special_tokens_map.json) so that `AutoTokenizer`,
 `AutoModelForMaskedLM` and `pipeline("fill-mask")` load the folder offline. Our model has no pooler: as
 for any BertForMaskedLM checkpoint, `AutoModelForSequenceClassification` then starts the pooler and the
@@ -11,8 +15,8 @@ classifier freshly initialised (and reports them as missing keys), and the `cls.
 
 Writing needs only numpy and safetensors; torch and transformers are imported by `--verify` alone, which
 loads the folder back, runs both models on real sentences (standard-library docstrings) and fails when the
-MLM logits or the last hidden states differ by more than 1e-4, or when the exported tokenizer's ids
-differ from ours. The last printed line is one JSON object of the figures.
+logits (MLM, or the discriminator's per-token logits) or the last hidden states differ by more than 1e-4,
+or when the exported tokenizer's ids differ from ours. The last printed line is one JSON object of the figures.
 """
 
 import argparse
@@ -28,7 +32,9 @@ from tools import hf_mapping
 TOLERANCE = 1e-4
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # objective recorded in the checkpoint meta -> the --model values it can export.
-EXPORTABLE = {"mlm": ("mlm",)}
+EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
+# --model -> the checkpoint meta key holding its EncoderConfig.
+CONFIG_KEY = {"mlm": "model", "discriminator": "model", "generator": "generator"}
 MODEL_CHOICES = ("mlm", "discriminator", "generator")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -70,26 +76,38 @@ def load_checkpoint(workdir: str, step: int | None = None):
     return EncoderConfig(**meta["model"]), params, meta
 
 
-def run_ours(cfg, params: dict, input_ids, attention_mask, token_type_ids) -> tuple[np.ndarray, np.ndarray]:
-    """Our model, deterministic and in float32 -> (last hidden states [B,S,H], MLM logits [B,S,V])."""
+def tower_config(meta: dict, model: str):
+    """The EncoderConfig of the exported model, from the checkpoint meta (ELECTRA records both towers)."""
+    from bert_jax.models import EncoderConfig
+
+    key = CONFIG_KEY[model]
+    if key not in meta:
+        raise ConversionError(f"the checkpoint meta has no {key!r} entry: cannot rebuild --model {model}")
+    return EncoderConfig(**meta[key])
+
+
+def run_ours(cfg, params: dict, input_ids, attention_mask, token_type_ids,
+             model: str = "mlm") -> tuple[np.ndarray, np.ndarray]:
+    """Our `model`, deterministic and in float32 -> (last hidden states [B,S,H], logits: [B,S,V] for mlm and
+    generator, [B,S] for the discriminator). For ELECTRA, `cfg` is the tower's and `params` may hold both."""
     import jax
     from flax import nnx
 
     from bert_jax import sharding
-    from bert_jax.models import BertForMaskedLM
+    from bert_jax.models import BertForMaskedLM, ElectraDiscriminator, ElectraGenerator
 
+    model_class = {"mlm": BertForMaskedLM, "discriminator": ElectraDiscriminator, "generator": ElectraGenerator}
     cfg = dataclasses.replace(cfg, dtype="float32", remat="none")
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, _, _ = sharding.abstract_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(0)), mesh)
+    graphdef, abstract, _ = sharding.abstract_params(lambda: model_class[model](cfg, nnx.Rngs(0)), mesh)
 
     @jax.jit
     def forward(p, ids, mask, types):
-        model = nnx.merge(graphdef, p)
-        h = model.encoder(ids, mask, types)
-        return h, model.mlm_head(h, model.encoder.embeddings.word[...])
+        return nnx.merge(graphdef, p).hidden_and_logits(ids, mask, types)
 
     with jax.set_mesh(mesh):
-        p = jax.tree.map(jax.numpy.asarray, params)
+        # A stand-alone ELECTRA tower is the same paths as in the pretraining tree, less the other tower.
+        p = jax.tree.map(jax.numpy.asarray, {k: params[k] for k in abstract})
         h, logits = forward(p, *(np.asarray(x, np.int32) for x in (input_ids, attention_mask, token_type_ids)))
     return np.asarray(h), np.asarray(logits)
 
@@ -158,10 +176,12 @@ def sample_texts() -> list[str]:
     return texts
 
 
-def verify_folder(out: str, cfg, params: dict, tokenizer, texts: list[str] | None = None) -> dict:
+def verify_folder(out: str, cfg, params: dict, tokenizer, texts: list[str] | None = None,
+                  model_name: str = "mlm") -> dict:
     """Loads `out` with transformers and compares it with our model; -> figures (raises on mismatch)."""
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     texts = texts or sample_texts()
     hf_tok = AutoTokenizer.from_pretrained(out)
@@ -172,9 +192,9 @@ def verify_folder(out: str, cfg, params: dict, tokenizer, texts: list[str] | Non
     batch = hf_tok(texts, padding=True, truncation=True, max_length=min(128, cfg.max_position_embeddings),
                    return_tensors="np")
     types = batch.get("token_type_ids", np.zeros_like(batch["input_ids"]))
-    h_ours, logits_ours = run_ours(cfg, params, batch["input_ids"], batch["attention_mask"], types)
+    h_ours, logits_ours = run_ours(cfg, params, batch["input_ids"], batch["attention_mask"], types, model_name)
 
-    model = AutoModelForMaskedLM.from_pretrained(out).eval()
+    model = getattr(transformers, hf_mapping.MODELS[model_name].architecture).from_pretrained(out).eval()
     with torch.no_grad():
         res = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
                     attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
@@ -207,6 +227,7 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
     if model not in EXPORTABLE.get(objective, ()):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {objective}); "
                               f"available: {list(EXPORTABLE.get(objective, ()))}")
+    cfg = tower_config(meta, model)
     tokenizer = _load_tokenizer(os.path.join(workdir, "tokenizer"))
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConversionError(f"the tokenizer in {workdir}/tokenizer has {tokenizer.vocab_size} tokens, "
@@ -219,13 +240,13 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
     tensors = hf_mapping.to_hf(params, cfg, model)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_mapping.hf_bert_config(cfg, ids, model), f, indent=2)
+        json.dump(hf_mapping.hf_config(cfg, ids, model), f, indent=2)
     write_tokenizer(tokenizer, out, cfg.max_position_embeddings)
     summary = {"out": os.path.abspath(out), "step": int(meta.get("step", -1)), "model": model,
                "architecture": hf_mapping.MODELS[model].architecture, "tensors": len(tensors),
                "parameters": int(sum(t.size for t in tensors.values()))}
     if verify:
-        figures = verify_folder(out, cfg, params, tokenizer)
+        figures = verify_folder(out, cfg, params, tokenizer, model_name=model)
         summary.update(figures)
         if not figures["ok"]:
             print(json.dumps(summary))

@@ -43,6 +43,32 @@ def most_frequent_token_accuracy(data_dir: str) -> tuple[float, str]:
     return float(val[top] / val.sum()), tok.id_to_token(top)
 
 
+FILL_MASK_SENTENCES = (
+    "Return the number of [MASK] in the list.",
+    "If the file does not [MASK], an error is raised.",
+    "This function returns a new [MASK] object.",
+    "The default value is [MASK].",
+)
+
+
+def fill_mask_demo(workdir: str, hf_dir: str) -> None:
+    """Exports the newest checkpoint as a Hugging Face BertForMaskedLM folder and runs transformers'
+    fill-mask pipeline on it (needs the `hf` extra: transformers + torch)."""
+    try:
+        import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        print("      (skipping the Hugging Face export: install the `hf` extra for it)")
+        return
+    from tools import convert_to_hf  # pylint: disable=import-outside-toplevel
+    convert_to_hf.convert(workdir, hf_dir, overwrite=True)
+    from transformers import pipeline  # pylint: disable=import-outside-toplevel
+    fill = pipeline("fill-mask", model=hf_dir, device="cpu")
+    print(f"exported to {hf_dir} (transformers BertForMaskedLM); fill-mask, top 3:")
+    for sentence in FILL_MASK_SENTENCES:
+        guesses = ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in fill(sentence, top_k=3))
+        print(f"      {sentence:50s} -> {guesses}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-documents", type=int, default=None, help="cap on corpus documents")
+    parser.add_argument("--source", default="docstrings",
+                        help="corpus: docstrings (stdlib + installed packages), docstrings:stdlib, or files")
     args = parser.parse_args(argv)
 
     from configs import bert as bert_configs
@@ -63,7 +91,7 @@ def main(argv=None):
         print(f"[1/3] reusing the pretokenized corpus in {data_dir}")
     else:
         print("[1/3] building the docstring corpus, training WordPiece, pretokenizing ...", flush=True)
-        pretokenize.pretokenize("docstrings", data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len,
+        pretokenize.pretokenize(args.source, data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len,
                                 max_documents=args.max_documents,
                                 cache_dir=os.path.join(args.workdir, "corpus_cache"))
     manifest = json.load(open(os.path.join(data_dir, "manifest.json"), encoding="utf-8"))
@@ -78,6 +106,7 @@ def main(argv=None):
         config.data.seq_len = manifest["seq_len"]
         if args.steps:
             config.train.steps = args.steps
+            config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
     workdir = os.path.join(args.workdir, "train")
     print(f"[2/3] training configs/bert.py:tiny for {config.train.steps} steps in {workdir}", flush=True)
     t1 = time.time()
@@ -97,6 +126,7 @@ def main(argv=None):
     ratio = final / baseline
     print(f"final eval MLM accuracy {final:.4f}; always predicting the most frequent token ({token!r}) "
           f"scores {baseline:.4f}: {ratio:.1f}x ({'OK' if ratio >= 3 else 'BELOW'} the 3x target)")
+    fill_mask_demo(workdir, os.path.join(args.workdir, "hf"))
     print(json.dumps({"eval_mlm_accuracy": final, "most_frequent_token_accuracy": baseline, "ratio": ratio,
                       "steps": evals[-1]["step"], "seconds": round(time.time() - t0, 1)}))
     return 0 if ratio >= 3 else 1

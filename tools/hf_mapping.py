@@ -3,17 +3,18 @@
 Each row says: our path (slash-separated, into the nested params dict), the HF tensor name, and the
 transform between the two layouts. Rows whose HF name holds `{i}` address one layer of our *stacked*
 layer arrays (leading axis = layer). `{base}` is the encoder's prefix in the HF model (`bert` for
-BertForMaskedLM; ELECTRA will use `electra`). Only numpy is used here, so exporting needs neither torch
-nor transformers.
+BertForMaskedLM, `electra` for the ELECTRA models). Only numpy is used here, so exporting needs neither
+torch nor transformers.
 
 Layouts: our dense kernels are [in, out] (x @ kernel), PyTorch Linear weights are [out, in]; our q/k/v
 kernels are [hidden, heads, head_dim] and the attention output kernel is [heads, head_dim, hidden], where
 HF flattens (heads, head_dim) heads-major into one axis. All transforms are transposes and reshapes, so a
 round trip is bitwise exact.
 
-To add ELECTRA: add a `ModelSpec` to `MODELS` with base "electra", its head rows
-(`discriminator_predictions.*` or `generator_predictions.*` / `generator_lm_head.bias`) and, when the
-embedding width differs, rows for `electra.embeddings_project.*`.
+ELECTRA: the discriminator (`ElectraForPreTraining`) and the generator (`ElectraForMaskedLM`) are exported
+one at a time, each from the shared `embeddings/*` plus its own tower (`discriminator/*`, `generator/*`);
+`electra.embeddings_project.*` rows apply exactly where the tower's hidden size differs from the
+embedding width.
 """
 
 from __future__ import annotations
@@ -68,23 +69,29 @@ def _dense(ours: str, hf: str, kernel: Transform = LINEAR, bias: Transform = IDE
     return Row(f"{ours}/kernel", f"{hf}.weight", kernel), Row(f"{ours}/bias", f"{hf}.bias", bias)
 
 
-_L = "encoder/layers"
 _HF_L = "{base}.encoder.layer.{i}"
 
-ENCODER_ROWS: tuple[Row, ...] = (
-    Row("encoder/embeddings/word", "{base}.embeddings.word_embeddings.weight"),
-    Row("encoder/embeddings/position", "{base}.embeddings.position_embeddings.weight"),
-    Row("encoder/embeddings/token_type", "{base}.embeddings.token_type_embeddings.weight"),
-    *_layer_norm("encoder/embeddings/norm", "{base}.embeddings.LayerNorm"),
-    *_dense(f"{_L}/attention/query", f"{_HF_L}.attention.self.query", HEADS_IN, HEADS_BIAS),
-    *_dense(f"{_L}/attention/key", f"{_HF_L}.attention.self.key", HEADS_IN, HEADS_BIAS),
-    *_dense(f"{_L}/attention/value", f"{_HF_L}.attention.self.value", HEADS_IN, HEADS_BIAS),
-    *_dense(f"{_L}/attention/output", f"{_HF_L}.attention.output.dense", HEADS_OUT),
-    *_layer_norm(f"{_L}/attention_norm", f"{_HF_L}.attention.output.LayerNorm"),
-    *_dense(f"{_L}/intermediate", f"{_HF_L}.intermediate.dense"),
-    *_dense(f"{_L}/output", f"{_HF_L}.output.dense"),
-    *_layer_norm(f"{_L}/output_norm", f"{_HF_L}.output.LayerNorm"),
-)
+
+def _encoder_rows(embeddings: str, tower: str) -> tuple[Row, ...]:
+    """The embedding block at `embeddings` and the stacked layers at `tower`/layers."""
+    layers = f"{tower}/layers"
+    return (
+        Row(f"{embeddings}/word", "{base}.embeddings.word_embeddings.weight"),
+        Row(f"{embeddings}/position", "{base}.embeddings.position_embeddings.weight"),
+        Row(f"{embeddings}/token_type", "{base}.embeddings.token_type_embeddings.weight"),
+        *_layer_norm(f"{embeddings}/norm", "{base}.embeddings.LayerNorm"),
+        *_dense(f"{layers}/attention/query", f"{_HF_L}.attention.self.query", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/key", f"{_HF_L}.attention.self.key", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/value", f"{_HF_L}.attention.self.value", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/output", f"{_HF_L}.attention.output.dense", HEADS_OUT),
+        *_layer_norm(f"{layers}/attention_norm", f"{_HF_L}.attention.output.LayerNorm"),
+        *_dense(f"{layers}/intermediate", f"{_HF_L}.intermediate.dense"),
+        *_dense(f"{layers}/output", f"{_HF_L}.output.dense"),
+        *_layer_norm(f"{layers}/output_norm", f"{_HF_L}.output.LayerNorm"),
+    )
+
+
+ENCODER_ROWS = _encoder_rows("encoder/embeddings", "encoder")
 
 MLM_HEAD_ROWS: tuple[Row, ...] = (
     *_dense("mlm_head/transform", "cls.predictions.transform.dense"),
@@ -93,33 +100,62 @@ MLM_HEAD_ROWS: tuple[Row, ...] = (
 )
 
 
+DISCRIMINATOR_HEAD_ROWS: tuple[Row, ...] = (
+    *_dense("discriminator/head/dense", "discriminator_predictions.dense"),
+    *_dense("discriminator/head/prediction", "discriminator_predictions.dense_prediction"),
+)
+
+GENERATOR_HEAD_ROWS: tuple[Row, ...] = (
+    *_dense("generator/mlm_head/transform", "generator_predictions.dense"),
+    *_layer_norm("generator/mlm_head/norm", "generator_predictions.LayerNorm"),
+    Row("generator/mlm_head/bias", "generator_lm_head.bias"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One exportable model: HF architecture, encoder prefix, head rows, and HF tensors that carry no
+    """One exportable model: HF architecture, encoder prefix, its rows, and HF tensors that carry no
     information of ours (tied copies, buffers, heads we do not have) and are skipped on import."""
 
     architecture: str
     base: str
+    model_type: str
+    encoder_rows: tuple[Row, ...]
     head_rows: tuple[Row, ...]
+    # Rows of the embedding projection: used only where the embedding width differs from the hidden size.
+    project_rows: tuple[Row, ...] = ()
     # HF name -> our path it must equal (tied weights stored anyway by some writers).
     tied: dict = dataclasses.field(default_factory=dict)
     ignored_prefixes: tuple[str, ...] = ()
 
-    @property
-    def rows(self) -> tuple[Row, ...]:
-        return ENCODER_ROWS + self.head_rows
+    def rows(self, cfg) -> tuple[Row, ...]:
+        project = self.project_rows if cfg.embed_dim != cfg.hidden_size else ()
+        return self.encoder_rows + project + self.head_rows
 
 
-# --model name -> spec. ELECTRA's "discriminator" and "generator" go here once the models exist.
+def _electra_spec(tower: str, architecture: str, head_rows: tuple[Row, ...], tied: dict) -> ModelSpec:
+    return ModelSpec(
+        architecture=architecture, base="electra", model_type="electra",
+        encoder_rows=_encoder_rows("embeddings", tower), head_rows=head_rows,
+        project_rows=_dense(f"{tower}/embeddings_project", "{base}.embeddings_project"), tied=tied,
+        # Buffers that older writers saved.
+        ignored_prefixes=("electra.embeddings.position_ids", "electra.embeddings.token_type_ids"))
+
+
+# --model name -> spec.
 MODELS: dict[str, ModelSpec] = {
     "mlm": ModelSpec(
-        architecture="BertForMaskedLM", base="bert", head_rows=MLM_HEAD_ROWS,
+        architecture="BertForMaskedLM", base="bert", model_type="bert", encoder_rows=ENCODER_ROWS,
+        head_rows=MLM_HEAD_ROWS,
         tied={"cls.predictions.decoder.weight": "encoder/embeddings/word",
               "cls.predictions.decoder.bias": "mlm_head/bias"},
         # position_ids: a buffer older writers saved; pooler: BertModel's, BertForMaskedLM has none;
         # seq_relationship: the NSP head of BertForPreTraining.
         ignored_prefixes=("bert.embeddings.position_ids", "bert.pooler.", "cls.seq_relationship."),
     ),
+    "discriminator": _electra_spec("discriminator", "ElectraForPreTraining", DISCRIMINATOR_HEAD_ROWS, {}),
+    "generator": _electra_spec("generator", "ElectraForMaskedLM", GENERATOR_HEAD_ROWS,
+                               {"generator_lm_head.weight": "embeddings/word"}),
 }
 
 
@@ -156,7 +192,7 @@ def to_hf(params: dict, cfg, model: str = "mlm") -> dict[str, np.ndarray]:
     The tied decoder weight is not written (transformers re-ties it from the word embeddings)."""
     spec = MODELS[model]
     out = {}
-    for row in spec.rows:
+    for row in spec.rows(cfg):
         value = np.asarray(_get(params, row.ours), np.float32)
         names = hf_names(row, spec, cfg.num_layers)
         slices = list(value) if row.per_layer else [value]
@@ -168,12 +204,13 @@ def to_hf(params: dict, cfg, model: str = "mlm") -> dict[str, np.ndarray]:
 
 
 def normalize_names(tensors: dict, model: str = "mlm") -> dict:
-    """Adds the encoder prefix to bare encoder names (`embeddings.*`, `encoder.*`, `pooler.*`, as a
-    BertModel writes them) and renames TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`."""
+    """Adds the encoder prefix to bare encoder names (`embeddings.*`, `embeddings_project.*`, `encoder.*`,
+    `pooler.*`, as a BertModel or ElectraModel writes them) and renames TF-era LayerNorm `gamma`/`beta`
+    to `weight`/`bias`."""
     base = MODELS[model].base
     out = {}
     for name, value in tensors.items():
-        if name.split(".", 1)[0] in ("embeddings", "encoder", "pooler"):
+        if name.split(".", 1)[0] in ("embeddings", "embeddings_project", "encoder", "pooler"):
             name = f"{base}.{name}"
         if name.endswith(".gamma") or name.endswith(".beta"):
             name = name.rsplit(".", 1)[0] + (".weight" if name.endswith(".gamma") else ".bias")
@@ -192,7 +229,7 @@ def from_hf(tensors: dict, cfg, model: str = "mlm", fallback: dict | None = None
     spec = MODELS[model]
     params: dict = {}
     known = set()
-    for row in spec.rows:
+    for row in spec.rows(cfg):
         names = hf_names(row, spec, cfg.num_layers)
         known.update(names)
         present = [n for n in names if n in tensors]
@@ -225,12 +262,16 @@ def unused_names(tensors: dict, model: str = "mlm") -> list[str]:
     return sorted(n for n in tensors if _ignored(n, spec) or n in spec.tied)
 
 
-def hf_bert_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
-    """A transformers BertConfig (as a config.json dict) for our EncoderConfig; `special_ids` needs "pad"."""
+def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
+    """A transformers BertConfig or ElectraConfig (as a config.json dict) for our EncoderConfig of the
+    exported model (for ELECTRA: that tower's); `special_ids` needs "pad"."""
+    spec = MODELS[model]
+    sizes = {"embedding_size": cfg.embed_dim} if spec.model_type == "electra" else {}
     return {
-        "architectures": [MODELS[model].architecture],
-        "model_type": "bert",
+        "architectures": [spec.architecture],
+        "model_type": spec.model_type,
         "vocab_size": cfg.vocab_size,
+        **sizes,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,

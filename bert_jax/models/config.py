@@ -11,6 +11,9 @@ class EncoderConfig:
 
     vocab_size: int
     hidden_size: int = 768
+    # Width of the embedding block (ELECTRA's `embedding_size`); None: the hidden size. Where it differs, a
+    # linear projection maps the embeddings to the hidden size (ELECTRA only; BertForMaskedLM refuses it).
+    embedding_size: int | None = None
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
@@ -27,6 +30,8 @@ class EncoderConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.embedding_size is not None and self.embedding_size < 1:
+            raise ValueError(f"model.embedding_size={self.embedding_size} must be >= 1 (or -1: the hidden size)")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
         if self.dtype not in ("float32", "bfloat16"):
@@ -35,6 +40,11 @@ class EncoderConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """The width of the embedding block."""
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     @property
     def compute_dtype(self):

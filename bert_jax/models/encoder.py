@@ -1,5 +1,9 @@
 """The BERT encoder: embeddings (word + position + token type, LayerNorm) and a stack of layers.
 
+`Embeddings` and `LayerStack` (an optional embedding projection + the layers) are separate modules so that
+ELECTRA's two towers can share one embedding block; `BertEncoder` is both in one module, which keeps
+BERT's parameter paths (`encoder/embeddings/...`, `encoder/layers/...`) that tools/hf_mapping.py names.
+
 The layers are created stacked (one parameter array with a leading `layers` axis, via nnx.vmap) and applied
 with nnx.scan: compile time does not grow with depth, and remat is one switch on the scanned body.
 """
@@ -9,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
-from bert_jax.models.layers import EncoderLayer, LayerNorm, dropout, param
+from bert_jax.models.layers import Dense, EncoderLayer, LayerNorm, dropout, param
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -18,11 +22,12 @@ _REMAT_POLICIES = {
 
 
 class Embeddings(nnx.Module):
-    """Word, position and token-type embeddings, summed, then LayerNorm and dropout."""
+    """Word, position and token-type embeddings, summed, then LayerNorm and dropout: [B, S] -> [B, S, E]
+    with E = cfg.embed_dim (the hidden size unless `embedding_size` says otherwise)."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
         init = nnx.initializers.truncated_normal(cfg.initializer_range)
-        h = cfg.hidden_size
+        h = cfg.embed_dim
         self.word = param(rngs, init, (cfg.vocab_size, h), ("vocab", "embed"))
         self.position = param(rngs, init, (cfg.max_position_embeddings, h), (None, "embed"))
         self.token_type = param(rngs, init, (cfg.type_vocab_size, h), (None, "embed"))
@@ -38,11 +43,14 @@ class Embeddings(nnx.Module):
         return dropout(x, self.cfg.hidden_dropout, key)
 
 
-class BertEncoder(nnx.Module):
-    """input_ids, attention_mask, token_type_ids [B, S] int -> hidden states [B, S, hidden]."""
+class LayerStack(nnx.Module):
+    """Embedded inputs [B, S, E] -> hidden states [B, S, H]: a projection E -> H where the widths differ
+    (as Hugging Face's `embeddings_project`), then the stacked layers."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-        self.embeddings = Embeddings(cfg, rngs)
+        # ("embed", "mlp") rather than ("embed", "embed"): one mesh axis cannot shard two dimensions.
+        self.embeddings_project = (Dense(cfg.embed_dim, cfg.hidden_size, ("embed", "mlp"), cfg, rngs)
+                                   if cfg.embed_dim != cfg.hidden_size else None)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -52,20 +60,15 @@ class BertEncoder(nnx.Module):
         self.layers = make_layers(rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None):
-        """Returns [B, S, hidden]; `dropout_key` None runs deterministically (evaluation)."""
-        cfg = self.cfg
-        if dropout_key is not None:
-            emb_key, layers_key = jax.random.split(dropout_key)
-            layer_keys = jax.random.split(layers_key, cfg.num_layers)
-        else:
-            emb_key, layer_keys = None, None
-        x = self.embeddings(input_ids, token_type_ids, emb_key)
+    def layer_keys(self, layers_key):
+        return None if layers_key is None else jax.random.split(layers_key, self.cfg.num_layers)
+
+    def run_layers(self, x, attention_mask, layer_keys):
+        """x [B, S, E], attention_mask [B, S], layer_keys [num_layers, 2] or None -> [B, S, H]."""
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)
         # Additive attention bias: 0 where a key may be attended, a large negative number at padding.
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
-        return self.run_layers(x, bias, layer_keys)
-
-    def run_layers(self, x, bias, layer_keys):
         deterministic = layer_keys is None
 
         def body(layer, h, key):
@@ -80,3 +83,25 @@ class BertEncoder(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         return scan(self.layers, x, layer_keys)
+
+
+def split_dropout_key(dropout_key):
+    """-> (embeddings key, layers key), both None when `dropout_key` is None (evaluation)."""
+    if dropout_key is None:
+        return None, None
+    emb_key, layers_key = jax.random.split(dropout_key)
+    return emb_key, layers_key
+
+
+class BertEncoder(LayerStack):
+    """input_ids, attention_mask, token_type_ids [B, S] int -> hidden states [B, S, hidden]."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.embeddings = Embeddings(cfg, rngs)  # created first: the parameter initialisation order of BERT
+        super().__init__(cfg, rngs)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None):
+        """Returns [B, S, hidden]; `dropout_key` None runs deterministically (evaluation)."""
+        emb_key, layers_key = split_dropout_key(dropout_key)
+        x = self.embeddings(input_ids, token_type_ids, emb_key)
+        return self.run_layers(x, attention_mask, self.layer_keys(layers_key))

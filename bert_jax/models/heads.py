@@ -6,7 +6,7 @@ from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
 from bert_jax.models.encoder import BertEncoder
-from bert_jax.models.layers import Dense, LayerNorm, param
+from bert_jax.models.layers import Dense, LayerNorm, matmul, param
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -15,24 +15,34 @@ def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 class MlmHead(nnx.Module):
-    """BERT's MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+    """BERT's MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias.
+    The dense maps hidden -> embedding width (equal for BERT; ELECTRA's generator_predictions where not)."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-        self.transform = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), cfg, rngs)
-        self.norm = LayerNorm(cfg.hidden_size, cfg, rngs, name="mlp")
+        self.transform = Dense(cfg.hidden_size, cfg.embed_dim, ("embed", "mlp"), cfg, rngs)
+        self.norm = LayerNorm(cfg.embed_dim, cfg, rngs, name="mlp")
         self.bias = param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",))
 
     def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
-        """h [..., H], word_embeddings [V, H] -> logits [..., V] in float32."""
+        """h [..., H], word_embeddings [V, E] -> logits [..., V] in float32."""
         h = self.norm(jax.nn.gelu(self.transform(h), approximate=False))
-        logits = jnp.einsum("...h,vh->...v", h, word_embeddings.astype(h.dtype))
+        logits = matmul(h, word_embeddings.astype(h.dtype).T)
         return logits.astype(jnp.float32) + self.bias[...]
+
+
+def check_bert_config(cfg: EncoderConfig) -> None:
+    """Raises ValueError for what BERT cannot be: an embedding width other than the hidden size (Hugging
+    Face's BertConfig has no embedding_size, so such a model could not be exported)."""
+    if cfg.embed_dim != cfg.hidden_size:
+        raise ValueError(f"model.embedding_size={cfg.embedding_size} differs from model.hidden_size="
+                         f"{cfg.hidden_size}: BERT (objective mlm) needs them equal (or -1)")
 
 
 class BertForMaskedLM(nnx.Module):
     """Encoder + MLM head. Returns the vocabulary logits at `masked_positions` only: [B, P, V]."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        check_bert_config(cfg)
         self.encoder = BertEncoder(cfg, rngs)
         self.mlm_head = MlmHead(cfg, rngs)
         self.cfg = cfg
@@ -43,5 +53,9 @@ class BertForMaskedLM(nnx.Module):
 
     def all_logits(self, input_ids, attention_mask, token_type_ids):
         """Logits at every position [B, S, V] (deterministic): for conversion checks, not for training."""
+        return self.hidden_and_logits(input_ids, attention_mask, token_type_ids)[1]
+
+    def hidden_and_logits(self, input_ids, attention_mask, token_type_ids):
+        """(last hidden states [B, S, H], logits [B, S, V]), deterministic: what an HF export must match."""
         h = self.encoder(input_ids, attention_mask, token_type_ids)
-        return self.mlm_head(h, self.encoder.embeddings.word[...])
+        return h, self.mlm_head(h, self.encoder.embeddings.word[...])

@@ -22,6 +22,16 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequen
     return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), jnp.float32))
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., K] @ kernel [K, ...] as ONE 2-D matmul: XLA:CPU runs the backward of a 3-D dot_general
+    ~2x slower than the same product on [B*S, K] (measured), so leading axes are folded first."""
+    k_in = x.shape[-1]
+    out_shape = kernel.shape[1:] if kernel.shape[0] == k_in else None
+    assert out_shape is not None, (x.shape, kernel.shape)
+    y = x.reshape(-1, k_in) @ kernel.reshape(k_in, -1)
+    return y.reshape(*x.shape[:-1], *out_shape)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
     if key is None or rate == 0.0:
@@ -40,7 +50,7 @@ class Dense(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        return matmul(x, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -71,7 +81,7 @@ class HeadsDense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        return jnp.einsum("bsh,hnd->bsnd", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+        return matmul(x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
 
 
 class HeadsOutput(nnx.Module):
@@ -84,7 +94,9 @@ class HeadsOutput(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        return jnp.einsum("bsnd,ndh->bsh", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+        b, s, n, d = x.shape
+        kernel = self.kernel[...].astype(dt).reshape(n * d, -1)
+        return matmul(x.reshape(b, s, n * d), kernel) + self.bias[...].astype(dt)
 
 
 class SelfAttention(nnx.Module):
@@ -101,12 +113,14 @@ class SelfAttention(nnx.Module):
         """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]."""
         dt = x.dtype
 
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
+        # attention forward ~2x and its backward ~1.5x faster than contracting [B, S, heads, kv] in place.
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (self.query(x), self.key(x), self.value(x)))
         q = q * jnp.asarray(self.cfg.head_dim ** -0.5, dt)
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) + bias
+        scores = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         probs = dropout(probs, self.cfg.attention_dropout, key)
-        return self.output(jnp.einsum("bnqk,bknd->bqnd", probs, v))
+        return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
 
 
 class EncoderLayer(nnx.Module):
