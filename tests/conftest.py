@@ -19,3 +19,23 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(scope="session")
+def docstring_shards(tmp_path_factory):
+    """A small pretokenized corpus through the real pipeline: 3000 standard-library docstrings as a JSONL
+    file -> WordPiece (1000) -> shards of 64-token rows; shared by the end-to-end training tests."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    from data_pipeline import pretokenize, sources  # pylint: disable=import-outside-toplevel
+
+    out = str(tmp_path_factory.mktemp("data") / "shards")
+    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for d in sources.docstring_documents(include_site_packages=False, max_documents=3000):
+            f.write(json.dumps({"text": d}) + "\n")
+    pretokenize.pretokenize(str(corpus), out, vocab_size=1000, seq_len=64, validation_fraction=0.05)
+    return out

@@ -15,7 +15,6 @@ from flax import nnx
 from bert_jax import losses, masking, objectives, optim, sharding, train_state, train_step, training
 from bert_jax.models import ElectraForPretraining, EncoderConfig, generator_config
 from configs import electra as electra_configs
-from data_pipeline import pretokenize, sources
 
 VOCAB = 97
 SPECIALS = (0, 1, 2, 3, 4)
@@ -197,17 +196,9 @@ def test_gradient_accumulation_equals_large_batch():
 
 # ---- end to end through bert_jax.training ----
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small pretokenized corpus of standard-library docstrings (as in tests/test_training.py)."""
-    out = str(tmp_path_factory.mktemp("data") / "shards")
-    docs = sources.docstring_documents(include_site_packages=False, max_documents=3000)
-    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    pretokenize.pretokenize(str(corpus), out, vocab_size=1000, seq_len=64, validation_fraction=0.05)
-    return out
+@pytest.fixture(name="data_dir")
+def _data_dir(docstring_shards):
+    return docstring_shards
 
 
 def _config(data_dir, steps):

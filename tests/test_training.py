@@ -13,22 +13,14 @@ import pytest
 
 from bert_jax import checkpointing, training
 from configs import bert as bert_configs
-from data_pipeline import pretokenize, sources
 from data_pipeline.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "shards")
-    docs = sources.docstring_documents(include_site_packages=False, max_documents=3000)
-    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    pretokenize.pretokenize(str(corpus), out, vocab_size=1000, seq_len=64, validation_fraction=0.05)
-    return out
+@pytest.fixture(name="data_dir")
+def _data_dir(docstring_shards):
+    return docstring_shards
 
 
 def _config(data_dir, **overrides):

@@ -11,6 +11,7 @@ Extra `--config.KEY=VALUE`-style overrides are not taken here: use `python -m be
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -54,9 +55,7 @@ FILL_MASK_SENTENCES = (
 def fill_mask_demo(workdir: str, hf_dir: str) -> None:
     """Exports the newest checkpoint as a Hugging Face BertForMaskedLM folder and runs transformers'
     fill-mask pipeline on it (needs the `hf` extra: transformers + torch)."""
-    try:
-        import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         print("      (skipping the Hugging Face export: install the `hf` extra for it)")
         return
     from tools import convert_to_hf  # pylint: disable=import-outside-toplevel
