@@ -55,7 +55,7 @@ def test_gradient_accumulation_equals_large_batch():
     _assert_trees_close(p1, p4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_equals_one_device(shape):
     batches = [_batch(seed=0)]
     p1, l1 = _run(sharding.make_mesh(devices=jax.devices()[:1]), 3, batches)
@@ -71,3 +71,19 @@ def test_loss_falls_and_dropout_is_fresh_each_step():
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     _, losses = _run(one, 40, [batch], dropout=0.1, lr=3e-3)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_parameter_bytes_per_device_shrink_with_fsdp_and_tensor():
+    cfg = EncoderConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                        max_position_embeddings=32)
+    model_fn = lambda: BertForMaskedLM(cfg, nnx.Rngs(0))  # noqa: E731
+    per_device = {}
+    for shape in ((8, 1, 1), (1, 8, 1), (1, 2, 4)):
+        _, abstract, shardings = sharding.abstract_params(model_fn, sharding.make_mesh(*shape))
+        sized = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        per_device[shape] = sharding.bytes_per_device(sized)
+    total = 4 * cfg.num_params()
+    assert per_device[(8, 1, 1)] == total  # pure data parallel: a full copy everywhere
+    # Sharded over 8 devices: only small vectors (LayerNorm, biases of 64) and non-divisible axes stay whole.
+    assert per_device[(1, 8, 1)] < total / 4
+    assert per_device[(1, 2, 4)] < total / 4

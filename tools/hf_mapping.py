@@ -290,14 +290,16 @@ def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
     }
 
 
-def encoder_config_kwargs(hf_config: dict) -> dict:
-    """EncoderConfig keyword arguments from a BERT config.json dict; raises ValueError (one line) for an
+def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert",)) -> dict:
+    """EncoderConfig keyword arguments from a BERT config.json dict (or, where `model_types` admits
+    "electra", an ELECTRA tower's, with its `embedding_size`); raises ValueError (one line) for an
     architecture our encoder cannot represent."""
     def refuse(why):
         raise ValueError(f"cannot import this model: {why}")
 
-    if hf_config.get("model_type", "bert") != "bert":
-        refuse(f"model_type={hf_config.get('model_type')!r} (only 'bert')")
+    model_type = hf_config.get("model_type", "bert")
+    if model_type not in model_types:
+        refuse(f"model_type={hf_config.get('model_type')!r} (only {' or '.join(map(repr, model_types))})")
     if hf_config.get("position_embedding_type", "absolute") != "absolute":
         refuse(f"position_embedding_type={hf_config['position_embedding_type']!r} (only 'absolute')")
     if hf_config.get("hidden_act", "gelu") != "gelu":
@@ -307,10 +309,16 @@ def encoder_config_kwargs(hf_config: dict) -> dict:
             refuse(f"{flag}=true (only bidirectional encoders)")
     if not hf_config.get("tie_word_embeddings", True):
         refuse("tie_word_embeddings=false (our MLM decoder is tied to the word embeddings)")
-    if "embedding_size" in hf_config and hf_config["embedding_size"] != hf_config["hidden_size"]:
+    # BERT has no embedding projection; ELECTRA's towers do (embeddings_project), so only there may the
+    # embedding width differ from the hidden size.
+    sizes = {}
+    if model_type == "electra":
+        sizes = {"embedding_size": int(hf_config.get("embedding_size", hf_config.get("hidden_size", 0)))}
+    elif "embedding_size" in hf_config and hf_config["embedding_size"] != hf_config["hidden_size"]:
         refuse("embedding_size differs from hidden_size")
     try:
         return {
+            **sizes,
             "vocab_size": int(hf_config["vocab_size"]),
             "hidden_size": int(hf_config["hidden_size"]),
             "num_layers": int(hf_config["num_hidden_layers"]),
