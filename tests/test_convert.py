@@ -8,6 +8,7 @@ transformers' BertModel; (c) HF -> ours -> HF round trips are bitwise; (d) the o
 
 import dataclasses
 import json
+import shutil
 import os
 
 import numpy as np
@@ -362,3 +363,13 @@ def _flat(tree, prefix=""):
 def test_electra_checkpoint_has_no_mlm_export(electra_workdir, tmp_path):
     with pytest.raises(SystemExit, match=r"--model mlm is not available for this checkpoint \(objective electra"):
         convert_to_hf.convert(electra_workdir[0], str(tmp_path / "o"), model="mlm")
+
+
+def test_error_vocab_size_mismatch(small_workdir, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(small_workdir[0], workdir)
+    with open(workdir / "tokenizer" / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("extratoken\n")
+    with pytest.raises(SystemExit, match=r"has \d+ tokens, the model's vocab_size is \d+"):
+        convert_to_hf.convert(str(workdir), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
