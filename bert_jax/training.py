@@ -113,8 +113,6 @@ def check_config(config: ConfigDict, manifest: dict, num_devices: int, process_c
     if t.batch_size % (accum * batch_shards) or t.batch_size % process_count:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum_steps={accum} "
                           f"x data*fsdp devices={batch_shards} and by the {process_count} processes")
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if t.eval_every > 0:
         rows = manifest["splits"].get("validation", {}).get("rows", 0)
         if rows < t.batch_size:

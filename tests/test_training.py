@@ -97,6 +97,7 @@ def test_train_loss_falls_then_resume_equals_uninterrupted(data_dir, tmp_path):
     ({"data__seq_len": 128}, "data.seq_len=128 differs from seq_len=64"),
     ({"train__batch_size": 12}, "train.batch_size=12 must be divisible"),
     ({"optim__schedule": "triangle"}, "optim.schedule='triangle'"),
+    ({"model__num_heads": 3}, "model.hidden_size=64 is not divisible by model.num_heads=3"),
 ])
 def test_config_errors_before_any_work(data_dir, tmp_path, overrides, message):
     workdir = str(tmp_path / "w")
