@@ -1,0 +1,63 @@
+"""The FLOPs a training step needs: the one formula behind MFU in the training log, the benchmark and the planner.
+
+Counted: the matrix multiplications (2 FLOPs per multiply-add), forward and backward (backward = 2 x forward,
+so a training step is 3 x the forward). Not counted: elementwise work (GELU, LayerNorm, softmax, dropout),
+the embedding gathers and the optimizer update; for BERT sizes they are a few percent of the total.
+
+Per token and encoder layer (hidden h, MLP width f, sequence length S):
+    q, k, v, output projections   8 h^2
+    attention scores and context  4 S h
+    MLP                           4 h f
+Per gathered (masked) position, MLM head: dense 2 h e + vocabulary projection 2 e V (e: embedding width).
+The vocabulary projection runs only at the `max_predictions` gathered positions of each row, which is all
+the step computes (not at every position, as the Hugging Face trainers do).
+"""
+
+import dataclasses
+
+from bert_jax.models.config import EncoderConfig
+
+FORMULA = ("train FLOPs = 3 x [B S (L (8 h^2 + 4 S h + 4 h f) + 2 e h [e != h]) + B P (2 h e + 2 e V)]"
+           " (+ ELECTRA: discriminator head B S (2 h^2 + 2 h))")
+
+
+def encoder_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int) -> int:
+    """Forward matmul FLOPs of the embedding projection (if any) and the layers, for [batch, seq_len]."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    per_token_layer = 8 * h * h + 4 * seq_len * h + 4 * h * f
+    projection = 2 * cfg.embed_dim * h if cfg.embed_dim != h else 0
+    return batch * seq_len * (cfg.num_layers * per_token_layer + projection)
+
+
+def mlm_head_forward_flops(cfg: EncoderConfig, batch: int, predictions: int) -> int:
+    """Forward FLOPs of the MLM head at `predictions` gathered positions per row."""
+    e = cfg.embed_dim
+    return batch * predictions * (2 * cfg.hidden_size * e + 2 * e * cfg.vocab_size)
+
+
+def train_step_flops(cfg: EncoderConfig, batch: int, seq_len: int, predictions: int,
+                     generator: EncoderConfig | None = None) -> int:
+    """FLOPs of one training step (forward + backward) on a global batch of [batch, seq_len].
+
+    MLM: `cfg` is the model. ELECTRA (`generator` given): `cfg` is the discriminator; the generator runs
+    the MLM head at the `predictions` positions, the discriminator its per-token head everywhere."""
+    if generator is None:
+        forward = encoder_forward_flops(cfg, batch, seq_len) + mlm_head_forward_flops(cfg, batch, predictions)
+    else:
+        h = cfg.hidden_size
+        disc_head = batch * seq_len * (2 * h * h + 2 * h)
+        forward = (encoder_forward_flops(generator, batch, seq_len)
+                   + mlm_head_forward_flops(generator, batch, predictions)
+                   + encoder_forward_flops(cfg, batch, seq_len) + disc_head)
+    return 3 * forward
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak."""
+    return flops_per_step / step_seconds / peak_flops_per_second
+
+
+def describe(cfg: EncoderConfig) -> dict:
+    """The sizes the formula uses, for printing next to it."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k in ("vocab_size", "hidden_size", "embedding_size", "num_layers", "intermediate_size")}
