@@ -136,6 +136,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._vocab.get(token)
 
+    def word_start_mask(self) -> "np.ndarray":
+        """bool [vocab_size]: True where a token begins a word (WordPiece: not a "##" continuation).
+        Whole-word masking groups each word start with the continuations that follow it."""
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        return np.array([not t.startswith("##") for t in self._tokens], dtype=bool)
+
     def save(self, out_dir: str) -> str:
         """Write vocab.txt, tokenizer.json and tokenizer_config.json into `out_dir`; returns `out_dir`.
 
