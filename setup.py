@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "absl-py>=2.1",
+    "tensorboard>=2.20",
+    "matplotlib>=3.8",
 ]
 
 HF = ["transformers>=5.0", "torch>=2.13"]
@@ -32,11 +34,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
+    packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs",
+                                           "tools"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF, "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
         "bert-jax-pretokenize=data_pipeline.pretokenize:main",
+        "bert-jax-convert=tools.convert_to_hf:main",
+        "bert-jax-import=tools.import_from_hf:main",
+        "bert-jax-plot=tools.plot_metrics:main",
     ]},
 )

@@ -1,5 +1,12 @@
-"""Metric records: averaging over log intervals, stdout lines and metrics.jsonl, written by process 0 only."""
+"""Metric records and the run's log, written by process 0 only.
 
+Every record goes to `workdir/metrics.jsonl` (one JSON object per line), to TensorBoard event files in
+`workdir/tensorboard/` (one scalar per key, so `tensorboard --logdir W` shows the same numbers) and to stdout
+as one line. `RunClock` turns a log interval into throughput, MFU and an ETA; `start_lines` and
+`summary_lines` are what a run prints before its first and after its last step.
+"""
+
+import datetime
 import json
 import os
 import sys
@@ -7,6 +14,17 @@ import time
 
 import jax
 import numpy as np
+
+TENSORBOARD_DIR = "tensorboard"
+
+# Peak dense matmul TFLOP/s per chip in bfloat16 (vendor figures), for `train.peak_tflops_per_device=-1`.
+# Matched against `jax.devices()[0].device_kind` by substring, first match wins; CPUs are not listed
+# (no meaningful peak), so MFU is shown there only when the peak is given explicitly.
+PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("A10G", 125.0),
+    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v4", 275.0),
+    ("TPU v3", 123.0),
+)
 
 
 def mean_of(records: list[dict]) -> dict:
@@ -20,29 +38,184 @@ def finish_sums(sums: dict) -> dict:
     return {k: float(n) / max(float(d), 1.0) for k, (n, d) in sums.items()}
 
 
-class MetricWriter:
-    """Appends one JSON object per record to `workdir/metrics.jsonl` and prints a compact line."""
+def peak_flops_per_device(peak_tflops: float, device_kind: str) -> float:
+    """FLOP/s of one device for MFU: `peak_tflops` > 0 as given, -1 from PEAK_TFLOPS, 0 (or unknown) -> 0."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    if peak_tflops < 0:
+        for name, tflops in PEAK_TFLOPS:
+            if name.lower() in device_kind.lower():
+                return tflops * 1e12
+    return 0.0
 
-    def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout):
+
+def step_flops(model_cfg, extra_meta: dict, batch: int, seq_len: int, predictions: int) -> float:
+    """Matmul FLOPs of one training step (bert_jax.flops); ELECTRA's generator comes from `extra_meta`."""
+    from bert_jax import flops
+    from bert_jax.models import EncoderConfig
+    generator = EncoderConfig(**extra_meta["generator"]) if "generator" in extra_meta else None
+    return float(flops.train_step_flops(model_cfg, batch, seq_len, predictions, generator=generator))
+
+
+class TensorBoardWriter:
+    """Scalars as TensorBoard event files, through tensorboard's own writer (no TF summary ops)."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self._writer = EventFileWriter(logdir, flush_secs=10)
+
+    def scalars(self, step: int, values: dict, wall_time: float):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                                             for k, v in values.items() if isinstance(v, (int, float))])
+        self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class MetricWriter:
+    """Appends one JSON object per record to `workdir/metrics.jsonl`, mirrors it to TensorBoard and prints
+    a compact line (the training line: step, loss, accuracy, learning rate, tokens/s, MFU, data wait, ETA)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, stream=None, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.stream = stream
+        self.tb = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR)) if enabled and tensorboard else None
 
-    def write(self, step: int, values: dict, prefix: str = ""):
+    def _out(self):
+        return self.stream or sys.stdout  # looked up at each write, so a redirected stdout is honoured
+
+    def write(self, step: int, values: dict, prefix: str = "", suffix: str = ""):
         if not self.enabled:
             return
-        record = {"step": int(step), "time": round(time.time(), 3), **values}
+        now = time.time()
+        record = {"step": int(step), "time": round(now, 3), **values}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        print(f"{prefix}step {step}: {shown}", file=self.stream, flush=True)
+        if self.tb is not None:
+            self.tb.scalars(step, values, now)
+            self.tb.flush()  # a record every log interval: cheap, and dashboards stay current
+        shown = format_line(values)
+        print(f"{prefix}step {step}: {shown}{suffix}", file=self._out(), flush=True)
 
     def log(self, message: str):
         if self.enabled:
-            print(message, file=self.stream, flush=True)
+            print(message, file=self._out(), flush=True)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def format_line(values: dict) -> str:
+    """`loss 5.12 | mlm_accuracy 0.123 | lr 1.00e-03 | 12,345 tok/s | MFU 12.3% | data wait 1.0%`; keys
+    without a short form are shown as `name=value`."""
+    parts = []
+    for k, v in sorted(values.items(), key=lambda kv: _rank(kv[0])):
+        name = k.split("/", 1)[1] if k.startswith(("train/", "eval/")) else k
+        if k == "learning_rate":
+            parts.append(f"lr {v:.2e}")
+        elif k == "tokens_per_sec":
+            parts.append(f"{v:,.0f} tok/s")
+        elif k == "mfu":
+            parts.append(f"MFU {100 * v:.1f}%")
+        elif k == "data_wait_fraction":
+            parts.append(f"data wait {100 * v:.1f}%")
+        else:
+            parts.append(f"{name} {_fmt(v)}")
+    return " | ".join(parts)
+
+
+# Order of a line: what people scan for first, then the rest as recorded.
+_FIRST = ("loss", "accuracy", "learning_rate", "tokens_per_sec", "mfu", "data_wait_fraction")
+
+
+def _rank(key: str) -> int:
+    name = key.split("/", 1)[-1]
+    if name == "loss":
+        return 0
+    if name.endswith("accuracy"):
+        return 1
+    return _FIRST.index(name) if name in _FIRST else len(_FIRST)
 
 
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
     return str(v)
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
+
+
+class RunClock:
+    """Throughput, MFU and ETA from log intervals. The ETA uses the wall time since the end of the first
+    interval (which holds compilation), so evaluation and checkpoint pauses are part of the estimate."""
+
+    def __init__(self, start_step: int, total_steps: int, tokens_per_step: int, flops_per_step: float,
+                 peak_flops_total: float):
+        self.start_step, self.total_steps = start_step, total_steps
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.peak = peak_flops_total
+        self.t_start = time.perf_counter()
+        self._anchor = None  # (time, step) at the end of the first interval
+        self._last_rate = 0.0  # seconds per step of the latest interval
+
+    def interval(self, step: int, steps: int, elapsed: float, data_wait: float) -> dict:
+        """Metrics of an interval of `steps` steps that took `elapsed` s, `data_wait` s of it waiting for data."""
+        out = {"tokens_per_sec": steps * self.tokens_per_step / elapsed, "data_wait_fraction": data_wait / elapsed}
+        if self.peak > 0 and self.flops_per_step > 0:
+            out["mfu"] = steps * self.flops_per_step / elapsed / self.peak
+        self._last_rate = elapsed / steps
+        if self._anchor is None:
+            self._anchor = (time.perf_counter(), step)
+        return out
+
+    def eta_seconds(self, step: int) -> float:
+        now = time.perf_counter()
+        anchor_t, anchor_step = self._anchor or (now, step)
+        per_step = (now - anchor_t) / (step - anchor_step) if step > anchor_step else self._last_rate
+        return per_step * (self.total_steps - step)
+
+    def eta_text(self, step: int) -> str:
+        return f" | ETA {format_duration(self.eta_seconds(step))}" if step < self.total_steps else ""
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def start_lines(config, mesh, n_params: int, bytes_per_device: int, flops_per_step: float,
+                peak_flops_device: float) -> list[str]:
+    """What a run prints before its first step: the resolved config, the mesh, sizes and the MFU basis."""
+    devices = jax.devices()
+    lines = ["resolved config:", *("  " + line for line in str(config).rstrip().splitlines()),
+             f"mesh {dict(mesh.shape)} on {len(devices)} {devices[0].platform} device(s) "
+             f"({devices[0].device_kind}), {jax.process_count()} process(es)",
+             f"{n_params:,} parameters, {bytes_per_device / 2**20:.1f} MiB of parameters per device; "
+             f"{flops_per_step / 1e9:,.1f} GFLOP per training step"]
+    if peak_flops_device > 0:
+        lines.append(f"MFU against {peak_flops_device / 1e12:g} TFLOP/s per device "
+                     f"(train.peak_tflops_per_device)")
+    else:
+        lines.append("MFU not shown: set train.peak_tflops_per_device to the device's peak TFLOP/s")
+    return lines
+
+
+def summary_lines(workdir: str, objective: str, steps_run: int, final_step: int, tokens_per_step: int,
+                  seconds: float, last: dict, checkpoint_dir: str) -> list[str]:
+    """What a run prints after its last step: tokens, time, final eval, checkpoint and the export command."""
+    evals = " | ".join(f"{k[5:]} {_fmt(v)}" for k, v in last.items() if k.startswith("eval/"))
+    model = " --model discriminator" if objective == "electra" else ""
+    return [f"done: step {final_step}, {steps_run * tokens_per_step:,} tokens in this run "
+            f"({final_step * tokens_per_step:,} in all) in {format_duration(seconds)}",
+            f"final eval: {evals}" if evals else "final eval: none (train.eval_every=0)",
+            f"checkpoint: {os.path.join(checkpoint_dir, str(final_step))}",
+            f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; tensorboard --logdir {workdir}",
+            f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {workdir}/hf{model}"]

@@ -135,7 +135,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     from flax import nnx
 
     from bert_jax import checkpointing, metrics as metrics_lib, optim, sharding, train_state, train_step
+    from bert_jax import profiling
     from data_pipeline import dataset as data_lib
+    from data_pipeline.progress import progress
 
     manifest = _load_manifest(config.data.dir)
     derived = check_config(config, manifest, jax.device_count(), jax.process_count())
@@ -144,6 +146,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         optim_cfg = _optim_config(config)
         spec = _masking_spec(config, manifest, derived["vocab_size"])
         objective, build_model, extra_meta = OBJECTIVES[config.objective.name](config, model_cfg, spec)
+        profiler = profiling.StepProfiler(workdir, config.train.profile_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -157,9 +160,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
     layout = train_state.state_layout(model_fn, tx, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
-    writer.log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
-               f"{n_params:,} parameters, {sharding.bytes_per_device(layout.abstract.params) / 2**20:.1f} MiB "
-               f"of parameters per device")
+    flops_per_step = metrics_lib.step_flops(model_cfg, extra_meta, config.train.batch_size, config.data.seq_len,
+                                            config.objective.max_predictions)
+    peak = metrics_lib.peak_flops_per_device(config.train.peak_tflops_per_device, jax.devices()[0].device_kind)
+    for line in metrics_lib.start_lines(config, mesh, n_params, sharding.bytes_per_device(layout.abstract.params),
+                                        flops_per_step, peak):
+        writer.log(line)
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.checkpoint.max_to_keep,
@@ -216,7 +222,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     def evaluate():
         sums = None
-        for i, batch in enumerate(eval_batches):
+        for i, batch in enumerate(progress(eval_batches, desc=f"eval step {int(state.step)}", unit="batch")):
             out = eval_fn(state.params, batch, jax.random.fold_in(eval_rng, i))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         values = metrics_lib.finish_sums(jax.device_get(sums))
@@ -231,6 +237,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     tokens_per_step = config.train.batch_size * config.data.seq_len
     last = {}
+    clock = metrics_lib.RunClock(start_step, config.train.steps, tokens_per_step, flops_per_step,
+                                 peak * jax.device_count())
     pending, t_log, t_data = [], time.perf_counter(), 0.0
     writer.log(f"training steps {start_step} -> {config.train.steps}, batch {config.train.batch_size} x "
                f"{config.data.seq_len}")
@@ -238,16 +246,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         batch = to_global(next(train_iter))
         t_data += time.perf_counter() - t0
+        profiler.before(step)
         state, step_metrics = step_fn(state, batch)
+        profiler.after(step, step_metrics)
         pending.append(step_metrics)
         if step % config.train.log_every == 0 or step == config.train.steps:
             values = metrics_lib.mean_of(pending)  # the only host sync: once per log interval
             elapsed = time.perf_counter() - t_log
             last = {**{f"train/{k}": v for k, v in values.items()},
                     "learning_rate": float(lr_schedule(step - 1)),
-                    "tokens_per_sec": len(pending) * tokens_per_step / elapsed,
-                    "data_wait_fraction": t_data / elapsed}
-            writer.write(step, last)
+                    **clock.interval(step, len(pending), elapsed, t_data)}
+            writer.write(step, last, suffix=clock.eta_text(step))
             pending, t_log, t_data = [], time.perf_counter(), 0.0
         if eval_batches and (step % config.train.eval_every == 0 or step == config.train.steps):
             last = {**last, **evaluate()}
@@ -257,7 +266,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             save(step)
     if start_step >= config.train.steps:
         writer.log(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={config.train.steps}")
+    profiler.stop()
     ckpt.close()
+    for line in metrics_lib.summary_lines(workdir, config.objective.name, max(0, config.train.steps - start_step),
+                                          max(start_step, config.train.steps), tokens_per_step, clock.elapsed(),
+                                          last, ckpt.directory):
+        writer.log(line)
+    writer.close()
     return last
 
 
@@ -283,6 +298,10 @@ def _parse_flags(argv):
     """absl's parsing, with one clear line (no traceback) for a bad value or an unknown config key."""
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl ends --help with status 1; asking for help is not a failure
+        if e.code == 1 and {"--help", "-?", "--helpshort", "--helpfull"} & set(argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError) as e:  # ml_collections: the override names a key the config lacks

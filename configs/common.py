@@ -26,20 +26,20 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     layers, hidden, heads, mlp = SIZES[size]
     m = ml_collections.ConfigDict()
     m.size = size  # informative only: the numbers below are what the model uses
-    m.num_layers = layers
-    m.hidden_size = hidden
+    m.num_layers = layers  # transformer layers (stacked and scanned: compile time does not grow with depth)
+    m.hidden_size = hidden  # width of the residual stream
     # Width of the (word, position, token type) embeddings; -1: hidden_size. ELECTRA may make it smaller
     # (a projection per tower then maps it to the hidden size); BERT (objective mlm) needs -1 or hidden_size.
     m.embedding_size = -1
-    m.num_heads = heads
-    m.intermediate_size = mlp
+    m.num_heads = heads  # attention heads; must divide hidden_size
+    m.intermediate_size = mlp  # width of each layer's MLP (GELU)
     m.vocab_size = -1  # -1: take it from the data manifest; any other value must equal the manifest's
-    m.max_position_embeddings = 512
-    m.type_vocab_size = 2
-    m.hidden_dropout = 0.1
-    m.attention_dropout = 0.1
-    m.layer_norm_eps = 1e-12
-    m.initializer_range = 0.02
+    m.max_position_embeddings = 512  # learned positions; data.seq_len may not exceed it
+    m.type_vocab_size = 2  # token-type (segment) embeddings, as BERT's; kept for Hugging Face compatibility
+    m.hidden_dropout = 0.1  # dropout on embeddings and each sub-layer's output
+    m.attention_dropout = 0.1  # dropout on the attention probabilities
+    m.layer_norm_eps = 1e-12  # BERT's value (Hugging Face configs carry the same)
+    m.initializer_range = 0.02  # std of the truncated-normal initialisation of weights and embeddings
     m.dtype = "float32"  # compute dtype of activations ("float32" or "bfloat16"); parameters stay float32
     m.remat = "none"  # rematerialisation of each layer in the backward pass: none | full | dots
     return m
@@ -48,7 +48,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """All sections with defaults; recipes change what differs."""
     c = ml_collections.ConfigDict()
-    c.model = model_config("tiny")
+    c.model = model_config("tiny")  # recipes replace it with their size's section
     # A fresh run (no checkpoint in the workdir yet) starts from these parameters: another run's workdir or a
     # folder written by `python -m tools.import_from_hf`. Optimizer state and step start anew.
     c.init_from = ""
@@ -78,9 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.schedule = "linear"  # decay after warmup: linear | cosine | constant
     c.optim.end_lr_ratio = 0.0  # learning rate at the last step, as a fraction of the peak
     c.optim.weight_decay = 0.01  # decoupled; never applied to biases and LayerNorm parameters
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-6
+    c.optim.b1 = 0.9  # Adam first-moment decay
+    c.optim.b2 = 0.999  # Adam second-moment decay (RoBERTa: 0.98, steadier at high learning rates)
+    c.optim.eps = 1e-6  # Adam denominator epsilon (BERT's 1e-6)
     c.optim.clip_norm = 1.0  # global gradient-norm clipping; 0 disables it
     c.optim.grad_accum_steps = 1  # micro-batches per step; the update equals the one of the whole batch
 
@@ -91,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500  # steps between evaluations (and always at the last step); 0 disables
     c.train.eval_batches = 20  # validation batches per evaluation (fixed rows and fixed masks every time)
     c.train.seed = 0  # parameter initialisation, masking and dropout randomness
+    # Peak TFLOP/s of one device for the MFU in the log: -1 looks the device kind up in
+    # bert_jax.metrics.PEAK_TFLOPS (bf16 dense peaks of GPUs/TPUs; CPUs are not listed), 0 hides MFU.
+    c.train.peak_tflops_per_device = -1.0
+    # "FIRST,LAST": a jax.profiler trace of training steps FIRST..LAST in W/profile (TensorBoard / Perfetto);
+    # "" profiles nothing. Keep it a few steps after compilation, e.g. "10,12".
+    c.train.profile_steps = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices that the other axes leave

@@ -222,7 +222,10 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
         raise ConversionError(f"--model {model!r}: choose one of {list(MODEL_CHOICES)}")
     if os.path.exists(out) and os.listdir(out) and not overwrite:  # before the (slow) restore
         raise ConversionError(f"{out} already exists; pass --overwrite to replace its files")
+    from data_pipeline.progress import progress
+    bar = progress(desc="convert: restore", total=4 if verify else 3, unit="stage")
     cfg, params, meta = load_checkpoint(workdir, step)
+    bar.update(1)
     objective = meta.get("objective", "mlm")
     if model not in EXPORTABLE.get(objective, ()):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {objective}); "
@@ -237,7 +240,10 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
     from safetensors.numpy import save_file
 
     _prepare_out(out, overwrite)
+    bar.set_description("convert: map tensors")
     tensors = hf_mapping.to_hf(params, cfg, model)
+    bar.update(1)
+    bar.set_description("convert: write")
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_mapping.hf_config(cfg, ids, model), f, indent=2)
@@ -245,14 +251,18 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
     summary = {"out": os.path.abspath(out), "step": int(meta.get("step", -1)), "model": model,
                "architecture": hf_mapping.MODELS[model].architecture, "tensors": len(tensors),
                "parameters": int(sum(t.size for t in tensors.values()))}
+    bar.update(1)
     if verify:
+        bar.set_description("convert: verify")
         figures = verify_folder(out, cfg, params, tokenizer, model_name=model)
+        bar.update(1)
         summary.update(figures)
         if not figures["ok"]:
             print(json.dumps(summary))
             raise ConversionError(f"verification failed: logits diff {figures['max_abs_diff_logits']:.3g}, "
                                   f"hidden diff {figures['max_abs_diff_hidden']:.3g} (tolerance {TOLERANCE}), "
                                   f"tokenizer ids match: {figures['tokenizer_ids_match']}")
+    bar.close()
     return summary
 
 

@@ -185,7 +185,11 @@ def import_hf(hf_dir: str, out_workdir: str, overwrite: bool = False, generator_
         raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a BERT folder")
     ckpt_dir, tok_dir = _prepare_workdir(out_workdir, overwrite)
 
+    from data_pipeline.progress import progress
+    bar = progress(desc="import: read weights", total=3, unit="stage")
     tensors = hf_mapping.normalize_names(read_weights(hf_dir), MODEL)
+    bar.update(1)
+    bar.set_description("import: map tensors")
     head_initialised = not _head_present(tensors, cfg)
     fallback = None
     if head_initialised:
@@ -202,7 +206,11 @@ def import_hf(hf_dir: str, out_workdir: str, overwrite: bool = False, generator_
     copied = _copy_tokenizer(hf_dir, tok_dir)
     meta = {"step": 0, "model": dataclasses.asdict(cfg), "objective": "mlm",
             "imported_from": os.path.abspath(hf_dir), "mlm_head_initialised": head_initialised}
+    bar.update(1)
+    bar.set_description("import: save checkpoint")
     _save(ckpt_dir, tok_dir, copied, params, meta)
+    bar.update(1)
+    bar.close()
     return {"workdir": os.path.abspath(out_workdir), "step": 0, "mlm_head_initialised": head_initialised,
             "ignored": ignored, "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
@@ -286,6 +294,8 @@ def import_electra(hf_dir: str, out_workdir: str, overwrite: bool = False, gener
         raise ConversionError(f"{generator_dir}: {e}") from None
     ckpt_dir, tok_dir = _prepare_workdir(out_workdir, overwrite)
 
+    from data_pipeline.progress import progress
+    bar = progress(desc="import: read weights", total=3, unit="stage")
     disc_tensors = hf_mapping.normalize_names(read_weights(hf_dir), "discriminator")
     head_initialised = not _head_present(disc_tensors, disc_cfg, "discriminator")
     gen_tensors = gen_head_initialised = None
@@ -320,6 +330,7 @@ def import_electra(hf_dir: str, out_workdir: str, overwrite: bool = False, gener
         generator = gen["generator"]
         ignored += hf_mapping.unused_names(gen_tensors, "generator")
     params = {"embeddings": disc["embeddings"], "generator": generator, "discriminator": disc["discriminator"]}
+    bar.update(2)  # read and mapped
 
     # from_hf checks names, not shapes: a config.json that disagrees with its weights must not reach a checkpoint.
     expected, got = electra_shapes(disc_cfg, gen_cfg), {k: v.shape for k, v in _flat(params).items()}
@@ -336,7 +347,10 @@ def import_electra(hf_dir: str, out_workdir: str, overwrite: bool = False, gener
             "generator_imported_from": os.path.abspath(generator_dir) if generator_dir else None,
             "discriminator_head_initialised": head_initialised, "generator_initialised": generator_dir is None,
             "generator_head_initialised": bool(gen_head_initialised)}
+    bar.set_description("import: save checkpoint")
     _save(ckpt_dir, tok_dir, copied, params, meta)
+    bar.update(1)
+    bar.close()
     return {"workdir": os.path.abspath(out_workdir), "step": 0, "objective": "electra",
             "discriminator_head_initialised": head_initialised, "generator_initialised": generator_dir is None,
             "generator_head_initialised": bool(gen_head_initialised), "ignored": ignored,

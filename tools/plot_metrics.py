@@ -1,0 +1,109 @@
+"""Plot training runs from their metrics.jsonl: loss, accuracy, learning rate and throughput, each against
+the step (top row) and against wall time (bottom row), one line per run (and per train/eval series).
+
+    python -m tools.plot_metrics W [W2 ...] --out runs.png [--labels a,b]
+
+Each W is a training workdir (or a metrics.jsonl file). The last line of stdout is one JSON object.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+# name of a panel -> the metric keys it draws (the first accuracy key a run has is used).
+PANELS = (
+    ("loss", ("train/loss", "eval/loss")),
+    ("accuracy", ("train/mlm_accuracy", "eval/mlm_accuracy", "train/disc_accuracy", "eval/disc_accuracy")),
+    ("learning rate", ("learning_rate",)),
+    ("tokens/s", ("tokens_per_sec",)),
+)
+
+
+class PlotError(SystemExit):
+    """One user-facing line, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def read_run(path: str) -> list[dict]:
+    """The records of a workdir's metrics.jsonl (or of the file itself)."""
+    file = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(file):
+        raise PlotError(f"{file} does not exist: pass a training workdir (it writes metrics.jsonl)")
+    records = []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise PlotError(f"{file}:{n} is not a JSON object") from None
+    if not records:
+        raise PlotError(f"{file} holds no records yet")
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list, list, list]:
+    """(steps, hours since the run's first record, values) of one key."""
+    t0 = min(r.get("time", 0.0) for r in records)
+    rows = [r for r in records if isinstance(r.get(key), (int, float))]
+    return ([r["step"] for r in rows], [(r.get("time", t0) - t0) / 3600 for r in rows], [r[key] for r in rows])
+
+
+def plot(runs: dict[str, list[dict]], out: str) -> int:
+    """Draws the 2 x 4 grid to `out`; -> the number of lines drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(PANELS), figsize=(5 * len(PANELS), 8), squeeze=False)
+    lines = 0
+    for col, (title, keys) in enumerate(PANELS):
+        for label, records in runs.items():
+            for key in keys:
+                steps, hours, values = series(records, key)
+                if not values:
+                    continue
+                name = f"{label} {key}" if len(keys) > 1 else label
+                style = "--" if key.startswith("eval/") else "-"
+                axes[0][col].plot(steps, values, style, label=name, marker="o" if len(values) < 3 else None)
+                axes[1][col].plot(hours, values, style, label=name, marker="o" if len(values) < 3 else None)
+                lines += 1
+        for row, xlabel in enumerate(("step", "wall time (hours)")):
+            ax = axes[row][col]
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", help="training workdirs (or metrics.jsonl files) to overlay")
+    parser.add_argument("--out", default="runs.png", help="the PNG to write (default runs.png)")
+    parser.add_argument("--labels", default="", help="comma-separated run names (default: the folder names)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [
+        os.path.basename(os.path.normpath(w if not w.endswith(".jsonl") else os.path.dirname(w)) or w)
+        for w in args.workdirs]
+    if len(labels) != len(args.workdirs):
+        raise PlotError(f"--labels has {len(labels)} names for {len(args.workdirs)} workdirs")
+    if len(set(labels)) != len(labels):  # same folder names in different places: keep the lines apart
+        labels = [f"{label} ({i})" for i, label in enumerate(labels, 1)]
+    runs = {label: read_run(w) for label, w in zip(labels, args.workdirs)}
+    lines = plot(runs, args.out)
+    print(json.dumps({"out": os.path.abspath(args.out), "runs": len(runs), "lines": lines,
+                      "records": sum(len(r) for r in runs.values())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
