@@ -215,7 +215,7 @@ def summary_lines(workdir: str, objective: str, steps_run: int, final_step: int,
     model = " --model discriminator" if objective == "electra" else ""
     return [f"done: step {final_step}, {steps_run * tokens_per_step:,} tokens in this run "
             f"({final_step * tokens_per_step:,} in all) in {format_duration(seconds)}",
-            f"final eval: {evals}" if evals else "final eval: none (train.eval_every=0)",
+            f"final eval: {evals}" if evals else "final eval: none in this run",
             f"checkpoint: {os.path.join(checkpoint_dir, str(final_step))}",
             f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; tensorboard --logdir {workdir}",
             f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {workdir}/hf{model}"]

@@ -123,8 +123,10 @@ def test_profile_trace_written(run):
 
 
 @pytest.mark.slow
-def test_plot_metrics_overlays_runs(run, tmp_path):
+def test_plot_metrics_overlays_runs(run, tmp_path, capsys):
     import matplotlib.image
+
+    from tools import plot_metrics
     workdir, _ = run
     # A second run: the same records with a shifted loss, so two distinct lines overlay.
     other = tmp_path / "other"
@@ -133,10 +135,8 @@ def test_plot_metrics_overlays_runs(run, tmp_path):
         for r in _records(workdir):
             f.write(json.dumps({k: v + 1.0 if k.endswith("loss") else v for k, v in r.items()}) + "\n")
     out = tmp_path / "plots" / "runs.png"
-    proc = subprocess.run([sys.executable, "-m", "tools.plot_metrics", workdir, str(other), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plot_metrics.main([workdir, str(other), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["runs"] == 2 and summary["lines"] >= 2 * 6  # loss x2, accuracy x2, lr, tokens/s per run
     assert out.stat().st_size > 20_000
     pixels = matplotlib.image.imread(str(out))
