@@ -238,3 +238,13 @@ def test_every_config_key_has_a_comment():
         if m and "#" not in line and not lines[i - 1].strip().startswith("#"):
             missing.append(m.group(1))
     assert not missing, f"keys without a comment in configs/common.py: {missing}"
+
+
+def test_summary_names_the_export_command_per_objective():
+    lines = metrics.summary_lines("runs/e", "electra", 10, 30, 100, 75.0, {"eval/loss": 1.5}, "runs/e/checkpoints")
+    text = "\n".join(lines)
+    assert "done: step 30, 1,000 tokens in this run (3,000 in all) in 0:01:15" in text
+    assert "final eval: loss 1.5" in text and "checkpoint: runs/e/checkpoints/30" in text
+    assert lines[-1].endswith("python -m tools.convert_to_hf --workdir runs/e --out runs/e/hf --model discriminator")
+    mlm = metrics.summary_lines("w", "mlm", 0, 5, 1, 1.0, {}, "w/checkpoints")
+    assert "final eval: none in this run" in mlm and mlm[-1].endswith("--workdir w --out w/hf")
