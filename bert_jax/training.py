@@ -222,7 +222,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     def evaluate():
         sums = None
-        for i, batch in enumerate(progress(eval_batches, desc=f"eval step {int(state.step)}", unit="batch")):
+        for i, batch in enumerate(progress(eval_batches, desc="eval", unit="batch")):
             out = eval_fn(state.params, batch, jax.random.fold_in(eval_rng, i))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         values = metrics_lib.finish_sums(jax.device_get(sums))
