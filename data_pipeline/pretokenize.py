@@ -241,6 +241,7 @@ class _Docs:
         self._results, self._bar = results, bar
         self._queue: collections.deque = collections.deque()
         self.bytes = 0  # text bytes of all documents received so far
+        self._docs, self._start = 0, time.time()
 
     def has_next(self) -> bool:
         while not self._queue:
@@ -250,7 +251,10 @@ class _Docs:
                 return False
             self._queue.extend(zip(np.split(flat, np.cumsum(lengths)[:-1]), nbytes) if len(lengths) else [])
             self.bytes += sum(nbytes)
-            self._bar.update(sum(nbytes))
+            self._docs += len(nbytes)
+            self._bar.set_postfix_str(f"{self._docs / max(time.time() - self._start, 1e-9):.0f} docs/s",
+                                      refresh=False)
+            self._bar.update(sum(nbytes))  # the bar itself shows MB/s and the ETA
         return True
 
     def pop(self) -> tuple[np.ndarray, int]:
