@@ -441,9 +441,16 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
         log(f"resuming: " + ", ".join(f"{s} {len(v['parts'])} parts" for s, v in state["splits"].items()))
     os.makedirs(out_dir, exist_ok=True)
 
-    def documents(split: str) -> Iterator[str]:
-        docs = iter_documents(source, text_field=text_field, cache_dir=cache_dir, max_documents=max_documents,
+    def read() -> Iterable[str]:
+        return iter_documents(source, text_field=text_field, cache_dir=cache_dir, max_documents=max_documents,
                               txt_mode=txt_mode, tfds_split=tfds_split, tfds_data_dir=tfds_data_dir)
+
+    # The source is read once per split (and once more to train a tokenizer). The docstring corpus is built in
+    # memory anyway (tens of MB at most), so it is built once instead.
+    corpus = list(read()) if source.startswith("docstrings") else None
+
+    def documents(split: str) -> Iterator[str]:
+        docs = corpus if corpus is not None else read()
         return (d for d in docs if d.strip() and split_of(d, validation_fraction) == split)
 
     start = time.time()
