@@ -438,7 +438,7 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
         if not isinstance(state, dict) or state.get("args") != args:
             raise DataError(f"{out_dir} holds an unfinished run ({PROGRESS}) with other arguments; "
                             "run again with the same arguments to resume, or pass --overwrite to start over")
-        log(f"resuming: " + ", ".join(f"{s} {len(v['parts'])} parts" for s, v in state["splits"].items()))
+        log("resuming: " + ", ".join(f"{s} {len(v['parts'])} parts" for s, v in state["splits"].items()))
     os.makedirs(out_dir, exist_ok=True)
 
     def read() -> Iterable[str]:

@@ -261,7 +261,8 @@ class SentencePieceTokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
         except (RuntimeError, OSError) as e:
-            raise DataError(f"{source}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{source}: not a SentencePiece model ({reason})") from None
         n = self._sp.get_piece_size()
         self._pieces = [self._sp.id_to_piece(i) for i in range(n)]
         index = {p: i for i, p in enumerate(self._pieces)}
