@@ -439,6 +439,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
             raise DataError(f"{out_dir} holds an unfinished run ({PROGRESS}) with other arguments; "
                             "run again with the same arguments to resume, or pass --overwrite to start over")
         log("resuming: " + ", ".join(f"{s} {len(v['parts'])} parts" for s, v in state["splits"].items()))
+    elif os.path.isdir(out_dir):
+        _clear_tool_files(out_dir)  # a run killed before its first progress.json: nothing finished to keep
     os.makedirs(out_dir, exist_ok=True)
 
     def read() -> Iterable[str]:
