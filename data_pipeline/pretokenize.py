@@ -356,6 +356,23 @@ def _recut(split: str, parts: list[dict], out_dir: str, num_shards: int, pad_id:
     return shards
 
 
+def _write_shards(rows: np.ndarray, split: str, out_dir: str, num_shards: int, dtype: str,
+                  pad_id: int) -> list[dict]:
+    """Write an in-memory array of rows [n, seq_len] as `num_shards` contiguous shards; their manifest entries.
+    (For tools and tests that build shards directly; the pipeline itself streams parts.)"""
+    shards = []
+    for i in range(num_shards):
+        lo, hi = i * len(rows) // num_shards, (i + 1) * len(rows) // num_shards
+        name = shard_name(split, i, num_shards)
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(frame_records([serialize_row(r, dtype) for r in rows[lo:hi]]))
+        os.replace(path + ".tmp", path)
+        shards.append({"file": name, "rows": int(hi - lo), "tokens": int(np.count_nonzero(rows[lo:hi] != pad_id)),
+                       "sha256": _sha256(path)})
+    return shards
+
+
 # ---- the whole run -------------------------------------------------------------------------------------------
 
 def _load_given_tokenizer(vocab: str, kind: str | None, lowercase: bool | None):
