@@ -389,7 +389,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
                 num_shards: int | None = None, shard_rows: int | None = None, text_field: str = "text",
                 max_documents: int | None = None, cache_dir: str | None = None, overwrite: bool = False,
                 txt_mode: str = "block", tokenizer: str | None = None, tfds_split: str = "train",
-                tfds_data_dir: str | None = None, workers: int | None = None, log=None) -> dict:
+                tfds_data_dir: str | None = None, workers: int | None = None,
+                tokenizer_train_documents: int | None = None, log=None) -> dict:
     """Tokenize, pack and shard `source` into `out_dir`; returns the manifest (also in `out_dir/manifest.json`).
 
     Args:
@@ -406,6 +407,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
       tokenizer: "wordpiece" (default), "sentencepiece-unigram" or "sentencepiece-bpe".
       tfds_split, tfds_data_dir: the TFDS split and data folder of a "tfds:NAME" source (feature: `text_field`).
       workers: encoding processes (default: all cores); the output does not depend on it.
+      tokenizer_train_documents: train the tokenizer on only the first N train documents (default: all); a
+        vocabulary needs far less text than a large corpus holds.
       overwrite: replace an existing dataset or unfinished run in `out_dir` made with other arguments.
     """
     log = log or (lambda msg: None)
@@ -424,6 +427,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
+    if tokenizer_train_documents is not None and tokenizer_train_documents < 1:
+        raise DataError(f"tokenizer_train_documents must be >= 1, got {tokenizer_train_documents}")
     shard_rows = shard_rows or MAX_ROWS_PER_SHARD
 
     given = _load_given_tokenizer(vocab, tokenizer, lowercase) if vocab else None
@@ -435,6 +440,7 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
             "tokenizer": given.kind if given else (tokenizer or "wordpiece"),
             "vocab_hash": given.vocab_hash if given else None,
             "vocab_size": None if given else vocab_size,
+            "tokenizer_train_documents": None if given else tokenizer_train_documents,
             "lowercase": given.lowercase if given else lowercase is not False}
 
     total_bytes = source_bytes(source)  # also: a source that matches no file fails here, before any change
@@ -485,12 +491,14 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
         seen = [0]
 
         def counted(docs):
-            for d in docs:
-                seen[0] += 1
-                yield d
+            with progress(desc="tokenizer training: reading", unit="doc") as bar:
+                for d in docs:
+                    seen[0] += 1
+                    bar.update(1)
+                    yield d
 
-        train_tokenizer(args["tokenizer"], counted(documents("train")), vocab_size, tok_dir,
-                        lowercase=lowercase is not False)
+        train_docs = itertools.islice(documents("train"), tokenizer_train_documents)
+        train_tokenizer(args["tokenizer"], counted(train_docs), vocab_size, tok_dir, lowercase=lowercase is not False)
         if not seen[0]:
             raise DataError(f"source {source!r} gave no non-empty training documents")
         tok = Tokenizer.load(tok_dir)
@@ -599,6 +607,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tfds-split", default="train", help="TFDS split to read (tfds: sources)")
     p.add_argument("--tfds-data-dir", default=None, help="folder of prepared TFDS data (nothing is downloaded)")
     p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--tokenizer-train-documents", type=int, default=None,
+                   help="train the tokenizer on the first N train documents only (default: all)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--cache-dir", default=None, help="cache for the docstring corpus")
     p.add_argument("--overwrite", action="store_true",
@@ -620,7 +630,8 @@ def main(argv=None) -> int:
             validation_fraction=args.validation_fraction, num_shards=args.num_shards, shard_rows=args.shard_rows,
             text_field=args.text_field, max_documents=args.max_documents, cache_dir=args.cache_dir,
             overwrite=args.overwrite, txt_mode=args.txt_mode, tokenizer=args.tokenizer, tfds_split=args.tfds_split,
-            tfds_data_dir=args.tfds_data_dir, workers=args.workers, log=log)
+            tfds_data_dir=args.tfds_data_dir, workers=args.workers,
+            tokenizer_train_documents=args.tokenizer_train_documents, log=log)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -95,6 +95,12 @@ def test_tokenizer_trained_on_train_split_only(tmp_path):
     assert manifest["splits"]["validation"]["documents"] == len(held_out)
     everything = Tokenizer.load(train_wordpiece(held_out + train, 200, str(tmp_path / "all")))
     assert everything.token_to_id("zyxwq") is not None  # so the check above can fail
+    # --tokenizer-train-documents: only the first N train documents teach the vocabulary.
+    (tmp_path / "in2.txt").write_text("\n".join(train[:150] + [f"qqvvx qqvvx {i}" for i in range(300)]))
+    pretokenize(str(tmp_path / "in2.txt"), str(tmp_path / "out2"), vocab_size=200, seq_len=16,
+                validation_fraction=0.0, txt_mode="line", tokenizer_train_documents=150)
+    limited = Tokenizer.load(str(tmp_path / "out2" / "tokenizer"))
+    assert limited.token_to_id("plain") is not None and limited.token_to_id("qqvvx") is None
 
 
 def test_overwrite_protection_and_determinism(built, tmp_path):
@@ -128,6 +134,10 @@ def test_overwrite_protection_and_determinism(built, tmp_path):
     (dict(vocab_size=50), "vocab_size must be >= 100"),
     (dict(validation_fraction=1.0), "validation_fraction"),
     (dict(num_shards=0), "num_shards"),
+    (dict(shard_rows=0), "shard_rows"),
+    (dict(workers=-1), "workers"),
+    (dict(tokenizer="bpe"), "tokenizer must be one of"),
+    (dict(tokenizer_train_documents=0), "tokenizer_train_documents"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(DataError, match=message):
