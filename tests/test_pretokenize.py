@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -264,8 +265,9 @@ def test_killed_run_resumes_to_identical_shards(built, corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.pretokenize", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress_file = tmp_path / "run" / "progress.json"
-    parts = 0
-    while proc.poll() is None and parts < 3:
+    parts, deadline = 0, time.time() + 240
+    while proc.poll() is None and parts < 3 and time.time() < deadline:
+        time.sleep(0.005)
         try:
             parts = len(json.load(open(progress_file))["splits"]["train"]["parts"])
         except (OSError, ValueError, KeyError):
@@ -276,7 +278,7 @@ def test_killed_run_resumes_to_identical_shards(built, corpus, tmp_path):
     assert len(reference["splits"]["train"]["shards"]) > parts + 2  # it really was killed mid-run
     r = run_cli("data_pipeline.pretokenize", *args)
     assert r.returncode == 0, r.stderr
-    assert "resuming: train 3 parts" in r.stderr or "resuming: train" in r.stderr
+    assert "resuming: train" in r.stderr
     assert json.load(open(tmp_path / "run" / "manifest.json")) == reference
     assert shard_bytes(tmp_path / "run") == shard_bytes(tmp_path / "ref")
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tmp_path / "ref"))  # no leftovers
