@@ -1,4 +1,4 @@
-"""Raw text sources: the installed-docstring corpus, and text / JSONL files.
+"""Raw text sources: the installed-docstring corpus, text / JSONL files, and TFDS datasets.
 
 Everything here yields plain `str` documents; tokenization and packing happen later.
 
@@ -262,16 +262,66 @@ def file_documents(pattern: str, text_field: str = "text", txt_mode: str = "bloc
             raise DataError(f"{path}: cannot read ({e})") from None
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_documents(name: str, split: str = "train", data_dir: str | None = None,
+                   text_feature: str = "text") -> Iterator[str]:
+    """The `text_feature` of a TensorFlow Datasets dataset (e.g. "wikipedia/20230601.en", "c4/en"), streamed.
+
+    The dataset must already be prepared under `data_dir` (or TFDS's default folder): nothing is
+    downloaded. Raises DataError naming the dataset when it is missing or has no such string feature.
+    """
+    import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only for TFDS sources
+
+    where = f"{TFDS_PREFIX}{name}[{split}]"
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
+    except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types; all mean "not usable")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where}: cannot load the prepared dataset (data_dir={data_dir!r}): {first}") from None
+    spec = ds.element_spec
+    if not isinstance(spec, dict) or text_feature not in spec:
+        have = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise DataError(f"{where}: no feature {text_feature!r} (features: {have})")
+    if spec[text_feature].dtype.name != "string" or spec[text_feature].shape.rank != 0:
+        raise DataError(f"{where}: feature {text_feature!r} is {spec[text_feature]}, not a scalar string")
+    ds = ds.map(lambda ex: ex[text_feature])  # decode only the text, not the other features
+    for i, text in enumerate(tfds.as_numpy(ds)):
+        try:
+            yield text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: example {i} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def source_bytes(source: str) -> int | None:
+    """Total size in bytes of a file source's uncompressed files (for a progress bar's ETA); None when unknown
+    (docstrings, TFDS, or any gzip file)."""
+    if source in ("docstrings", "docstrings:stdlib") or source.startswith(TFDS_PREFIX):
+        return None
+    files = _resolve_files(source)
+    if any(f.endswith(".gz") for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files)
+
+
 def iter_documents(source: str, *, text_field: str = "text", cache_dir: str | None = None,
-                   max_documents: int | None = None, txt_mode: str = "block") -> Iterator[str]:
+                   max_documents: int | None = None, txt_mode: str = "block", tfds_split: str = "train",
+                   tfds_data_dir: str | None = None) -> Iterator[str]:
     """Documents of a named source.
 
     `source` is "docstrings" (stdlib + site-packages docstrings), "docstrings:stdlib" (standard library
-    only: small and fast, for demos and tests) or a file / folder / glob for `file_documents`.
+    only: small and fast, for demos and tests), "tfds:NAME" (a prepared TFDS dataset, its split
+    `tfds_split` under `tfds_data_dir`, the feature `text_field`) or a file / folder / glob for
+    `file_documents`.
     """
     if source in ("docstrings", "docstrings:stdlib"):
         yield from docstring_documents(include_site_packages=(source == "docstrings"),
                                        max_documents=max_documents, cache_dir=cache_dir)
         return
-    docs = file_documents(source, text_field=text_field, txt_mode=txt_mode)
+    if source.startswith(TFDS_PREFIX):
+        docs = tfds_documents(source[len(TFDS_PREFIX):], split=tfds_split, data_dir=tfds_data_dir,
+                              text_feature=text_field)
+    else:
+        docs = file_documents(source, text_field=text_field, txt_mode=txt_mode)
     yield from (docs if max_documents is None else itertools.islice(docs, max_documents))

@@ -1,4 +1,11 @@
-"""WordPiece tokenization: train a BERT-style vocabulary, or load an existing `vocab.txt`.
+"""Tokenizers: WordPiece (train, or load `vocab.txt` / `tokenizer.json`) and SentencePiece (train a unigram
+or BPE model, or load a `.model`), behind one interface (`encode_batch`, `decode`, `vocab_size`,
+`vocab_hash`, `files`, `save`, `id_to_token`, `token_to_id`, the special ids, `word_start_mask`).
+
+`load_tokenizer(path)` picks the kind from the path; `Tokenizer.load` does the same, so code that loads
+the folder a manifest names works for both kinds.
+
+WordPiece:
 
 Both paths end in one `Tokenizer` class backed by the Hugging Face `tokenizers` library (Rust, fast,
 multi-threaded `encode_batch`) and configured like BERT's: BERT normaliser (lowercasing and accent
@@ -75,12 +82,17 @@ class Tokenizer:
         self.special_ids = tuple(i for i, t in enumerate(self._tokens) if _SPECIAL_RE.match(t))
 
     @classmethod
-    def load(cls, path: str, lowercase: bool | None = None) -> "Tokenizer":
-        """Load from a folder holding `vocab.txt`, or from a path to a vocab file.
+    def load(cls, path: str, lowercase: bool | None = None):
+        """Load from a folder holding `vocab.txt` (or `spm.model`), or from a vocab.txt / tokenizer.json /
+        SentencePiece `.model` file (a SentencePiece path gives a `SentencePieceTokenizer`).
 
         `lowercase=None` reads the flag from a `tokenizer_config.json` next to the vocab (ours, or a
         Hugging Face one with `do_lower_case`), defaulting to True (uncased) when there is none.
         """
+        if _is_sentencepiece(path):
+            return SentencePieceTokenizer.load(path, lowercase=lowercase)
+        if path.endswith(".json") and os.path.isfile(path):
+            return cls._load_tokenizer_json(path, lowercase)
         vocab_file = os.path.join(path, "vocab.txt") if os.path.isdir(path) else path
         if not os.path.isfile(vocab_file):
             raise DataError(f"no WordPiece vocabulary at {vocab_file!r}")
@@ -102,6 +114,31 @@ class Tokenizer:
         while tokens and tokens[-1] == "":  # a trailing blank line is not a token
             tokens.pop()
         return cls(tokens, lowercase=lowercase, source=vocab_file)
+
+    @classmethod
+    def _load_tokenizer_json(cls, path: str, lowercase: bool | None) -> "Tokenizer":
+        """A Hugging Face `tokenizer.json` with a WordPiece model (ids from its vocab map)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: invalid JSON ({e})") from None
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+            raise DataError(f"{path}: not a WordPiece tokenizer.json (model type "
+                            f"{model.get('type') if isinstance(model, dict) else None!r})")
+        vocab = model["vocab"]
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        if [vocab[t] for t in tokens] != list(range(len(tokens))):
+            raise DataError(f"{path}: WordPiece ids are not 0..{len(tokens) - 1} without gaps")
+        if lowercase is None:
+            normalizer = spec.get("normalizer") or {}
+            lowercase = bool(normalizer.get("lowercase", True))
+        return cls(tokens, lowercase=lowercase, source=path)
+
+    @property
+    def kind(self) -> str:
+        return "wordpiece"
 
     @property
     def vocab_size(self) -> int:
@@ -164,6 +201,17 @@ class Tokenizer:
         return out_dir
 
 
+def _is_sentencepiece(path: str) -> bool:
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "spm.model")) and not os.path.isfile(os.path.join(path, "vocab.txt"))
+    return path.endswith(".model")
+
+
+def load_tokenizer(path: str, lowercase: bool | None = None):
+    """A WordPiece or SentencePiece tokenizer from a folder, vocab.txt, tokenizer.json or `.model` file."""
+    return Tokenizer.load(path, lowercase=lowercase)
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True) -> str:
     """Train a BERT-style WordPiece vocabulary on `texts` and save it (see `Tokenizer.save`) to `out_dir`.
 
@@ -186,3 +234,174 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowerca
     if tokens[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
         raise DataError(f"trained vocabulary does not start with {SPECIAL_TOKENS}: {tokens[:5]}")
     return Tokenizer(tokens, lowercase=lowercase).save(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SentencePiece
+#
+# A trained model has the special pieces at fixed ids: [PAD]=0 (pad piece), [UNK]=1 (unknown piece),
+# [CLS]=2 (bos piece), [SEP]=3 (eos piece), [MASK]=4 (control symbol). All five are control-type pieces, so
+# text never encodes to them (a literal "[MASK]" in text is ordinary text) and `encode` adds none of them:
+# packing adds [CLS]/[SEP]. A loaded model may place them elsewhere (ALBERT: <pad>=0, <unk>=1, [CLS]=2,
+# [SEP]=3, [MASK]=4): pieces are looked up by name, with the model's own pad/unk ids as fallbacks.
+# Uncased models are trained with the case-folding normalisation rule (`nmt_nfkc_cf`), which is stored in
+# the model, so encoding with the model alone reproduces our ids.
+
+SPM_FILE = "spm.model"
+_SPM_KINDS = {"sentencepiece-unigram": "unigram", "sentencepiece-bpe": "bpe"}
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model with BERT's special pieces; the same interface as the WordPiece `Tokenizer`."""
+
+    def __init__(self, model_bytes: bytes, source: str = "<memory>"):
+        import sentencepiece as spm
+
+        self._model_bytes = bytes(model_bytes)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+        except (RuntimeError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{source}: not a SentencePiece model ({reason})") from None
+        n = self._sp.get_piece_size()
+        self._pieces = [self._sp.id_to_piece(i) for i in range(n)]
+        index = {p: i for i, p in enumerate(self._pieces)}
+        fallback = {"[PAD]": self._sp.pad_id(), "[UNK]": self._sp.unk_id()}
+        ids = []
+        for name in SPECIAL_TOKENS:
+            i = index.get(name, fallback.get(name, -1))
+            if i is None or i < 0:
+                missing = [t for t in SPECIAL_TOKENS if index.get(t, fallback.get(t, -1)) < 0]
+                raise DataError(f"{source}: SentencePiece model lacks the special pieces {missing}")
+            ids.append(i)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
+        controls = {i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        self.special_ids = tuple(sorted(controls | set(ids)))
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._model_bytes)
+        self.model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "unigram")
+        self.lowercase = proto.normalizer_spec.name.endswith("_cf")
+
+    @classmethod
+    def load(cls, path: str, lowercase: bool | None = None) -> "SentencePieceTokenizer":
+        """Load a `.model` file, or a folder holding `spm.model`. Case handling is part of the model:
+        `lowercase` (when not None) must agree with it."""
+        model_file = os.path.join(path, SPM_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(model_file):
+            raise DataError(f"no SentencePiece model at {model_file!r}")
+        with open(model_file, "rb") as f:
+            tok = cls(f.read(), source=model_file)
+        if lowercase is not None and bool(lowercase) != tok.lowercase:
+            raise DataError(f"{model_file}: the model is {'uncased' if tok.lowercase else 'cased'}, "
+                            f"but a {'uncased' if lowercase else 'cased'} tokenizer was asked for")
+        return tok
+
+    @property
+    def kind(self) -> str:
+        return f"sentencepiece-{self.model_type}"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def vocab_hash(self) -> str:
+        """sha256 of the serialized model (the exact `spm.model` bytes)."""
+        return hashlib.sha256(self._model_bytes).hexdigest()
+
+    @property
+    def files(self) -> list[str]:
+        return [SPM_FILE, "spm.vocab", CONFIG_FILE]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Piece ids of each text (no [CLS]/[SEP]), exactly `SentencePieceProcessor.encode`."""
+        return self._sp.encode(list(texts), out_type=int)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            special = set(self.special_ids)
+            ids = [i for i in ids if i not in special]
+        return self._sp.decode(ids)
+
+    def id_to_token(self, i: int) -> str:
+        return self._pieces[i]
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return i if self._pieces[i] == token else None  # piece_to_id maps unknown pieces to unk
+
+    def word_start_mask(self) -> "np.ndarray":
+        """bool [vocab_size]: pieces starting with "▁" (a word start) and the special pieces."""
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        mask = np.array([p.startswith("\u2581") for p in self._pieces], dtype=bool)
+        mask[list(self.special_ids)] = True
+        return mask
+
+    def save(self, out_dir: str) -> str:
+        """Write spm.model (the exact bytes), spm.vocab (piece and score per line) and tokenizer_config.json."""
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, SPM_FILE), "wb") as f:
+            f.write(self._model_bytes)
+        with open(os.path.join(out_dir, "spm.vocab"), "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(f"{p}\t{self._sp.get_score(i)}\n" for i, p in enumerate(self._pieces)))
+        config = {"tokenizer_type": self.kind, "lowercase": self.lowercase, "model_file": SPM_FILE,
+                  "special_ids": {"pad": self.pad_id, "unk": self.unk_id, "cls": self.cls_id,
+                                  "sep": self.sep_id, "mask": self.mask_id},
+                  "vocab_hash": self.vocab_hash}
+        with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        return out_dir
+
+
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """Lines of the documents, cut to SentencePiece's sentence-length limit (longer ones it would drop)."""
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                yield line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True,
+                        model_type: str = "unigram", max_sentences: int = 2_000_000) -> str:
+    """Train a SentencePiece unigram or BPE model on the lines of `texts` and save it to `out_dir`.
+
+    Special pieces get ids 0..4 (see the comment above `SentencePieceTokenizer`). At most `max_sentences`
+    lines are used (a seeded random sample when there are more), which bounds the trainer's memory.
+    Returns `out_dir`.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise DataError(f"SentencePiece model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise DataError(f"vocab_size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    import io
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    max_len = 4192
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_sentences(texts, max_len)), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=0.9995, max_sentence_length=max_len,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]",
+            eos_id=3, eos_piece="[SEP]", control_symbols=["[MASK]"], hard_vocab_limit=False,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {str(e).splitlines()[0] if str(e) else e}") from None
+    return SentencePieceTokenizer(model.getvalue()).save(out_dir)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True) -> str:
+    """Train a tokenizer of `kind` ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe") into `out_dir`."""
+    if kind == "wordpiece":
+        return train_wordpiece(texts, vocab_size, out_dir, lowercase=lowercase)
+    if kind in _SPM_KINDS:
+        return train_sentencepiece(texts, vocab_size, out_dir, lowercase=lowercase, model_type=_SPM_KINDS[kind])
+    raise DataError(f"unknown tokenizer {kind!r} (wordpiece, sentencepiece-unigram, sentencepiece-bpe)")

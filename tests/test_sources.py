@@ -161,3 +161,16 @@ def test_nothing_matches_and_bad_bytes(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(DataError, match="bin.txt: not UTF-8"):
         list(file_documents(str(tmp_path / "bin.txt")))
+
+
+def test_source_bytes(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n\nworld\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    assert sources.source_bytes(str(tmp_path)) == 13 + 14
+    assert sources.source_bytes(str(tmp_path / "*.txt")) == 13
+    with gzip.open(tmp_path / "c.txt.gz", "wt") as f:
+        f.write("zipped")
+    assert sources.source_bytes(str(tmp_path)) is None  # gzip: unknown uncompressed size
+    assert sources.source_bytes("docstrings") is None and sources.source_bytes("tfds:c4/en") is None
+    with pytest.raises(DataError, match="no input files match"):
+        sources.source_bytes(str(tmp_path / "none*.txt"))

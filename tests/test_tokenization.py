@@ -108,3 +108,15 @@ def test_bad_vocab_errors(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nhello\n")
     with pytest.raises(DataError, match="duplicate token 'hello' at lines 6 and 7"):
         Tokenizer.load(str(tmp_path / "vocab.txt"))
+
+
+def test_load_tokenizer_json_equals_vocab_txt(real_vocab_dir, trained, docs, tmp_path):
+    for folder in (real_vocab_dir, trained):
+        from_txt = Tokenizer.load(os.path.join(folder, "vocab.txt"))
+        from_json = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+        assert from_json.vocab_hash == from_txt.vocab_hash and from_json.lowercase == from_txt.lowercase
+        assert from_json.encode_batch(docs[:300]) == from_txt.encode_batch(docs[:300])
+        assert from_json.kind == "wordpiece"
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {}}}')
+    with pytest.raises(DataError, match=r"tokenizer.json: not a WordPiece tokenizer.json \(model type 'BPE'\)"):
+        Tokenizer.load(str(tmp_path / "tokenizer.json"))
