@@ -8,9 +8,7 @@ overrides entries of it: `rules_from_config`). Activations are constrained at ea
 hidden dimensions whole, which is what both the fsdp all-gathers and the tensor-parallel all-reduces expect.
 """
 
-import contextlib
 import functools
-
 import math
 from typing import Any, Sequence
 
@@ -117,9 +115,7 @@ def in_mesh(fn, mesh: Mesh, rules=DEFAULT_RULES):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(jax.set_mesh(mesh))
-            stack.enter_context(nnx.logical_axis_rules(rules))
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             return fn(*args, **kwargs)
 
     return wrapped

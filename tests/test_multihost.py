@@ -75,9 +75,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, data_dir, num_processes, timeout=240):
+def _launch(workdir, data_dir, num_processes, timeout=600):
     """Starts the CLI once per process on 127.0.0.1; returns each process's (returncode, output). Every process
-    is killed by its pid if any fails or the time runs out, so none is left waiting in a collective."""
+    is killed by its pid if any fails or the time runs out, so none is left waiting in a collective. (~30 s
+    on a quiet 2-core machine; the generous limit is for a loaded one.)"""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
@@ -105,7 +106,7 @@ def _launch(workdir, data_dir, num_processes, timeout=240):
     out = []
     for p, log in zip(procs, logs):
         log.seek(0)
-        out.append((p.returncode, log.read()))
+        out.append((p.returncode, log.read() + ("\n[killed: time limit]" if p.returncode == -9 else "")))
         log.close()
     return out
 
@@ -184,3 +185,14 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_on_one_de
         worst = max(worst, rel)
     print(f"2 processes vs 1: loss rel diff {np.max(np.abs(got_losses / losses - 1)):.2e}, "
           f"params norm-wise rel diff {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_cli_refuses_inconsistent_distributed_flags_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny", "--workdir", str(tmp_path),
+         "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: --process_id=2 must be in [0, --num_processes=2)"
+    assert "Traceback" not in proc.stderr
