@@ -2,15 +2,20 @@
 
 Mesh axes: data (pure data parallel), fsdp (data parallel whose parameters and optimizer state are sharded,
 ZeRO-3 style), tensor (attention heads, MLP and vocabulary split across devices). Parameters carry logical
-axis names; `DEFAULT_RULES` maps each logical name to mesh axes, in one table.
+axis names; `DEFAULT_RULES` maps each logical name to mesh axes, in one table (the config's `mesh.rules`
+overrides entries of it: `rules_from_config`). Activations are constrained at each layer boundary
+(`constrain_activations`) when a step is traced under `in_mesh`: rows over (data, fsdp), the sequence and
+hidden dimensions whole, which is what both the fsdp all-gathers and the tensor-parallel all-reduces expect.
 """
 
+import functools
 import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -26,6 +31,36 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("layers", None),
 )
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
+def rules_to_strings(rules=DEFAULT_RULES) -> dict[str, str]:
+    """{logical name: "axis" | "axis1,axis2" | ""}: the table in the config's string form (mesh.rules)."""
+    out = {}
+    for name, axes in rules:
+        out[name] = axes if isinstance(axes, str) else ",".join(axes or ())
+    return out
+
+
+def rules_from_config(table) -> tuple:
+    """The rules with the entries of `table` ({logical name: "fsdp" | "data,fsdp" | "" for replicated}) in
+    place of the defaults; a one-line ValueError for an unknown logical name or mesh axis."""
+    table = dict(table or {})
+    unknown = sorted(set(table) - set(LOGICAL_AXES))
+    if unknown:
+        raise ValueError(f"mesh.rules: unknown logical axes {unknown}; known: {list(LOGICAL_AXES)}")
+    rules = []
+    for name, default in DEFAULT_RULES:
+        if name not in table:
+            rules.append((name, default))
+            continue
+        axes = tuple(a.strip() for a in str(table[name]).split(",") if a.strip() and a.strip().lower() != "none")
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad or len(set(axes)) != len(axes):
+            raise ValueError(f"mesh.rules.{name}={table[name]!r}: use mesh axes from {list(MESH_AXES)} "
+                             f"(comma-separated, each once) or '' for replicated")
+        rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(rules)
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -57,6 +92,33 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a batch are split over data x fsdp; the sequence axis is not split."""
     return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    """Hidden states [B, S, H] at a layer boundary: rows over the rules' batch axes, S and H whole.
+
+    Active only while tracing under a mesh with our axes (`in_mesh`); otherwise, or when B does not divide,
+    it returns `x` unchanged. Pinning the layout between layers keeps XLA from carrying an fsdp- or
+    tensor-sharded hidden dimension across the scan, which would add collectives inside every layer."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    batch = dict(flax_spmd.get_logical_axis_rules() or DEFAULT_RULES).get("batch")
+    names = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    if x.shape[0] % math.prod(mesh.shape[a] for a in names):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(batch, *(None,) * (x.ndim - 1)))
+
+
+def in_mesh(fn, mesh: Mesh, rules=DEFAULT_RULES):
+    """`fn` called (and so traced) under `mesh` and `rules`, which switches on `constrain_activations`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -18,6 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
+from bert_jax import distributed  # noqa: E402  (defines the multi-host flags)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/bert.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and logs.")
@@ -104,6 +106,10 @@ def check_config(config: ConfigDict, manifest: dict, num_devices: int, process_c
         mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        derived_rules = sharding.rules_from_config(config.mesh.get("rules"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     batch_shards = mesh_shape[0] * mesh_shape[1]
     accum = config.optim.grad_accum_steps
     for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
@@ -118,7 +124,10 @@ def check_config(config: ConfigDict, manifest: dict, num_devices: int, process_c
         if rows < t.batch_size:
             raise ConfigError(f"the validation split of {d.dir} has {rows} rows, fewer than one batch of "
                               f"train.batch_size={t.batch_size}; set train.eval_every=0 or add data")
-    return {"vocab_size": vocab_size, "mesh_shape": mesh_shape}
+        if not distributed.eval_batch_count(manifest, "validation", t.batch_size // process_count, process_count, 1):
+            raise ConfigError(f"the validation split of {d.dir} gives some of the {process_count} processes fewer "
+                              f"rows than one host batch of {t.batch_size // process_count}; set train.eval_every=0")
+    return {"vocab_size": vocab_size, "mesh_shape": mesh_shape, "rules": derived_rules}
 
 
 def _load_manifest(data_dir: str) -> dict:
@@ -158,7 +167,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     lr_schedule = optim.learning_rate_schedule(optim_cfg)
     seed = config.train.seed
     model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
-    layout = train_state.state_layout(model_fn, tx, mesh)
+    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     flops_per_step = metrics_lib.step_flops(model_cfg, extra_meta, config.train.batch_size, config.data.seq_len,
                                             config.objective.max_predictions)
@@ -186,7 +195,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             except ValueError as e:
                 raise ConfigError(f"init_from={config.init_from}: {e}") from None
             writer.log(f"initialised from {config.init_from} (step {init_meta.get('step')})")
-        state = train_state.create_state(model_fn, tx, mesh, layout, seed, params=init_params)
+        state = train_state.create_state(model_fn, tx, mesh, layout, seed, derived["rules"], params=init_params)
         if is_main:  # the workdir is self-contained: config, data manifest and tokenizer files
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -200,6 +209,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
                                          accum_steps=config.optim.grad_accum_steps)
     eval_fn = train_step.make_eval_step(layout, batch_sharding, objective=objective)
+    step_fn, eval_fn = (sharding.in_mesh(f, mesh, derived["rules"]) for f in (step_fn, eval_fn))
     host_batch = config.train.batch_size // jax.process_count()
 
     def to_global(batch):
@@ -213,8 +223,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     train_iter = train_ds.as_numpy_iterator()
     eval_batches = []
     if config.train.eval_every > 0:
-        val_rows = manifest["splits"]["validation"]["rows"]
-        n_eval = max(1, min(config.train.eval_batches, val_rows // config.train.batch_size))
+        n_eval = distributed.eval_batch_count(manifest, "validation", host_batch, jax.process_count(),
+                                              config.train.eval_batches)  # the same on every host
         eval_ds = data_lib.make_dataset(config.data.dir, "validation", host_batch, shuffle=False, repeat=False,
                                         process_index=jax.process_index(), process_count=jax.process_count())
         eval_batches = [to_global(b) for b in eval_ds.take(n_eval).as_numpy_iterator()]
@@ -289,8 +299,9 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from data_pipeline.errors import DataError
     try:
+        distributed.initialize()  # before any other JAX call
         train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, distributed.DistributedError) as e:
         sys.exit(f"error: {e}")
 
 

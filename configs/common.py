@@ -45,6 +45,11 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     return m
 
 
+def _default_rules() -> dict:
+    from bert_jax.sharding import rules_to_strings  # pylint: disable=import-outside-toplevel
+    return rules_to_strings()
+
+
 def base_config() -> ml_collections.ConfigDict:
     """All sections with defaults; recipes change what differs."""
     c = ml_collections.ConfigDict()
@@ -102,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices that the other axes leave
     c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis (ZeRO-3 style)
     c.mesh.tensor = 1  # tensor-parallel axis (attention heads, MLP, vocab)
+    # Logical axis -> mesh axes ("fsdp", "data,fsdp", "" = replicated), e.g. --config.mesh.rules.vocab="" keeps
+    # the vocabulary whole. The defaults are bert_jax.sharding.DEFAULT_RULES; see docs/MULTIHOST.md.
+    c.mesh.rules = ml_collections.ConfigDict(_default_rules())
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500  # steps between checkpoints (and always at the last step); 0: only at the end

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
+from bert_jax.sharding import constrain_activations
 from bert_jax.models.layers import Dense, EncoderLayer, LayerNorm, dropout, param
 
 _REMAT_POLICIES = {
@@ -72,7 +73,7 @@ class LayerStack(nnx.Module):
         deterministic = layer_keys is None
 
         def body(layer, h, key):
-            return layer(h, bias, None if deterministic else key)
+            return constrain_activations(layer(h, bias, None if deterministic else key))
 
         if self.cfg.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat])
