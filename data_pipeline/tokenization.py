@@ -32,6 +32,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from data_pipeline.errors import DataError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -173,10 +175,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._vocab.get(token)
 
-    def word_start_mask(self) -> "np.ndarray":
+    def word_start_mask(self) -> np.ndarray:
         """bool [vocab_size]: True where a token begins a word (WordPiece: not a "##" continuation).
         Whole-word masking groups each word start with the continuations that follow it."""
-        import numpy as np  # pylint: disable=import-outside-toplevel
         return np.array([not t.startswith("##") for t in self._tokens], dtype=bool)
 
     def save(self, out_dir: str) -> str:
@@ -335,9 +336,8 @@ class SentencePieceTokenizer:
         i = self._sp.piece_to_id(token)
         return i if self._pieces[i] == token else None  # piece_to_id maps unknown pieces to unk
 
-    def word_start_mask(self) -> "np.ndarray":
+    def word_start_mask(self) -> np.ndarray:
         """bool [vocab_size]: pieces starting with "▁" (a word start) and the special pieces."""
-        import numpy as np  # pylint: disable=import-outside-toplevel
         mask = np.array([p.startswith("\u2581") for p in self._pieces], dtype=bool)
         mask[list(self.special_ids)] = True
         return mask
