@@ -104,3 +104,20 @@ def test_all_minilm_loads_as_a_classifier_with_its_pretrained_encoder():
         if name in ours:
             assert torch.equal(ours[name], tensor), name
     assert sum(name in ours for name in saved) >= 100
+
+
+def test_downstream_pretraining_budgets_have_equal_flops():
+    """tools.downstream gives ELECTRA as many steps as the MLM run's training FLOPs buy, on the same shape."""
+    from tools import downstream
+
+    budget = downstream.FULL
+    mlm = downstream.pretrain_overrides(budget, "data", "mlm", budget["mlm_steps"])
+    electra = downstream.pretrain_overrides(budget, "data", "electra", 1)
+    f_mlm = downstream.step_flops("mlm", mlm, 8000)
+    f_el = downstream.step_flops("electra", electra, 8000)
+    assert f_el > f_mlm  # the generator costs extra: ELECTRA gets fewer steps
+    steps = round(budget["mlm_steps"] * f_mlm / f_el)
+    assert abs(steps * f_el - budget["mlm_steps"] * f_mlm) <= f_el / 2
+    # Same discriminator shape as the BERT model (the ELECTRA tiny recipe's narrower embedding is overridden).
+    assert downstream._config("electra", electra).model.embedding_size == -1  # pylint: disable=protected-access
+    assert downstream._config("mlm", mlm).model.hidden_size == 128  # pylint: disable=protected-access
