@@ -216,9 +216,10 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
     has_png = plot_curves(curves, info, png)
     lines = ["# Downstream results: what pretraining buys", ""]
     if quick:
-        lines += ["**QUICK MODE (smoke test: tiny budgets, one seed; these numbers mean nothing).** "
-                  "The experiment is the command below without `--quick`.", ""]
-    lines += ["Reproduce (2-core CPU, no download):", "", "```", command, "```", "",
+        lines += [f"**QUICK MODE: this page was written by `{command}` (a smoke test of every step: tiny "
+                  "budgets, one seed; its numbers mean nothing).** The experiment is the command below.", ""]
+    lines += ["Reproduce (2-core CPU, no download; finished steps are reused when run again):", "", "```",
+              "python -m tools.downstream --out runs/downstream", "```", "",
               "## Task", "",
               f"`docstring_origin` (`python -m data_pipeline.tasks docstring_origin --out DIR`): which package a "
               f"docstring comes from, {len(task['labels'])} labels ({', '.join(task['labels'])}); "
