@@ -63,7 +63,8 @@ def package_docstrings(packages) -> dict[str, list[str]]:
     threaded = any(m in sys.modules for m in ("tensorflow", "tokenizers", "torch", "jax"))
     if len(files) > 500 and (os.cpu_count() or 1) > 1 and not threaded:
         with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, 8)) as pool:
-            per_file = list(pool.imap(sources._file_docstrings, files, chunksize=32))  # pylint: disable=protected-access
+            extract = sources._file_docstrings  # pylint: disable=protected-access
+            per_file = list(pool.imap(extract, files, chunksize=32))
     else:
         per_file = [sources._file_docstrings(p) for p in files]  # pylint: disable=protected-access
     docs: dict[str, dict[str, None]] = {p: {} for p in packages}  # dicts keep first-seen order
@@ -117,7 +118,8 @@ def build(spec: TaskSpec = DOCSTRING_ORIGIN, cache_dir: str | None = None) -> di
     if cache_dir:
         key = json.dumps([_CACHE_VERSION, dataclasses.asdict(spec),
                           sources._cache_key(True, ())])  # pylint: disable=protected-access
-        cache_path = os.path.join(cache_dir, f"task-docstring_origin-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        cache_path = os.path.join(cache_dir, f"task-docstring_origin-{digest}.json")
         if os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8") as f:
                 return json.load(f)

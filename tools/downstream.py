@@ -168,10 +168,11 @@ def summarise(results: list[dict]) -> dict:
                 continue
             acc = np.array([r["accuracy"] for r in rs]) * 100
             f1 = np.array([r["macro_f1"] for r in rs]) * 100
-            table[f"{name}/{labels}"] = {"num_train": rs[0]["num_train"], "seeds": len(rs),
-                                         "accuracy": round(float(acc.mean()), 2), "accuracy_std": round(float(acc.std()), 2),
-                                         "macro_f1": round(float(f1.mean()), 2), "macro_f1_std": round(float(f1.std()), 2),
-                                         "finetune_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
+            table[f"{name}/{labels}"] = {
+                "num_train": rs[0]["num_train"], "seeds": len(rs),
+                "accuracy": round(float(acc.mean()), 2), "accuracy_std": round(float(acc.std()), 2),
+                "macro_f1": round(float(f1.mean()), 2), "macro_f1_std": round(float(f1.std()), 2),
+                "finetune_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
     return table
 
 
@@ -258,7 +259,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
                 cells += ["", ""]
                 continue
             n = f" (n={t['seeds']})" if t["seeds"] != budget["seeds"] else ""
-            cells += [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}", f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
+            cells += [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}",
+                      f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     num_all = table.get("mlm/all", {}).get("num_train")
     lines += ["", f"(all labels = {num_all} training documents; chance = {100 / len(task['labels']):.0f}%.)", "",
