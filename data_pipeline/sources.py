@@ -316,8 +316,14 @@ def iter_documents(source: str, *, text_field: str = "text", cache_dir: str | No
     `file_documents`.
     """
     if source in ("docstrings", "docstrings:stdlib"):
-        yield from docstring_documents(include_site_packages=(source == "docstrings"),
-                                       max_documents=max_documents, cache_dir=cache_dir)
+        if max_documents is not None and max_documents < 0:
+            raise DataError(f"max_documents must be >= 0, got {max_documents}")
+        docs = docstring_documents(include_site_packages=(source == "docstrings"), cache_dir=cache_dir)
+        if source == "docstrings":  # the downstream task's documents (data_pipeline.tasks) never reach pretraining
+            from data_pipeline import tasks  # pylint: disable=import-outside-toplevel  (tasks imports us)
+            held_out = tasks.heldout_texts(cache_dir)
+            docs = [d for d in docs if d not in held_out]
+        yield from (docs if max_documents is None else docs[:max_documents])
         return
     if source.startswith(TFDS_PREFIX):
         docs = tfds_documents(source[len(TFDS_PREFIX):], split=tfds_split, data_dir=tfds_data_dir,

