@@ -341,3 +341,23 @@ def as_numpy(ds, stats: StreamStats | None = None) -> Iterator[dict[str, np.ndar
             raise DataError(f"shard {path or '(one of this process shards)'} is corrupt or truncated: {what}") \
                 from None
         yield batch
+
+
+def resume_batches(meta: dict | None, step: int) -> int:
+    """Batches the stream had consumed at a checkpoint (its meta["data"], written from `Plan.position`);
+    `step` for checkpoints that predate it, 0 for a fresh run (meta None)."""
+    if meta is None:
+        return 0
+    return int((meta.get("data") or {}).get("batches_consumed", step))
+
+
+def word_start_table(data_dir: str, manifest: dict) -> bytes:
+    """The tokenizer's word-start mask (bool [vocab_size], True where a token begins a word) as bytes, the
+    form bert_jax.masking.MaskingSpec takes; from the tokenizer folder the manifest names."""
+    from data_pipeline.tokenization import Tokenizer  # pylint: disable=import-outside-toplevel
+    tok_dir = os.path.join(data_dir, manifest["tokenizer"]["dir"])
+    mask = np.asarray(Tokenizer.load(tok_dir).word_start_mask(), dtype=bool)
+    if mask.shape != (int(manifest["vocab_size"]),):
+        raise DataError(f"{tok_dir}: the tokenizer has {mask.size} tokens, the manifest says "
+                        f"vocab_size={manifest['vocab_size']}")
+    return mask.tobytes()
