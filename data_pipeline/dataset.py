@@ -95,6 +95,7 @@ class StreamStats:
 
     skipped_shards: list = dataclasses.field(default_factory=list)
     recent_windows: list = dataclasses.field(default_factory=list)
+    error: Exception | None = None  # a DataError raised by the planner (tf.data would wrap it)
 
 
 @dataclasses.dataclass
@@ -160,7 +161,8 @@ def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStat
         if i not in bad:
             reason = _shard_ok(plan.files[i], plan.rows[i])
             if reason and not plan.skip_corrupt:
-                raise DataError(f"shard {plan.files[i]} {reason} (set data.skip_corrupt_shards to skip it)")
+                stats.error = DataError(f"shard {plan.files[i]} {reason} (set data.skip_corrupt_shards to skip it)")
+                raise stats.error
             bad[i] = reason is not None
             if reason:
                 stats.skipped_shards.append(plan.files[i])
@@ -171,7 +173,8 @@ def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStat
         remaining, refill = plan.rows_per_epoch, 0
         while remaining > 0:
             if refill > 0 and not any(usable(i) for i in range(len(plan.files))):
-                raise DataError(f"every shard of this process is corrupt ({plan.files[0]} ...)")
+                stats.error = DataError(f"every shard of this process is corrupt ({plan.files[0]} ...)")
+                raise stats.error
             for w, shards in enumerate(plan.windows(epoch, refill)):
                 good = [i for i in shards if usable(i)]
                 take = min(sum(plan.rows[i] for i in good), remaining)
@@ -245,6 +248,11 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
                      process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
                      window_shards=window_shards, skip_corrupt_shards=skip_corrupt_shards)
     stats = StreamStats()
+    if not skip_corrupt_shards:  # fail before any compile or long work (8 bytes read per shard)
+        for path, rows in zip(plan.files, plan.rows):
+            reason = _shard_ok(path, rows)
+            if reason:
+                raise DataError(f"shard {path} {reason} (set data.skip_corrupt_shards to skip it)")
     tf = _tf()
     seq_len = int(manifest["seq_len"])
     pad_id = int(manifest["special_ids"]["pad"])
@@ -330,17 +338,26 @@ def as_numpy(ds, stats: StreamStats | None = None) -> Iterator[dict[str, np.ndar
             batch = next(it)
         except StopIteration:
             return
-        except tf.errors.InvalidArgumentError as e:
-            found = re.search(re.escape(_BAD_RECORD) + r"(\S+?)[\]\s'\"]", str(e))
-            if not found:
-                raise
-            raise DataError(f"shard {found.group(1)} holds a record of the wrong length (corrupt)") from None
-        except tf.errors.DataLossError as e:
-            path = _find_bad_shard(stats, plan)
-            what = str(e).split("}}")[-1].split("[Op:")[0].strip()
-            raise DataError(f"shard {path or '(one of this process shards)'} is corrupt or truncated: {what}") \
-                from None
+        except tf.errors.OpError as e:
+            if stats is not None and stats.error is not None:  # raised by the planner, wrapped by tf.data
+                raise stats.error from None
+            _raise_data_error(e, stats, plan)
         yield batch
+
+
+def _raise_data_error(e, stats: StreamStats | None, plan: Plan | None):
+    """Maps a tf.data error met while reading to a one-line DataError naming the shard (or re-raises)."""
+    tf = _tf()
+    if isinstance(e, tf.errors.InvalidArgumentError):
+        found = re.search(re.escape(_BAD_RECORD) + r"(\S+?)[\]\s'\"]", str(e))
+        if not found:
+            raise e
+        raise DataError(f"shard {found.group(1)} holds a record of the wrong length (corrupt)") from None
+    if isinstance(e, tf.errors.DataLossError):
+        path = _find_bad_shard(stats, plan)
+        what = str(e).split("}}")[-1].split("[Op:")[0].strip()
+        raise DataError(f"shard {path or '(one of this process shards)'} is corrupt or truncated: {what}") from None
+    raise e
 
 
 def resume_batches(meta: dict | None, step: int) -> int:
