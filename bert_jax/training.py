@@ -141,6 +141,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     manifest = _load_manifest(config.data.dir)
     derived = check_config(config, manifest, jax.device_count(), jax.process_count())
+    if not config.data.skip_corrupt_shards:  # a truncated shard is an error before any compile
+        data_lib.check_shards(config.data.dir, manifest, "train", jax.process_index(), jax.process_count())
     try:  # the typed configs validate their own fields
         model_cfg = _model_config(config, derived["vocab_size"])
         optim_cfg = _optim_config(config)

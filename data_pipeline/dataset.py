@@ -155,7 +155,7 @@ def _shard_ok(path: str, rows: int) -> str | None:
 
 def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStats):
     """Yields (files, shuffle seed, rows to skip, rows to take) for each window from batch `start_batch` on."""
-    bad: dict[int, bool] = {}
+    bad: dict[int, bool] = {i: True for i, path in enumerate(plan.files) if path in stats.skipped_shards}
 
     def usable(i):
         if i not in bad:
@@ -192,6 +192,16 @@ def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStat
         epoch += 1
         if not repeat:
             return
+
+
+def check_shards(data_dir: str, manifest: dict, split: str, process_index: int = 0, process_count: int = 1):
+    """Raises DataError naming the first of this process's shards whose size does not match its manifest row
+    count (truncated or corrupt). Reads 8 bytes per shard: run it before any compile or long work."""
+    for shard in manifest["splits"][split]["shards"][process_index::process_count]:
+        path = os.path.join(data_dir, shard["file"])
+        reason = _shard_ok(path, int(shard["rows"]))
+        if reason:
+            raise DataError(f"shard {path} {reason} (set data.skip_corrupt_shards to skip it)")
 
 
 def make_plan(manifest: dict, data_dir: str, split: str, batch_size: int, *, shuffle: bool = True,
@@ -248,11 +258,10 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
                      process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
                      window_shards=window_shards, skip_corrupt_shards=skip_corrupt_shards)
     stats = StreamStats()
-    if not skip_corrupt_shards:  # fail before any compile or long work (8 bytes read per shard)
-        for path, rows in zip(plan.files, plan.rows):
-            reason = _shard_ok(path, rows)
-            if reason:
-                raise DataError(f"shard {path} {reason} (set data.skip_corrupt_shards to skip it)")
+    if not skip_corrupt_shards:
+        check_shards(data_dir, manifest, split, process_index, process_count)
+    else:  # known (and counted) from the start; a shard that goes bad later is caught when planned
+        stats.skipped_shards = [p for p, n in zip(plan.files, plan.rows) if _shard_ok(p, n)]
     tf = _tf()
     seq_len = int(manifest["seq_len"])
     pad_id = int(manifest["special_ids"]["pad"])
