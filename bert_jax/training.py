@@ -221,7 +221,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         n_eval = max(1, min(config.train.eval_batches, val_rows // config.train.batch_size))
         eval_ds = data_lib.make_dataset(config.data.dir, "validation", host_batch, shuffle=False, repeat=False,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-        eval_batches = [to_global(b) for b in eval_ds.take(n_eval).as_numpy_iterator()]
+        eval_batches = [to_global(b) for _, b in zip(range(n_eval), data_lib.as_numpy(eval_ds))]
     eval_rng = jax.random.PRNGKey(seed + 2)  # fixed masks: eval numbers are comparable across steps and runs
 
     def evaluate():

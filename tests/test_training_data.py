@@ -40,7 +40,8 @@ def _three_shards(docstring_shards, tmp_path_factory):
 def test_truncated_shard_stops_or_is_skipped_and_counted(three_shards, tmp_path):
     data_dir, bad = three_shards
     with pytest.raises(DataError, match=f"shard \\S*{bad} has"):
-        training.train_and_evaluate(_config(data_dir, train__steps=3, optim__warmup_steps=1, train__eval_every=0), str(tmp_path / "a"))
+        training.train_and_evaluate(_config(data_dir, train__steps=3, optim__warmup_steps=1, train__eval_every=0),
+                                    str(tmp_path / "a"))
     assert not os.path.exists(tmp_path / "a" / "checkpoints")  # refused before any work
     # Skipped and counted; the run also exercises whole-word masking with document attention.
     last = training.train_and_evaluate(
