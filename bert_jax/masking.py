@@ -6,6 +6,14 @@ padding). Of the chosen, `mask_token_rate` become [MASK], `random_token_rate` a 
 the rest stay as they are. Everything is [batch, max_predictions]-shaped, so the vocab projection runs only
 there, and the data pipeline stays unaware of the objective.
 
+Whole-word masking (`MaskingSpec.word_starts` set, from the tokenizer's `word_start_mask()`): words are
+chosen instead of single pieces, and every piece of a chosen word is predicted. A word is a word-start token
+and the continuation pieces that follow it (a continuation right after a special token starts a word of its
+own). The budget is still n tokens (above); words are taken in random order while the total stays within n,
+then the slots left are filled with random one-piece words, so a word is never cut at the cap and rows still
+reach n almost always. The 80/10/10 decision is drawn once per WORD (all its pieces become [MASK], or all
+random tokens, or all stay), so a chosen word is never half visible.
+
 ELECTRA's replacements: `sample_tokens` draws from a generator's softmax (Gumbel-max, never a special
 token), and `replace_tokens` writes the draws into the original ids and labels what changed.
 """
@@ -40,6 +48,9 @@ class MaskingSpec:
     max_predictions: int = flax.struct.field(pytree_node=False, default=20)
     mask_token_rate: float = flax.struct.field(pytree_node=False, default=0.8)
     random_token_rate: float = flax.struct.field(pytree_node=False, default=0.1)
+    # Whole-word masking: a bool [vocab_size] table (True where a token begins a word) as bytes, which keeps
+    # the spec hashable; None: token-level masking. Build it with `word_start_table`.
+    word_starts: bytes | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         if not 0.0 < self.mask_rate <= 1.0:
@@ -49,6 +60,14 @@ class MaskingSpec:
             raise ValueError("objective.mask_token_rate + objective.random_token_rate must lie in [0, 1]")
         if self.max_predictions < 1:
             raise ValueError(f"objective.max_predictions={self.max_predictions} must be >= 1")
+        if self.word_starts is not None and len(self.word_starts) != self.vocab_size:
+            raise ValueError(f"the word-start table has {len(self.word_starts)} entries for a vocabulary of "
+                             f"{self.vocab_size}")
+
+
+def word_start_table(mask) -> bytes:
+    """bool [vocab_size] (e.g. Tokenizer.word_start_mask()) -> the `MaskingSpec.word_starts` value."""
+    return np.asarray(mask, dtype=bool).tobytes()
 
 
 def maskable(input_ids: jax.Array, spec: MaskingSpec) -> jax.Array:
@@ -57,23 +76,71 @@ def maskable(input_ids: jax.Array, spec: MaskingSpec) -> jax.Array:
     return ~jnp.isin(input_ids, special)
 
 
+def _budget(can: jax.Array, spec: MaskingSpec, num_slots: int) -> jax.Array:
+    """[B] int32: tokens to choose per row, min(slots, max(1, round(rate * maskable))), 0 if none maskable."""
+    num_can = can.sum(axis=1)
+    num_pick = jnp.minimum(num_slots, jnp.maximum(1, jnp.round(num_can * spec.mask_rate))).astype(jnp.int32)
+    return jnp.where(num_can > 0, jnp.minimum(num_pick, num_can), 0)
+
+
 def mask_tokens(rng: jax.Array, input_ids: jax.Array, spec: MaskingSpec) -> MaskedBatch:
-    """input_ids [B, S] -> MaskedBatch with P = min(max_predictions, S) prediction slots per row."""
+    """input_ids [B, S] -> MaskedBatch with P = min(max_predictions, S) prediction slots per row.
+    Whole words when `spec.word_starts` is set (see the module docstring), else single tokens."""
+    if spec.word_starts is not None:
+        return mask_whole_words(rng, input_ids, spec)
     num_slots = min(spec.max_predictions, input_ids.shape[1])
     k_choose, k_action, k_random = jax.random.split(rng, 3)
     can = maskable(input_ids, spec)
-    num_can = can.sum(axis=1)
-    num_pick = jnp.minimum(num_slots, jnp.maximum(1, jnp.round(num_can * spec.mask_rate))).astype(jnp.int32)
-    num_pick = jnp.where(num_can > 0, jnp.minimum(num_pick, num_can), 0)
+    num_pick = _budget(can, spec, num_slots)
     # A uniformly random subset of the maskable positions: the top-k of random scores (-1 where not allowed).
     scores = jnp.where(can, jax.random.uniform(k_choose, can.shape), -1.0)
     _, positions = jax.lax.top_k(scores, num_slots)
     weights = (jnp.arange(num_slots)[None, :] < num_pick[:, None])
     positions = jnp.where(weights, positions, 0).astype(jnp.int32)
-    labels = jnp.take_along_axis(input_ids, positions, axis=1)
-
-    # 80 / 10 / 10: [MASK], a random non-special token, unchanged.
     u = jax.random.uniform(k_action, positions.shape)
+    return _corrupt(input_ids, positions, weights, u, k_random, spec)
+
+
+def mask_whole_words(rng: jax.Array, input_ids: jax.Array, spec: MaskingSpec) -> MaskedBatch:
+    """Whole-word masking: input_ids [B, S] -> MaskedBatch ([B, P] slots, positions in increasing order)."""
+    b, s = input_ids.shape
+    num_slots = min(spec.max_predictions, s)
+    k_choose, k_action, k_random = jax.random.split(rng, 3)
+    rows = jnp.arange(b)[:, None]
+    can = maskable(input_ids, spec)
+    num_pick = _budget(can, spec, num_slots)
+    table = jnp.asarray(np.frombuffer(spec.word_starts, dtype=bool))
+    after_can = jnp.pad(can[:, :-1], ((0, 0), (1, 0)))
+    starts = can & (table[input_ids] | ~after_can)
+    word = jnp.maximum(jnp.cumsum(starts, axis=1) - 1, 0)  # [B, S] index of each token's word
+    lengths = jnp.zeros((b, s), jnp.int32).at[rows, word].add(can.astype(jnp.int32))  # [B, words]
+    real = jnp.arange(s)[None, :] < starts.sum(axis=1, keepdims=True)  # word indices that exist
+
+    # Words in random order; take the longest prefix within the budget, then fill with one-piece words.
+    scores = jnp.where(real, jax.random.uniform(k_choose, (b, s)), -1.0)
+    _, order = jax.lax.top_k(scores, s)
+    sorted_len = jnp.where(jnp.take_along_axis(real, order, axis=1), jnp.take_along_axis(lengths, order, axis=1), 0)
+    first = (sorted_len > 0) & (jnp.cumsum(sorted_len, axis=1) <= num_pick[:, None])
+    left = num_pick - jnp.where(first, sorted_len, 0).sum(axis=1)
+    single = (sorted_len == 1) & ~first
+    fill = single & (jnp.cumsum(single, axis=1) <= left[:, None])
+    chosen_word = jnp.zeros((b, s), bool).at[rows, order].set(first | fill)
+    chosen = can & jnp.take_along_axis(chosen_word, word, axis=1)  # [B, S] every piece of a chosen word
+
+    # Chosen positions in increasing order (at most num_pick <= num_slots of them).
+    _, positions = jax.lax.top_k(jnp.where(chosen, s - jnp.arange(s)[None, :], 0), num_slots)
+    weights = jnp.arange(num_slots)[None, :] < chosen.sum(axis=1, keepdims=True)
+    positions = jnp.where(weights, positions, 0).astype(jnp.int32)
+    # One 80/10/10 draw per word, shared by its pieces.
+    u_word = jax.random.uniform(k_action, (b, s))
+    u = jnp.take_along_axis(u_word, jnp.take_along_axis(word, positions, axis=1), axis=1)
+    return _corrupt(input_ids, positions, weights, u, k_random, spec)
+
+
+def _corrupt(input_ids, positions, weights, u, k_random, spec: MaskingSpec) -> MaskedBatch:
+    """Applies the 80/10/10 decision `u` [B, P] at the chosen `positions` (where `weights`)."""
+    labels = jnp.take_along_axis(input_ids, positions, axis=1)
+    # 80 / 10 / 10: [MASK], a random non-special token, unchanged.
     non_special = np.setdiff1d(np.arange(spec.vocab_size), np.asarray(spec.special_ids + (spec.pad_id,)))
     random_ids = jnp.asarray(non_special, jnp.int32)[
         jax.random.randint(k_random, positions.shape, 0, len(non_special))]

@@ -20,13 +20,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bert_jax import losses, masking
+from bert_jax.models.encoder import document_features
+
+
+def document_inputs(input_ids: jax.Array, cls_id: int | None) -> dict:
+    """The model's keyword inputs that keep packed documents apart: {} when `cls_id` is None (one sequence
+    per row), else segment_ids / position_ids [B, S] derived on device from the [CLS] of each document."""
+    if cls_id is None:
+        return {}
+    segment_ids, position_ids = document_features(input_ids, cls_id)
+    return {"segment_ids": segment_ids, "position_ids": position_ids}
 
 
 @dataclasses.dataclass(frozen=True)
 class MlmObjective:
-    """BERT's masked-language-model objective over the chosen positions."""
+    """BERT's masked-language-model objective over the chosen positions. `document_cls_id` (the [CLS] id, or
+    None to turn it off): attention stays within each packed document and positions restart at each one."""
 
     spec: masking.MaskingSpec
+    document_cls_id: int | None = None
 
     def corrupt(self, rng: jax.Array, batch: dict) -> masking.MaskedBatch:
         return masking.mask_tokens(rng, batch["input_ids"], self.spec)
@@ -38,7 +50,7 @@ class MlmObjective:
     def loss(self, model: nnx.Module, batch: dict, masked: masking.MaskedBatch, dropout_key, norms: dict):
         """-> (loss normalised by the whole batch, {metric: (numerator, denominator)})."""
         logits = model(masked.input_ids, batch["attention_mask"], batch["token_type_ids"], masked.positions,
-                       dropout_key=dropout_key)
+                       dropout_key=dropout_key, **document_inputs(batch["input_ids"], self.document_cls_id))
         nll, n = losses.weighted_cross_entropy(logits, masked.labels, masked.weights)
         correct, _ = losses.weighted_accuracy(logits, masked.labels, masked.weights)
         return nll / norms["mlm"], {"mlm_loss": (nll, n), "mlm_accuracy": (correct, n)}
@@ -63,6 +75,7 @@ class ElectraObjective:
     spec: masking.MaskingSpec
     disc_weight: float = 50.0
     temperature: float = 1.0
+    document_cls_id: int | None = None  # as MlmObjective's, for both towers
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -85,7 +98,10 @@ class ElectraObjective:
         masked = inputs.masked
         gen_key, disc_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
         mask, types = batch["attention_mask"], batch["token_type_ids"]
-        gen_logits = model.generator_logits(masked.input_ids, mask, types, masked.positions, dropout_key=gen_key)
+        # From the original ids: corruption never writes or removes a [CLS], so both towers see the same documents.
+        docs = document_inputs(batch["input_ids"], self.document_cls_id)
+        gen_logits = model.generator_logits(masked.input_ids, mask, types, masked.positions, dropout_key=gen_key,
+                                            **docs)
         nll, n = losses.weighted_cross_entropy(gen_logits, masked.labels, masked.weights)
         gen_correct, _ = losses.weighted_accuracy(gen_logits, masked.labels, masked.weights)
 
@@ -94,7 +110,7 @@ class ElectraObjective:
         sampled = masking.sample_tokens(inputs.sample_keys, gen_logits, self.spec, self.temperature)
         disc_ids, labels = masking.replace_tokens(batch["input_ids"], masked.positions, masked.weights, sampled)
         disc_ids = jax.lax.stop_gradient(disc_ids)
-        disc_logits = model.discriminator_logits(disc_ids, mask, types, dropout_key=disc_key)
+        disc_logits = model.discriminator_logits(disc_ids, mask, types, dropout_key=disc_key, **docs)
         tokens = mask.astype(jnp.float32)  # every non-padding token, special tokens included
         disc_nll, n_tok = losses.weighted_sigmoid_cross_entropy(disc_logits, labels, tokens)
 

@@ -54,10 +54,12 @@ def _masking_spec(config: ConfigDict, manifest: dict, vocab_size: int):
     from bert_jax.masking import MaskingSpec, special_ids_tuple
     o = config.objective
     ids = manifest["special_ids"]
+    from data_pipeline.dataset import word_start_table
     return MaskingSpec(vocab_size=vocab_size, mask_id=ids["mask"], pad_id=ids["pad"],
                        special_ids=special_ids_tuple(manifest["special_token_ids"]), mask_rate=o.mask_rate,
                        max_predictions=o.max_predictions, mask_token_rate=o.mask_token_rate,
-                       random_token_rate=o.random_token_rate)
+                       random_token_rate=o.random_token_rate,
+                       word_starts=word_start_table(config.data.dir, manifest) if o.whole_word_masking else None)
 
 
 def _mlm_setup(config: ConfigDict, model_cfg, spec):
@@ -150,12 +152,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     manifest = _load_manifest(config.data.dir)
     derived = check_config(config, manifest, jax.device_count(), jax.process_count())
+    if not config.data.skip_corrupt_shards:  # a truncated shard is an error before any compile
+        data_lib.check_shards(config.data.dir, manifest, "train", jax.process_index(), jax.process_count())
     try:  # the typed configs validate their own fields
         model_cfg = _model_config(config, derived["vocab_size"])
         optim_cfg = _optim_config(config)
         spec = _masking_spec(config, manifest, derived["vocab_size"])
         objective, build_model, extra_meta = OBJECTIVES[config.objective.name](config, model_cfg, spec)
         profiler = profiling.StepProfiler(workdir, config.train.profile_steps)
+        if config.data.document_attention:  # segments and positions from each packed piece's [CLS]
+            objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -192,6 +198,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             try:
                 init_params, init_meta = checkpointing.load_params(config.init_from)
                 train_state.check_shapes(init_params, layout.abstract.params)
+                if init_meta.get("vocab_hash", manifest["vocab_hash"]) != manifest["vocab_hash"]:
+                    raise ValueError(f"its vocabulary differs from the one of {config.data.dir}")
             except ValueError as e:
                 raise ConfigError(f"init_from={config.init_from}: {e}") from None
             writer.log(f"initialised from {config.init_from} (step {init_meta.get('step')})")
@@ -219,15 +227,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     train_ds = data_lib.make_dataset(
         config.data.dir, "train", host_batch, shuffle=True, repeat=True, seed=config.data.seed,
         shuffle_buffer=config.data.shuffle_buffer, process_index=jax.process_index(),
-        process_count=jax.process_count(), skip_batches=start_step)
-    train_iter = train_ds.as_numpy_iterator()
+        process_count=jax.process_count(), window_shards=config.data.window_shards,
+        skip_corrupt_shards=config.data.skip_corrupt_shards,
+        skip_batches=data_lib.resume_batches(meta if latest is not None else None, start_step))
+    train_iter = data_lib.as_numpy(train_ds)
     eval_batches = []
     if config.train.eval_every > 0:
         n_eval = distributed.eval_batch_count(manifest, "validation", host_batch, jax.process_count(),
                                               config.train.eval_batches)  # the same on every host
         eval_ds = data_lib.make_dataset(config.data.dir, "validation", host_batch, shuffle=False, repeat=False,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-        eval_batches = [to_global(b) for b in eval_ds.take(n_eval).as_numpy_iterator()]
+        eval_batches = [to_global(b) for _, b in zip(range(n_eval), data_lib.as_numpy(eval_ds))]
     eval_rng = jax.random.PRNGKey(seed + 2)  # fixed masks: eval numbers are comparable across steps and runs
 
     def evaluate():
@@ -239,7 +249,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         return {"eval/loss": objective.total_loss(values), **{f"eval/{k}": v for k, v in values.items()}}
 
     def save(step):
-        meta = {"step": step, "data": {"batches_consumed": step, "seed": config.data.seed},
+        meta = {"step": step, "data": train_ds.plan.position(step),
                 "vocab_hash": manifest["vocab_hash"], "model": dataclasses.asdict(model_cfg),
                 "objective": config.objective.name, **extra_meta,
                 "config": json.loads(config.to_json_best_effort())}
@@ -265,7 +275,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             elapsed = time.perf_counter() - t_log
             last = {**{f"train/{k}": v for k, v in values.items()},
                     "learning_rate": float(lr_schedule(step - 1)),
-                    **clock.interval(step, len(pending), elapsed, t_data)}
+                    **clock.interval(step, len(pending), elapsed, t_data),
+                    "data/skipped_shards": len(train_ds.stream_stats.skipped_shards)}
             writer.write(step, last, suffix=clock.eta_text(step))
             pending, t_log, t_data = [], time.perf_counter(), 0.0
         if eval_batches and (step % config.train.eval_every == 0 or step == config.train.steps):

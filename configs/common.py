@@ -63,10 +63,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128  # must equal the manifest's seq_len
     c.data.shuffle_buffer = 10_000  # rows held for shuffling on each host
     c.data.seed = 0  # shuffling order of the training rows
+    # Shards read together (interleaved, then shuffled): more mixes more of the corpus into each batch; a
+    # resume re-reads at most this many shards (1: at most one shard).
+    c.data.window_shards = 1
+    c.data.skip_corrupt_shards = False  # a corrupt/truncated shard: False stops with an error naming it
+    # Packed documents attend only within themselves, positions restart at each (segments from the [CLS]
+    # that starts every packed piece); False: a row is one sequence (a [B,1,1,S] padding bias, a bit cheaper).
+    c.data.document_attention = True
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "mlm"  # mlm | electra (replaced-token detection, configs/electra.py)
     c.objective.mask_rate = 0.15  # fraction of the maskable (non-special, non-padding) tokens chosen
+    c.objective.whole_word_masking = False  # choose whole words (all their pieces); 80/10/10 drawn per word
     c.objective.max_predictions = 20  # cap of chosen positions per row; the vocab projection runs on these only
     c.objective.mask_token_rate = 0.8  # of the chosen: replaced by [MASK]
     c.objective.random_token_rate = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)

@@ -1,15 +1,29 @@
-"""tf.data reader for pretokenized shards (the output of `data_pipeline.pretokenize`).
+"""tf.data reader for pretokenized shards (the output of `data_pipeline.pretokenize`): streaming, equal
+batch counts on every host, deterministic, and resumable at the cost of reading at most one window.
 
-Pipeline, per process:
+The stream of one process is planned in Python from the manifest alone (no data read):
 
     this process's shards (shards[process_index::process_count])
-    -> [shuffle file order] -> interleave TFRecordDataset over files (deterministic)
-    -> [shuffle rows] -> [repeat] -> batch serialized records -> skip(skip_batches)
-    -> parse + decode the whole batch at once -> prefetch
+    epoch e: the shards in a seeded order (a fresh one each epoch), cut into WINDOWS of `window_shards`
+             shards; a window's files are interleaved record by record and shuffled (buffer `shuffle_buffer`,
+             seeded per (seed, epoch, window, process)); the windows follow one another.
+    every epoch holds exactly `batches_per_epoch * batch_size` rows, where batches_per_epoch =
+             min over ALL processes of (their rows // batch_size): every host yields the same number of
+             batches, and the rows beyond that (a different few each epoch) wait for the next epoch.
+    -> batch serialized records -> parse (checks each record's length) -> prefetch
 
-Skipping happens on serialized batches, before parsing, so resuming at batch k costs reading k batches'
-bytes but no decoding. Everything is seeded and `options.deterministic = True`, so the same arguments give
-the same batches in the same order on every run, which is what makes `skip_batches` an exact resume.
+A position is just "batches consumed" (`skip_batches`): the plan maps it to (epoch, window, rows into the
+window) without reading anything, and only that window is read again up to the position, so resuming at
+step 1,000,000 costs the same as at step 10: at most one window (with `window_shards=1`, one shard).
+`window_shards` trades that bound against mixing: more shards per window mix more distant parts of the
+corpus into each batch (pretokenize writes contiguous runs of documents per shard).
+
+Bad shards: each shard is checked when its window is planned (exists, size == rows x record size from
+the TFRecord framing; O(1), no read); a failing one raises DataError naming the file, or with
+`skip_corrupt_shards` is left out and counted (the epoch is topped up from the other shards, so the batch
+count and the resume arithmetic stay exact). Each record's length is checked when parsed, and a CRC or
+truncation error met while reading is mapped to a DataError naming the shard by `as_numpy` (always an
+error: rows of that shard may already be in batches, so skipping it then would not be clean).
 
 TensorFlow is imported lazily (only when a dataset is built) so that `import data_pipeline.dataset` stays
 cheap; TF is kept off any GPU, which belongs to JAX.
@@ -17,8 +31,11 @@ cheap; TF is kept off any GPU, which belongs to JAX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import struct
 from typing import Iterator
 
 import numpy as np
@@ -27,6 +44,7 @@ from data_pipeline.errors import DataError
 
 FORMAT = "bert_jax.pretokenized.v1"
 _REQUIRED_KEYS = ("seq_len", "vocab_size", "dtype", "special_ids", "splits")
+_BAD_RECORD = "bad record length in shard "
 
 
 def _tf():
@@ -69,63 +87,221 @@ def load_manifest(data_dir: str) -> dict:
     return manifest
 
 
-def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = True, repeat: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0, process_count: int = 1,
-                 skip_batches: int = 0, drop_remainder: bool = True):
-    """A `tf.data.Dataset` of dicts `{"input_ids", "attention_mask", "token_type_ids"}`, each int32.
+@dataclasses.dataclass
+class StreamStats:
+    """What a stream met so far (filled by the planner, which runs ahead of the consumer by a window or so):
+    `skipped_shards` (paths left out as corrupt) and `recent_windows` (the last windows' paths, to name the
+    shard behind a read error)."""
 
-    Shapes are `[batch_size, seq_len]` (the last batch may be smaller only with `drop_remainder=False`).
-    `attention_mask` is `input_ids != pad_id`; `token_type_ids` are zeros (packed rows have one segment).
-    With `shuffle=False, repeat=False` the split is read exactly once in packed (file) order.
-    `skip_batches=k` starts at batch k of the stream the same arguments would otherwise produce.
-    """
-    manifest = load_manifest(data_dir)
+    skipped_shards: list = dataclasses.field(default_factory=list)
+    recent_windows: list = dataclasses.field(default_factory=list)
+    error: Exception | None = None  # a DataError raised by the planner (tf.data would wrap it)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The deterministic layout of one process's stream; see the module docstring."""
+
+    files: list
+    rows: list
+    batch_size: int
+    rows_per_epoch: int
+    window_shards: int
+    seed: int
+    process_index: int
+    shuffle: bool
+    skip_corrupt: bool
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.rows_per_epoch // self.batch_size
+
+    def windows(self, epoch: int, refill: int = 0) -> list:
+        """Shard indices of each window of `epoch` (refill > 0: the extra rounds that top up an epoch)."""
+        order = np.arange(len(self.files))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, refill, self.process_index]).permutation(order)
+        k = self.window_shards
+        return [order[i:i + k].tolist() for i in range(0, len(order), k)]
+
+    def window_seed(self, epoch: int, refill: int, window: int) -> int:
+        seq = np.random.SeedSequence([self.seed, epoch, refill, window, self.process_index])
+        return int(seq.generate_state(1, np.uint32)[0])
+
+    def position(self, batches: int) -> dict:
+        """Where `batches` consumed batches leave the stream (for the checkpoint meta; informative)."""
+        epoch, rows = divmod(batches * self.batch_size, self.rows_per_epoch)
+        return {"batches_consumed": int(batches), "epoch": int(epoch), "rows_into_epoch": int(rows),
+                "seed": self.seed, "batch_size": self.batch_size, "batches_per_epoch": self.batches_per_epoch,
+                "window_shards": self.window_shards}
+
+
+def _shard_ok(path: str, rows: int) -> str | None:
+    """None when the file's size equals `rows` TFRecord records of its first record's length (every row has
+    the same size), else the reason. Reads 8 bytes: cheap enough to run on every window."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if len(head) < 8:
+        return f"is truncated ({size} bytes)"
+    record = struct.unpack("<Q", head)[0] + 16  # length, its CRC, the data, the data's CRC
+    if size != rows * record:
+        return f"has {size} bytes, expected {rows} records of {record} = {rows * record} (truncated or corrupt)"
+    return None
+
+
+def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStats):
+    """Yields (files, shuffle seed, rows to skip, rows to take) for each window from batch `start_batch` on."""
+    bad: dict[int, bool] = {i: True for i, path in enumerate(plan.files) if path in stats.skipped_shards}
+
+    def usable(i):
+        if i not in bad:
+            reason = _shard_ok(plan.files[i], plan.rows[i])
+            if reason and not plan.skip_corrupt:
+                stats.error = DataError(f"shard {plan.files[i]} {reason} (set data.skip_corrupt_shards to skip it)")
+                raise stats.error
+            bad[i] = reason is not None
+            if reason:
+                stats.skipped_shards.append(plan.files[i])
+        return not bad[i]
+
+    epoch, skip = divmod(start_batch * plan.batch_size, plan.rows_per_epoch)
+    while True:
+        remaining, refill = plan.rows_per_epoch, 0
+        while remaining > 0:
+            if refill > 0 and not any(usable(i) for i in range(len(plan.files))):
+                stats.error = DataError(f"every shard of this process is corrupt ({plan.files[0]} ...)")
+                raise stats.error
+            for w, shards in enumerate(plan.windows(epoch, refill)):
+                good = [i for i in shards if usable(i)]
+                take = min(sum(plan.rows[i] for i in good), remaining)
+                remaining -= take
+                if skip >= take:  # before the resume point: planned, not read
+                    skip -= take
+                    continue
+                files = [plan.files[i] for i in good]
+                stats.recent_windows = (stats.recent_windows + [files])[-3:]
+                yield files, plan.window_seed(epoch, refill, w), skip, take
+                skip = 0
+                if remaining == 0:
+                    break
+            refill += 1
+        epoch += 1
+        if not repeat:
+            return
+
+
+def check_shards(data_dir: str, manifest: dict, split: str, process_index: int = 0, process_count: int = 1):
+    """Raises DataError naming the first of this process's shards whose size does not match its manifest row
+    count (truncated or corrupt). Reads 8 bytes per shard: run it before any compile or long work."""
+    for shard in manifest["splits"][split]["shards"][process_index::process_count]:
+        path = os.path.join(data_dir, shard["file"])
+        reason = _shard_ok(path, int(shard["rows"]))
+        if reason:
+            raise DataError(f"shard {path} {reason} (set data.skip_corrupt_shards to skip it)")
+
+
+def make_plan(manifest: dict, data_dir: str, split: str, batch_size: int, *, shuffle: bool = True,
+              repeat: bool = True, seed: int = 0, process_index: int = 0, process_count: int = 1,
+              drop_remainder: bool = True, window_shards: int = 1, skip_corrupt_shards: bool = False) -> Plan:
+    """The stream layout of one process (no data read); raises DataError for impossible requests."""
     if split not in manifest["splits"]:
         raise DataError(f"{data_dir}: no split {split!r} (has {sorted(manifest['splits'])})")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if window_shards < 1:
+        raise DataError(f"data.window_shards must be >= 1, got {window_shards}")
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is not in [0, {process_count})")
-    shards = manifest["splits"][split]["shards"][process_index::process_count]
+    all_shards = manifest["splits"][split]["shards"]
+    shards = all_shards[process_index::process_count]
     if not shards:
-        raise DataError(f"{data_dir}: split {split!r} has {len(manifest['splits'][split]['shards'])} shards, "
+        raise DataError(f"{data_dir}: split {split!r} has {len(all_shards)} shards, "
                         f"fewer than the {process_count} processes (re-run pretokenize with --num-shards)")
-    rows = sum(s["rows"] for s in shards)
-    if rows == 0:
+    rows = [int(s["rows"]) for s in shards]
+    if sum(rows) == 0:
         raise DataError(f"{data_dir}: split {split!r} has no rows for process {process_index}")
-    if not repeat and drop_remainder and rows < batch_size:
-        raise DataError(f"{data_dir}: split {split!r} has {rows} rows for process {process_index}, "
-                        f"fewer than one batch of {batch_size}")
+    # Every process must yield the same number of batches: the epoch is cut to the smallest host's.
+    per_host = [sum(int(s["rows"]) for s in all_shards[h::process_count]) for h in range(process_count)]
+    fewest = min(per_host)
+    if repeat or drop_remainder:
+        if fewest < batch_size:
+            raise DataError(f"{data_dir}: split {split!r} has {fewest} rows for process "
+                            f"{per_host.index(fewest)}, fewer than one batch of {batch_size}")
+        rows_per_epoch = fewest // batch_size * batch_size
+    else:  # one pass over everything, the last batch smaller (evaluation of a whole split on one host)
+        rows_per_epoch = sum(rows)
+    return Plan(files=[os.path.join(data_dir, s["file"]) for s in shards], rows=rows, batch_size=batch_size,
+                rows_per_epoch=rows_per_epoch, window_shards=min(window_shards, len(shards)), seed=seed,
+                process_index=process_index, shuffle=shuffle, skip_corrupt=skip_corrupt_shards)
 
+
+def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = True, repeat: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0, process_count: int = 1,
+                 skip_batches: int = 0, drop_remainder: bool = True, window_shards: int = 1,
+                 skip_corrupt_shards: bool = False, record_counter=None):
+    """A `tf.data.Dataset` of dicts `{"input_ids", "attention_mask", "token_type_ids"}`, each int32.
+
+    Shapes are `[batch_size, seq_len]` (the last batch may be smaller only with `repeat=False,
+    drop_remainder=False`). `attention_mask` is `input_ids != pad_id`; `token_type_ids` are zeros (the
+    documents of a packed row are told apart by their [CLS], see bert_jax.models.encoder.document_features).
+    With `shuffle=False` the shards and rows come in packed (file) order. `skip_batches=k` starts at batch
+    k of the stream the same arguments would otherwise produce, reading at most one window to get there.
+    `record_counter`: an int64 tf.Variable incremented per record read from disk (tests, benchmarks).
+    The returned dataset carries `.stream_stats` (a StreamStats) and `.plan`; iterate it with `as_numpy`.
+    """
+    manifest = load_manifest(data_dir)
+    plan = make_plan(manifest, data_dir, split, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
+                     process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
+                     window_shards=window_shards, skip_corrupt_shards=skip_corrupt_shards)
+    stats = StreamStats()
+    if not skip_corrupt_shards:
+        check_shards(data_dir, manifest, split, process_index, process_count)
+    else:  # known (and counted) from the start; a shard that goes bad later is caught when planned
+        stats.skipped_shards = [p for p, n in zip(plan.files, plan.rows) if _shard_ok(p, n)]
     tf = _tf()
     seq_len = int(manifest["seq_len"])
     pad_id = int(manifest["special_ids"]["pad"])
     raw_dtype = tf.uint16 if manifest["dtype"] == "uint16" else tf.int32
-    files = [os.path.join(data_dir, s["file"]) for s in shards]
+    row_bytes = seq_len * (2 if manifest["dtype"] == "uint16" else 4)
+    cycle = plan.window_shards
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        # Reading several files at once mixes distant parts of the corpus before the row shuffle buffer.
-        cycle = min(len(files), 8)
-    else:
-        cycle = 1  # one file after the other: the packed order
-    if cycle > 1:
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=1)
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    def read_file(path):
+        ds = tf.data.TFRecordDataset(path)
+        if record_counter is not None:
+            ds = ds.map(lambda r: (record_counter.assign_add(1), r)[1])
+        return ds.map(lambda r: (r, path))
+
+    def window(files, shuffle_seed, skip, take):
+        files_ds = tf.data.Dataset.from_tensor_slices(files)
+        if cycle > 1:  # record by record from each file: rows from distant parts of the corpus meet
+            ds = files_ds.interleave(read_file, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
+                                     deterministic=True)
+        else:
+            ds = files_ds.flat_map(read_file)
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed)
+        return ds.take(take).skip(skip)
+
+    ds = tf.data.Dataset.from_generator(
+        lambda: _window_stream(plan, skip_batches, repeat, stats),
+        output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int64),
+                          tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
+    ds = ds.flat_map(window)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
 
-    def parse(serialized):
+    def parse(serialized, paths):
         features = tf.io.parse_example(serialized, {"input_ids": tf.io.FixedLenFeature([], tf.string)})
-        ids = tf.io.decode_raw(features["input_ids"], raw_dtype, little_endian=True)
+        raw = features["input_ids"]
+        bad = tf.not_equal(tf.strings.length(raw), row_bytes)
+        # Never a silent wrong batch: a record of another length names its shard in the error.
+        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                    [tf.strings.join([_BAD_RECORD, tf.boolean_mask(paths, bad)[:1]])])
+        with tf.control_dependencies([check]):
+            ids = tf.io.decode_raw(raw, raw_dtype, little_endian=True)
         ids = tf.reshape(tf.cast(ids, tf.int32), [-1, seq_len])
         if drop_remainder:  # a static batch dimension lets the consumer rely on fixed shapes
             ids = tf.ensure_shape(ids, [batch_size, seq_len])
@@ -137,9 +313,77 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
-    return ds.with_options(options)
+    ds = ds.with_options(options)
+    ds.stream_stats, ds.plan = stats, plan
+    return ds
 
 
-def as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
-    """Iterate a dataset from `make_dataset` as dicts of np.int32 arrays."""
-    return ds.as_numpy_iterator()
+def _find_bad_shard(stats: StreamStats | None, plan: Plan | None) -> str | None:
+    """The first shard of the recent windows that does not read back cleanly with its manifest row count."""
+    if stats is None or plan is None:
+        return None
+    tf = _tf()
+    expected = dict(zip(plan.files, plan.rows))
+    for files in reversed(stats.recent_windows):
+        for path in files:
+            try:
+                n = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda c, _: c + 1))
+            except tf.errors.OpError:
+                return path
+            if n != expected.get(path, n):
+                return path
+    return None
+
+
+def as_numpy(ds, stats: StreamStats | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Iterate a dataset from `make_dataset` as dicts of np.int32 arrays. A corrupt or truncated shard met
+    while reading raises DataError naming the file (`stats` defaults to the dataset's own)."""
+    tf = _tf()
+    stats = stats if stats is not None else getattr(ds, "stream_stats", None)
+    plan = getattr(ds, "plan", None)
+    it = ds.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            if stats is not None and stats.error is not None:  # raised by the planner, wrapped by tf.data
+                raise stats.error from None
+            _raise_data_error(e, stats, plan)
+        yield batch
+
+
+def _raise_data_error(e, stats: StreamStats | None, plan: Plan | None):
+    """Maps a tf.data error met while reading to a one-line DataError naming the shard (or re-raises)."""
+    tf = _tf()
+    if isinstance(e, tf.errors.InvalidArgumentError):
+        found = re.search(re.escape(_BAD_RECORD) + r"(\S+?)[\]\s'\"]", str(e))
+        if not found:
+            raise e
+        raise DataError(f"shard {found.group(1)} holds a record of the wrong length (corrupt)") from None
+    if isinstance(e, tf.errors.DataLossError):
+        path = _find_bad_shard(stats, plan)
+        what = str(e).split("}}")[-1].split("[Op:")[0].strip()
+        raise DataError(f"shard {path or '(one of this process shards)'} is corrupt or truncated: {what}") from None
+    raise e
+
+
+def resume_batches(meta: dict | None, step: int) -> int:
+    """Batches the stream had consumed at a checkpoint (its meta["data"], written from `Plan.position`);
+    `step` for checkpoints that predate it, 0 for a fresh run (meta None)."""
+    if meta is None:
+        return 0
+    return int((meta.get("data") or {}).get("batches_consumed", step))
+
+
+def word_start_table(data_dir: str, manifest: dict) -> bytes:
+    """The tokenizer's word-start mask (bool [vocab_size], True where a token begins a word) as bytes, the
+    form bert_jax.masking.MaskingSpec takes; from the tokenizer folder the manifest names."""
+    from data_pipeline.tokenization import Tokenizer  # pylint: disable=import-outside-toplevel
+    tok_dir = os.path.join(data_dir, manifest["tokenizer"]["dir"])
+    mask = np.asarray(Tokenizer.load(tok_dir).word_start_mask(), dtype=bool)
+    if mask.shape != (int(manifest["vocab_size"]),):
+        raise DataError(f"{tok_dir}: the tokenizer has {mask.size} tokens, the manifest says "
+                        f"vocab_size={manifest['vocab_size']}")
+    return mask.tobytes()

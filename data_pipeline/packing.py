@@ -1,17 +1,14 @@
-"""Packing tokenized documents into fixed-length BERT rows (pure numpy).
+"""Packing tokenized documents into fixed-length BERT rows (pure numpy), one segment per document piece.
 
-"Full sentences" packing as in RoBERTa: documents are concatenated into one token stream, each followed
-by `[SEP]`, and the stream is cut into chunks of `seq_len - 2` tokens; every row is
-`[CLS] chunk [SEP]`. A long document simply continues in the next row, so no tokens are dropped and
-almost no padding is spent (only the very last row is padded). Attention is not blocked between
-documents of one row; the `[SEP]` between them is the only boundary marker.
+Documents are laid out one after the other; every piece of a document that lands in a row is written as
+`[CLS] tokens [SEP]`. A document longer than the space left continues in the next row, which starts with
+`[CLS]` again; no tokens are dropped. When fewer than 3 slots are left in a row (not enough for `[CLS] x
+[SEP]`), the row is closed with padding. Only that tail and the very last row are padded.
 
-Two small rules keep rows clean:
-- when a document ends exactly at the end of a row, its `[SEP]` is not carried over to start the next
-  row: the row's closing `[SEP]` already ends that document;
-- the last document's `[SEP]` is dropped for the same reason: the final row's closing `[SEP]` ends it.
-A document that ends one token before the end of a row gives a row ending in `[SEP] [SEP]` (harmless,
-and rare: about one row in `seq_len`).
+Why `[CLS]` per piece: the shard format stays "token ids only", and the reader derives everything the
+model needs from the ids alone (`document_features`): segment id = number of `[CLS]` seen so far, position
+= index - start of its segment. The model then blocks attention between segments and restarts positions at
+each one, so a packed row computes exactly what each document alone would (tests/test_document_attention.py).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import numpy as np
 
 def pack_documents(docs: Iterable[list[int]], seq_len: int, cls_id: int, sep_id: int,
                    pad_id: int) -> Iterator[np.ndarray]:
-    """Pack token-id documents into rows `[CLS] tokens... [SEP] (PAD...)` of exactly `seq_len` int32.
+    """Pack token-id documents into rows of exactly `seq_len` int32: `[CLS] piece [SEP] [CLS] piece [SEP] ... PAD`.
 
     Args:
       docs: token ids of each document, without special tokens; empty documents are skipped.
@@ -31,42 +28,35 @@ def pack_documents(docs: Iterable[list[int]], seq_len: int, cls_id: int, sep_id:
       cls_id, sep_id, pad_id: special token ids.
 
     Yields:
-      np.int32 arrays of shape [seq_len]. All rows but the last are full; the last is padded with
-      `pad_id` after its closing `[SEP]`.
+      np.int32 arrays of shape [seq_len]; every row starts with `[CLS]`.
     """
     if seq_len < 3:
         raise ValueError(f"seq_len must be >= 3 to hold [CLS] x [SEP], got {seq_len}")
-    body = seq_len - 2
-    buf = np.empty(body, np.int32)  # content of the row being filled (between [CLS] and [SEP])
-    fill = 0
-    sep_pending = False  # the previous document's [SEP] has not been written yet
-
-    def row(n: int) -> np.ndarray:
-        out = np.full(seq_len, pad_id, np.int32)
-        out[0] = cls_id
-        out[1:1 + n] = buf[:n]
-        out[1 + n] = sep_id
-        return out
+    row = np.full(seq_len, pad_id, np.int32)
+    fill = 0  # slots used in `row`
 
     for doc in docs:
         tokens = np.asarray(doc, dtype=np.int32).reshape(-1)
-        if tokens.size == 0:
-            continue
-        if sep_pending and fill > 0:  # fill == 0: the previous row's closing [SEP] ended that document
-            buf[fill] = sep_id
-            fill += 1
-            if fill == body:
-                yield row(fill)
-                fill = 0
         pos = 0
         while pos < tokens.size:
-            take = min(body - fill, tokens.size - pos)
-            buf[fill:fill + take] = tokens[pos:pos + take]
-            fill += take
+            if seq_len - fill < 3:  # no room for another piece: close the row (padding is already there)
+                yield row
+                row, fill = np.full(seq_len, pad_id, np.int32), 0
+            take = min(seq_len - fill - 2, tokens.size - pos)
+            row[fill] = cls_id
+            row[fill + 1:fill + 1 + take] = tokens[pos:pos + take]
+            row[fill + 1 + take] = sep_id
+            fill += take + 2
             pos += take
-            if fill == body:
-                yield row(fill)
-                fill = 0
-        sep_pending = True
     if fill > 0:
-        yield row(fill)
+        yield row
+
+
+def document_features(ids: np.ndarray, cls_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference (numpy) derivation of (segment ids, positions) from packed rows [..., S]; the model-side
+    twin is bert_jax.models.encoder.document_features. Padding belongs to the last segment."""
+    is_cls = ids == cls_id
+    segments = np.cumsum(is_cls, axis=-1)
+    idx = np.broadcast_to(np.arange(ids.shape[-1]), ids.shape)
+    start = np.maximum.accumulate(np.where(is_cls, idx, 0), axis=-1)
+    return segments.astype(np.int32), (idx - start).astype(np.int32)

@@ -144,3 +144,99 @@ def test_int32_rows_for_large_vocabularies(data, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     ds = make_dataset(str(tmp_path), "train", 10, shuffle=False, repeat=False, drop_remainder=False)
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in as_numpy(ds)]), big)
+
+
+def _ids(ds, n=None):
+    return np.concatenate([b["input_ids"] for b in batches(ds, n)])
+
+
+def test_every_host_yields_the_same_batches_and_epochs_reshuffle(data):
+    out, _ = data
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    per_host = [sum(s["rows"] for s in shards[h::3]) for h in range(3)]  # host 0 holds 2 shards, others 1
+    assert per_host[0] > max(per_host[1:])
+    counts = [len(batches(make_dataset(out, "train", 8, repeat=False, process_index=h, process_count=3)))
+              for h in range(3)]
+    assert counts == [min(per_host) // 8] * 3
+    epoch = min(per_host) // 8 * 8
+    ds = make_dataset(out, "train", 8, seed=4, process_index=0, process_count=3)
+    assert ds.plan.batches_per_epoch == counts[0]
+    rows = _ids(ds, 3 * counts[0])
+    epochs = [rows[i * epoch:(i + 1) * epoch] for i in range(3)]
+    mine = set(map(bytes, _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False, process_index=0,
+                                            process_count=3, drop_remainder=False))))
+    assert len(mine) == per_host[0]
+    for e in epochs:
+        assert len(set(map(bytes, e))) == epoch and set(map(bytes, e)) <= mine  # no row twice in an epoch
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # The leftover rows differ between epochs: every row of the host is seen within a few epochs.
+    assert len(set(map(bytes, rows))) > epoch
+
+
+@pytest.mark.parametrize("window_shards", [1, 3])
+def test_resume_far_away_equals_the_uninterrupted_stream_and_reads_one_window(data, window_shards):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    out, _ = data
+    kw = dict(seed=7, shuffle_buffer=64, window_shards=window_shards)
+    plan = make_dataset(out, "train", 8, **kw).plan
+    bpe = plan.batches_per_epoch
+    full = batches(make_dataset(out, "train", 8, **kw), 2 * bpe + 10)
+    for start in (bpe - 1, bpe + bpe // 2, 2 * bpe + 3):  # across an epoch end, mid-epoch, a later epoch
+        resumed = batches(make_dataset(out, "train", 8, skip_batches=start, **kw), 7)
+        np.testing.assert_array_equal(np.stack([b["input_ids"] for b in resumed]),
+                                      np.stack([b["input_ids"] for b in full[start:start + 7]]))
+    # Resuming a million batches in reads only (part of) the window it lands in, plus the read-ahead.
+    window_rows = max(sum(plan.rows[i] for i in w) for e in range(3) for w in plan.windows(e))
+    for start in (5, 1_000_000 * bpe + bpe // 2):
+        counter = tf.Variable(0, dtype=tf.int64)
+        ds = make_dataset(out, "train", 8, skip_batches=start, record_counter=counter, **kw)
+        next(iter(as_numpy(ds)))
+        assert int(counter.numpy()) <= window_rows + 8 * 16, (start, int(counter.numpy()), window_rows)
+    assert plan.position(1_000_000 * bpe + 3)["epoch"] == 1_000_000
+
+
+def _damaged_copy(out, tmp_path, how):
+    """A copy of the data with train shard 1 damaged: 'truncate' (cut mid-record) or 'flip' (one bit of a
+    record's data flipped, same size: only the CRC can tell)."""
+    copy = tmp_path / how
+    shutil.copytree(out, copy)
+    path = copy / "train-00001-of-00004.tfrecord"
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        raw = raw[:len(raw) // 2 + 5]
+    else:
+        raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    return str(copy)
+
+
+def test_truncated_shard_is_named_or_skipped_and_counted(data, tmp_path):
+    out, _ = data
+    bad = _damaged_copy(out, tmp_path, "truncate")
+    with pytest.raises(DataError, match=r"train-00001-of-00004.tfrecord has \d+ bytes, expected"):
+        make_dataset(bad, "train", 8)
+    ds = make_dataset(bad, "train", 8, skip_corrupt_shards=True, seed=1)
+    good = make_dataset(out, "train", 8, seed=1)
+    assert ds.plan.batches_per_epoch == good.plan.batches_per_epoch
+    rows = _ids(ds, 2 * ds.plan.batches_per_epoch)  # two full epochs: topped up from the other shards
+    assert ds.stream_stats.skipped_shards == [os.path.join(bad, "train-00001-of-00004.tfrecord")]
+    skipped = set(map(bytes, _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False))[
+        sum(s["rows"] for s in load_manifest(out)["splits"]["train"]["shards"][:1]):][
+        :load_manifest(out)["splits"]["train"]["shards"][1]["rows"]]))
+    assert not set(map(bytes, rows)) & skipped and len(rows) == 2 * ds.plan.rows_per_epoch
+
+
+def test_corrupt_record_or_wrong_length_names_the_shard(data, tmp_path):
+    out, _ = data
+    bad = _damaged_copy(out, tmp_path, "flip")
+    with pytest.raises(DataError, match=r"shard \S+train-00001-of-00004.tfrecord is corrupt or truncated"):
+        batches(make_dataset(bad, "train", 8, shuffle=False, repeat=False))
+    # Records of another length than the manifest's rows (here: uint16 rows read as int32): named, not reshaped.
+    wrong = tmp_path / "wrong"
+    shutil.copytree(out, wrong)
+    manifest = load_manifest(str(wrong))
+    manifest["dtype"] = "int32"
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    (wrong / "manifest.json").write_text(json.dumps({**manifest, "seq_len": SEQ // 4}))
+    with pytest.raises(DataError, match=r"shard \S+train-0000\d-of-00004.tfrecord holds a record of the wrong"):
+        batches(make_dataset(str(wrong), "train", 8, shuffle=False, repeat=False))

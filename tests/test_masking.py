@@ -94,3 +94,73 @@ def test_fresh_masks_per_key_and_deterministic_per_key():
 def test_bad_rates_are_refused():
     with pytest.raises(ValueError, match="mask_rate"):
         masking.MaskingSpec(vocab_size=10, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.0)
+
+
+# Whole-word masking: ids 5..299 begin a word, 300..499 continue one ("##" pieces).
+WORD_STARTS = np.arange(500) < 300
+WWM = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.15,
+                          max_predictions=128, word_starts=masking.word_start_table(WORD_STARTS))
+
+
+def _words(row):
+    """Reference segmentation of one row: lists of positions, one per word."""
+    words, prev_maskable = [], False
+    for i, t in enumerate(row):
+        if t in SPECIALS:
+            prev_maskable = False
+            continue
+        if WORD_STARTS[t] or not prev_maskable:
+            words.append([])
+        words[-1].append(i)
+        prev_maskable = True
+    return words
+
+
+def _check_whole_words(ids, out):
+    ids_np, pos, w = np.asarray(ids), np.asarray(out.positions), np.asarray(out.weights) > 0
+    corrupted = np.asarray(out.input_ids)
+    np.testing.assert_array_equal(np.take_along_axis(ids_np, pos, 1), np.asarray(out.labels))
+    counts = []
+    for i, row in enumerate(ids_np):
+        chosen = set(pos[i][w[i]].tolist())
+        assert len(chosen) == int(w[i].sum())  # distinct
+        assert not any(row[p] in SPECIALS for p in chosen)  # specials and padding never
+        n_words = 0
+        for word in _words(row):
+            picked = [p in chosen for p in word]
+            assert all(picked) or not any(picked), (i, word)  # a word is chosen whole or not at all
+            if all(picked):
+                n_words += 1
+                is_mask = [corrupted[i, p] == 4 for p in word]
+                assert all(is_mask) or not any(is_mask)  # one 80/10/10 decision per word
+        assert not (corrupted[i] != row)[[p for p in range(len(row)) if p not in chosen]].any()
+        counts.append((len(chosen), n_words))
+    return np.array(counts)
+
+
+def test_whole_word_masking_rate_and_whole_words():
+    ids, _ = _rows(n=256)
+    out = jax.jit(masking.mask_tokens, static_argnums=2)(jax.random.PRNGKey(5), ids, WWM)
+    counts = _check_whole_words(ids, out)
+    n_maskable = (~np.isin(np.asarray(ids), SPECIALS)).sum(1)
+    budget = np.minimum(128, np.maximum(1, np.round(n_maskable * 0.15)))
+    assert (counts[:, 0] <= budget).all()
+    assert (counts[:, 0] == budget).mean() > 0.95  # the one-piece fill reaches the budget almost always
+    assert abs(counts[:, 0].sum() / n_maskable.sum() - 0.15) < 0.005
+    assert counts[:, 0].sum() > 1.2 * counts[:, 1].sum()  # multi-piece words were chosen, not only singles
+    # The [MASK] share is 80% of the chosen words.
+    u = np.asarray(out.input_ids)[np.arange(256)[:, None], np.asarray(out.positions)] == 4
+    assert 0.75 < u[np.asarray(out.weights) > 0].mean() < 0.85
+
+
+def test_whole_word_masking_respects_the_cap_without_cutting_words():
+    ids, _ = _rows(n=128, seed=3)
+    spec = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.5,
+                               max_predictions=10, word_starts=masking.word_start_table(WORD_STARTS))
+    out = jax.jit(masking.mask_tokens, static_argnums=2)(jax.random.PRNGKey(6), ids, spec)
+    assert out.positions.shape == (128, 10)
+    counts = _check_whole_words(ids, out)
+    assert counts[:, 0].max() == 10 and (counts[:, 0] >= 8).all()
+    with pytest.raises(ValueError, match="word-start table"):
+        masking.MaskingSpec(vocab_size=400, mask_id=4, pad_id=0, special_ids=SPECIALS,
+                            word_starts=masking.word_start_table(WORD_STARTS))

@@ -80,10 +80,11 @@ class DiscriminatorTower(LayerStack):
         self.head = DiscriminatorHead(cfg, rngs)
 
 
-def _encode(embeddings: Embeddings, tower: LayerStack, input_ids, attention_mask, token_type_ids, dropout_key):
+def _encode(embeddings: Embeddings, tower: LayerStack, input_ids, attention_mask, token_type_ids, dropout_key,
+            segment_ids=None, position_ids=None):
     emb_key, layers_key = split_dropout_key(dropout_key)
-    x = embeddings(input_ids, token_type_ids, emb_key)
-    return tower.run_layers(x, attention_mask, tower.layer_keys(layers_key))
+    x = embeddings(input_ids, token_type_ids, emb_key, position_ids)
+    return tower.run_layers(x, attention_mask, tower.layer_keys(layers_key), segment_ids)
 
 
 class ElectraForPretraining(nnx.Module):
@@ -95,14 +96,19 @@ class ElectraForPretraining(nnx.Module):
         self.generator = GeneratorTower(gen_cfg, rngs)
         self.discriminator = DiscriminatorTower(disc_cfg, rngs)
 
-    def generator_logits(self, input_ids, attention_mask, token_type_ids, positions, *, dropout_key=None):
-        """Masked input_ids [B, S], positions [B, P] -> vocabulary logits [B, P, V] (float32)."""
-        h = _encode(self.embeddings, self.generator, input_ids, attention_mask, token_type_ids, dropout_key)
+    def generator_logits(self, input_ids, attention_mask, token_type_ids, positions, *, dropout_key=None,
+                         segment_ids=None, position_ids=None):
+        """Masked input_ids [B, S], positions [B, P] -> vocabulary logits [B, P, V] (float32).
+        segment_ids / position_ids [B, S] (optional): packed documents, see encoder.document_features."""
+        h = _encode(self.embeddings, self.generator, input_ids, attention_mask, token_type_ids, dropout_key,
+                    segment_ids, position_ids)
         return self.generator.mlm_head(gather_positions(h, positions), self.embeddings.word[...])
 
-    def discriminator_logits(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None):
+    def discriminator_logits(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None,
+                             segment_ids=None, position_ids=None):
         """Corrupted input_ids [B, S] -> "replaced" logits [B, S] (float32)."""
-        h = _encode(self.embeddings, self.discriminator, input_ids, attention_mask, token_type_ids, dropout_key)
+        h = _encode(self.embeddings, self.discriminator, input_ids, attention_mask, token_type_ids, dropout_key,
+                    segment_ids, position_ids)
         return self.discriminator.head(h)
 
 

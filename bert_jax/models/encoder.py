@@ -35,10 +35,13 @@ class Embeddings(nnx.Module):
         self.norm = LayerNorm(h, cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, token_type_ids, key):
+    def __call__(self, input_ids, token_type_ids, key, position_ids=None):
+        """position_ids [B, S] (e.g. restarting at each packed document); None: 0..S-1 in every row."""
         seq_len = input_ids.shape[1]
+        positions = (self.position[...][None, :seq_len] if position_ids is None
+                     else jnp.take(self.position[...], position_ids, axis=0))
         x = (jnp.take(self.word[...], input_ids, axis=0)
-             + self.position[...][None, :seq_len]
+             + positions
              + jnp.take(self.token_type[...], token_type_ids, axis=0))
         x = self.norm(x.astype(self.cfg.compute_dtype))
         return dropout(x, self.cfg.hidden_dropout, key)
@@ -64,12 +67,12 @@ class LayerStack(nnx.Module):
     def layer_keys(self, layers_key):
         return None if layers_key is None else jax.random.split(layers_key, self.cfg.num_layers)
 
-    def run_layers(self, x, attention_mask, layer_keys):
-        """x [B, S, E], attention_mask [B, S], layer_keys [num_layers, 2] or None -> [B, S, H]."""
+    def run_layers(self, x, attention_mask, layer_keys, segment_ids=None):
+        """x [B, S, E], attention_mask [B, S], layer_keys [num_layers, 2] or None -> [B, S, H].
+        segment_ids [B, S] (optional): a token attends only to tokens of its own segment (packed documents)."""
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
-        # Additive attention bias: 0 where a key may be attended, a large negative number at padding.
-        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+        bias = attention_bias(attention_mask, segment_ids)
         deterministic = layer_keys is None
 
         def body(layer, h, key):
@@ -84,6 +87,26 @@ class LayerStack(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         return scan(self.layers, x, layer_keys)
+
+
+def attention_bias(attention_mask, segment_ids=None):
+    """Additive attention bias, 0 where a key may be attended and -1e9 elsewhere (padding; with segment ids,
+    also every key of another segment): [B, 1, 1, S] without segment ids, [B, 1, S, S] with them."""
+    allowed = attention_mask[:, None, None, :] > 0
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jnp.where(allowed, 0.0, -1e9).astype(jnp.float32)
+
+
+def document_features(input_ids, cls_id: int):
+    """Packed rows [B, S] (data_pipeline.packing: every document piece is `[CLS] ... [SEP]`) -> (segment ids,
+    positions), both [B, S] int32: segment = number of [CLS] so far, position = index - start of the segment.
+    Derived on device (a cumsum and a cummax): no host work and no extra bytes per batch."""
+    is_cls = input_ids == cls_id
+    segments = jnp.cumsum(is_cls, axis=1, dtype=jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    start = jax.lax.cummax(jnp.where(is_cls, idx, 0), axis=1)
+    return segments, idx - start
 
 
 def split_dropout_key(dropout_key):
@@ -101,8 +124,10 @@ class BertEncoder(LayerStack):
         self.embeddings = Embeddings(cfg, rngs)  # created first: the parameter initialisation order of BERT
         super().__init__(cfg, rngs)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None):
-        """Returns [B, S, hidden]; `dropout_key` None runs deterministically (evaluation)."""
+    def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None, segment_ids=None,
+                 position_ids=None):
+        """Returns [B, S, hidden]; `dropout_key` None runs deterministically (evaluation). segment_ids and
+        position_ids [B, S] (optional) keep packed documents apart (see `document_features`)."""
         emb_key, layers_key = split_dropout_key(dropout_key)
-        x = self.embeddings(input_ids, token_type_ids, emb_key)
-        return self.run_layers(x, attention_mask, self.layer_keys(layers_key))
+        x = self.embeddings(input_ids, token_type_ids, emb_key, position_ids)
+        return self.run_layers(x, attention_mask, self.layer_keys(layers_key), segment_ids)

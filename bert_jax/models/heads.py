@@ -47,15 +47,18 @@ class BertForMaskedLM(nnx.Module):
         self.mlm_head = MlmHead(cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, masked_positions, *, dropout_key=None):
-        h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key)
+    def __call__(self, input_ids, attention_mask, token_type_ids, masked_positions, *, dropout_key=None,
+                 segment_ids=None, position_ids=None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key,
+                         segment_ids=segment_ids, position_ids=position_ids)
         return self.mlm_head(gather_positions(h, masked_positions), self.encoder.embeddings.word[...])
 
     def all_logits(self, input_ids, attention_mask, token_type_ids):
         """Logits at every position [B, S, V] (deterministic): for conversion checks, not for training."""
         return self.hidden_and_logits(input_ids, attention_mask, token_type_ids)[1]
 
-    def hidden_and_logits(self, input_ids, attention_mask, token_type_ids):
+    def hidden_and_logits(self, input_ids, attention_mask, token_type_ids, *, segment_ids=None, position_ids=None):
         """(last hidden states [B, S, H], logits [B, S, V]), deterministic: what an HF export must match."""
-        h = self.encoder(input_ids, attention_mask, token_type_ids)
+        h = self.encoder(input_ids, attention_mask, token_type_ids, segment_ids=segment_ids,
+                         position_ids=position_ids)
         return h, self.mlm_head(h, self.encoder.embeddings.word[...])
