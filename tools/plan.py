@@ -56,6 +56,10 @@ def use_fake_devices(n: int) -> None:
     if "jax" in sys.modules:
         raise RuntimeError("tools.plan: jax was imported before the device count could be set")
     flags_now = _DEVICE_COUNT_RE.sub("", os.environ.get("XLA_FLAGS", ""))
+    if "xla_backend_optimization_level" not in flags_now:
+        # The plan never runs the program: skip LLVM's optimisations (HLO passes, buffer assignment and thus
+        # the memory and cost figures are the same; compiling is ~2.5x faster).
+        flags_now += " --xla_backend_optimization_level=0"
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={n}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -444,7 +448,7 @@ def main(argv):
     if _TABLE.value:
         from tools import plan_table
         use_fake_devices(plan_table.max_devices(_TABLE_GRID.value))
-        plan_table.write_table(_TABLE.value, _TABLE_GRID.value, vocab_size=_VOCAB.value)
+        plan_table.write_table(_TABLE.value, _TABLE_GRID.value, _VOCAB.value, plan)
         return
     if config is None:
         sys.exit("error: --config is required (e.g. --config configs/bert.py:large)")
