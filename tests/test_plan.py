@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tools import plan
+from tools import plan, plan_hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,11 +102,11 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
   ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
 }
 """
-    parsed = plan.parse_hlo(hlo)
-    c = plan.collectives(parsed, 4)
+    parsed = plan_hlo.parse_hlo(hlo)
+    c = plan_hlo.collectives(parsed, 4)
     assert c["all-gather"] == {"count": 3, "payload_bytes": 3 * 512, "link_bytes": 3 * 512 * 3 / 4}
     assert c["all-reduce"] == {"count": 1, "payload_bytes": 512, "link_bytes": 2 * 512 / 2}
-    assert plan.dot_flops(parsed) == 3 * 2 * 8 * 16 * 16
+    assert plan_hlo.dot_flops(parsed) == 3 * 2 * 8 * 16 * 16
     assert parsed["unknown_trip_counts"] == 0
 
 
@@ -159,4 +159,4 @@ def test_cli_plans_tiny_on_four_devices():
     ("replica_groups={}, to_apply=%add", 8),
 ])
 def test_replica_group_sizes(text, size):
-    assert plan._group_size(text, 8) == size
+    assert plan_hlo._group_size(text, 8) == size
