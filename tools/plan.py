@@ -1,4 +1,4 @@
-"""Plan a run before paying for it: compile the real training step ahead of time for a mesh of fake devices.
+r"""Plan a run before paying for it: compile the real training step ahead of time for a mesh of fake devices.
 
     python -m tools.plan --config configs/bert.py:large --devices 64 --config.mesh.fsdp=16 \
         [--config.train.batch_size=1024] [--config.data.seq_len=512] \
