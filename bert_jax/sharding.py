@@ -18,49 +18,11 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from bert_jax import axis_rules
 
-# logical axis -> mesh axis (or None: replicated along that dimension).
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
-LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
-
-
-def rules_to_strings(rules=DEFAULT_RULES) -> dict[str, str]:
-    """{logical name: "axis" | "axis1,axis2" | ""}: the table in the config's string form (mesh.rules)."""
-    out = {}
-    for name, axes in rules:
-        out[name] = axes if isinstance(axes, str) else ",".join(axes or ())
-    return out
-
-
-def rules_from_config(table) -> tuple:
-    """The rules with the entries of `table` ({logical name: "fsdp" | "data,fsdp" | "" for replicated}) in
-    place of the defaults; a one-line ValueError for an unknown logical name or mesh axis."""
-    table = dict(table or {})
-    unknown = sorted(set(table) - set(LOGICAL_AXES))
-    if unknown:
-        raise ValueError(f"mesh.rules: unknown logical axes {unknown}; known: {list(LOGICAL_AXES)}")
-    rules = []
-    for name, default in DEFAULT_RULES:
-        if name not in table:
-            rules.append((name, default))
-            continue
-        axes = tuple(a.strip() for a in str(table[name]).split(",") if a.strip() and a.strip().lower() != "none")
-        bad = [a for a in axes if a not in MESH_AXES]
-        if bad or len(set(axes)) != len(axes):
-            raise ValueError(f"mesh.rules.{name}={table[name]!r}: use mesh axes from {list(MESH_AXES)} "
-                             f"(comma-separated, each once) or '' for replicated")
-        rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
-    return tuple(rules)
+# The rules table lives in the jax-free bert_jax.axis_rules; these names are part of this module's API.
+MESH_AXES, DEFAULT_RULES, LOGICAL_AXES = axis_rules.MESH_AXES, axis_rules.DEFAULT_RULES, axis_rules.LOGICAL_AXES
+rules_to_strings, rules_from_config = axis_rules.rules_to_strings, axis_rules.rules_from_config
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:

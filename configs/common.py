@@ -46,7 +46,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 
 def _default_rules() -> dict:
-    from bert_jax.sharding import rules_to_strings  # pylint: disable=import-outside-toplevel
+    from bert_jax.axis_rules import rules_to_strings  # pylint: disable=import-outside-toplevel
     return rules_to_strings()
 
 
