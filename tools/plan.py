@@ -77,7 +77,8 @@ def synthetic_manifest(config, vocab_size: int) -> dict:
     ids = special_ids(vocab_size)
     return {"seq_len": config.data.seq_len, "vocab_size": vocab_size, "special_ids": ids,
             "special_token_ids": sorted(ids.values()),
-            "splits": {"validation": {"rows": config.train.batch_size}}}
+            "splits": {"validation": {"rows": config.train.batch_size,
+                                      "shards": [{"rows": config.train.batch_size}]}}}
 
 
 def check(config, num_devices: int, vocab_size: int) -> dict:
