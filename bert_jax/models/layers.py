@@ -112,6 +112,8 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
         """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]."""
         dt = x.dtype
+        if self.cfg.attention == "dot_product" and (key is None or self.cfg.attention_dropout == 0.0):
+            return self._fused(x, bias)
 
         # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
         # attention forward ~2x and its backward ~1.5x faster than contracting [B, S, heads, kv] in place.
@@ -121,6 +123,13 @@ class SelfAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         probs = dropout(probs, self.cfg.attention_dropout, key)
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
+
+    def _fused(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none); cuDNN on GPU."""
+        dt = x.dtype
+        ctx = jax.nn.dot_product_attention(self.query(x), self.key(x), self.value(x), bias=bias.astype(dt),
+                                           scale=self.cfg.head_dim ** -0.5)
+        return self.output(ctx)
 
 
 class EncoderLayer(nnx.Module):
