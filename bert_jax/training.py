@@ -134,7 +134,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bert_jax import checkpointing, metrics as metrics_lib, optim, sharding, train_state, train_step
+    from bert_jax import checkpointing, metrics as metrics_lib, optim, prefetch, sharding, train_state, train_step
     from data_pipeline import dataset as data_lib
 
     manifest = _load_manifest(config.data.dir)
@@ -204,7 +204,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         config.data.dir, "train", host_batch, shuffle=True, repeat=True, seed=config.data.seed,
         shuffle_buffer=config.data.shuffle_buffer, process_index=jax.process_index(),
         process_count=jax.process_count(), skip_batches=start_step)
-    train_iter = train_ds.as_numpy_iterator()
+    train_iter = prefetch.to_device(train_ds.as_numpy_iterator(), to_global, size=2)  # transferred ahead
     eval_batches = []
     if config.train.eval_every > 0:
         val_rows = manifest["splits"]["validation"]["rows"]
@@ -236,7 +236,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                f"{config.data.seq_len}")
     for step in range(start_step + 1, config.train.steps + 1):
         t0 = time.perf_counter()
-        batch = to_global(next(train_iter))
+        batch = next(train_iter)
         t_data += time.perf_counter() - t0
         state, step_metrics = step_fn(state, batch)
         pending.append(step_metrics)

@@ -76,8 +76,8 @@ def model_configs(size: str, seq_len: int, overrides: dict):
     cfg = EncoderConfig(vocab_size=VOCAB_SIZE, hidden_size=m.hidden_size, num_layers=m.num_layers,
                         num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                         max_position_embeddings=max(m.max_position_embeddings, seq_len),
-                        hidden_dropout=0.1, attention_dropout=0.1,
-                        **{k: v for k, v in overrides.items() if k != "accum"})
+                        **{"hidden_dropout": 0.1, "attention_dropout": 0.1,
+                           **{k: v for k, v in overrides.items() if k != "accum"}})
     return cfg
 
 
