@@ -151,3 +151,20 @@ def test_prefetch_keeps_order_and_transfers_ahead():
     assert list(prefetch.to_device([], put)) == []
     with pytest.raises(ValueError, match="prefetch size 0"):
         next(prefetch.to_device(range(3), put, size=0))
+
+
+@pytest.mark.parametrize("width", [64, 33])
+def test_dropout_rate_and_scale(width):
+    """The 16-bit dropout masks: the dropped fraction is the rate, kept values are scaled to keep the mean,
+    masks differ between keys and between the two halves of one random word."""
+    from bert_jax.models.layers import dropout
+    x = jnp.ones((256, width))
+    y = dropout(x, 0.1, jax.random.PRNGKey(0))
+    dropped = float((y == 0).mean())
+    assert abs(dropped - 0.1) < 0.01, dropped  # 16k draws: the standard error is 0.0024
+    np.testing.assert_allclose(float(y.mean()), 1.0, atol=0.02)
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 65536 / (65536 - 6554)], rtol=1e-6)
+    assert not np.array_equal(y, dropout(x, 0.1, jax.random.PRNGKey(1)))
+    if width % 2 == 0:
+        assert not np.array_equal(y[:, 0::2] == 0, y[:, 1::2] == 0)
+    assert dropout(x, 0.1, None) is x and dropout(x, 0.0, jax.random.PRNGKey(0)) is x
