@@ -28,7 +28,7 @@ def _tool(*args, timeout=300):
 @pytest.mark.slow
 def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     p = _tool("--configs", "tiny", "--batch-size", "4", "--seq-len", "16", "--steps", "2", "--warmup", "1",
-              "--matmul-size", "256")
+              "--matmul-size", "256", "--peers", "--peer-python", "/nonexistent/python")
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["settings"]["formula"] == flops.FORMULA
@@ -43,6 +43,7 @@ def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     assert r["compile_s"] > 0 and r["peak_rss_mib"] > 100
     assert np.isfinite(r["last_loss"]) and r["last_loss"] > 5  # ~ln(30522) = 10.3 at the start
     assert "tokens/s" in p.stdout and "MFU" in p.stdout
+    assert out["peers"]["error"].startswith("peer venv not found at /nonexistent/python")  # reported, not fatal
 
 
 @pytest.mark.parametrize("args, message", [

@@ -40,6 +40,7 @@ MATMUL_SIZES = {2048: 12, 4096: 5}  # size: repetitions
 GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on small
 DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
+PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
 AB_KEYS = ("attention", "dtype", "remat", "accum", "attention_dropout", "hidden_dropout")
 
 
@@ -81,8 +82,9 @@ def model_configs(size: str, seq_len: int, overrides: dict):
     return cfg
 
 
-def build_step(spec: dict, overrides: dict):
-    """The real jitted training step, its initial state and a few synthetic device batches."""
+def build_step(spec: dict, overrides: dict, abstract: bool = False):
+    """The real jitted training step, its initial state and a few synthetic device batches (abstract: the
+    shapes of both only, nothing allocated: enough to compile)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -105,8 +107,14 @@ def build_step(spec: dict, overrides: dict):
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, warmup_steps=100, total_steps=10_000))
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     layout = train_state.state_layout(model_fn, tx, mesh)
-    state = train_state.create_state(model_fn, tx, mesh, layout, seed=0)
     batch_sharding = sharding.batch_sharding(mesh)
+    if abstract:
+        shape = jax.ShapeDtypeStruct((spec["batch"], spec["seq_len"]), np.int32, sharding=batch_sharding)
+        step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
+                                             accum_steps=int(overrides.get("accum", 1)))
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        return step_fn, layout.abstract, [{k: shape for k in names}], _flops(cfg, gen_cfg, spec)
+    state = train_state.create_state(model_fn, tx, mesh, layout, seed=0)
     step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
                                          accum_steps=int(overrides.get("accum", 1)))
     rng = np.random.default_rng(0)
@@ -180,7 +188,7 @@ def time_compile(spec: dict) -> dict:
     """Compile time of the step for each size in spec['sizes'] (one process, same settings otherwise)."""
     out = {}
     for size in spec["sizes"]:
-        step_fn, state, batches, _ = build_step({**spec, "size": size}, spec.get("overrides", {}))
+        step_fn, state, batches, _ = build_step({**spec, "size": size}, spec.get("overrides", {}), abstract=True)
         out[size] = _compile(step_fn, state, batches[0])[1]
         del step_fn, state, batches
     return {"compile_s": out}
@@ -226,6 +234,12 @@ def run_peers(args, configs: list[str]) -> dict:
     if not os.path.exists(args.peer_python):
         return {"error": f"peer venv not found at {args.peer_python}: run `bash {os.path.dirname(args.peer_script)}"
                          f"/setup_peers.sh` first (or pass --peer-python)"}
+    configs = [c for c in configs if c in PEER_CONFIGS]
+    if not configs:
+        return {"error": f"the peer benchmark knows only {PEER_CONFIGS}"}
+    if (args.batch_size, args.seq_len) != (32, 128):
+        log("note: the peers always run batch 32, seq 128; compare only runs of those shapes")
+    os.makedirs(args.out_dir, exist_ok=True)
     out = os.path.join(args.out_dir, "peers.json")
     cmd = [args.peer_python, args.peer_script, "--configs", ",".join(configs), "--out", out, "--no-matmul",
            "--rounds", str(args.peer_rounds)]
@@ -248,7 +262,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--configs", default="mini,small,medium",
-                    help="comma list of sizes from configs/common.py SIZES (default: %(default)s)")
+                    help="comma list of sizes from configs/common.py SIZES (default: %(default)s); '' for none")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--objective", choices=("mlm", "electra"), default="mlm")
@@ -260,7 +274,7 @@ def parse_args(argv=None):
                     help=f"override for every run, KEY in {AB_KEYS} (accum: micro-batches per step; repeatable)")
     ap.add_argument("--grid", action="store_true", help="also small at seq 128/512 x batch 32/128")
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=A,B",
-                    help=f"A/B ratio in one process for KEY in {AB_KEYS} on the first config (repeatable)")
+                    help=f"A/B ratio in one process for KEY in {AB_KEYS} on the first config or mini (repeatable)")
     ap.add_argument("--compile-ratio", action="store_true", help="compile time of large vs base")
     ap.add_argument("--peers", action="store_true", help="run shared/bench/peer_throughput.py afterwards")
     ap.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT)
@@ -363,12 +377,13 @@ def main(argv=None) -> None:
     if abs_:
         result["ab"] = {}
         for key, vals in abs_:
-            r = spawn({"kind": "ab", "ab_key": key, "ab_values": vals, **spec_for(configs[0])}, args.timeout)
+            ab_size = configs[0] if configs else "mini"
+            r = spawn({"kind": "ab", "ab_key": key, "ab_values": vals, **spec_for(ab_size)}, args.timeout)
             result["ab"][f"{key}={vals[0]},{vals[1]}"] = r
             if "error" in r:
                 log(f"A/B {key}: ERROR {r['error']}")
             else:
-                log(f"A/B {configs[0]} {key}: {vals[0]} {r['step_s'][str(vals[0])] * 1e3:.1f} ms, {vals[1]} "
+                log(f"A/B {ab_size} {key}: {vals[0]} {r['step_s'][str(vals[0])] * 1e3:.1f} ms, {vals[1]} "
                     f"{r['step_s'][str(vals[1])] * 1e3:.1f} ms: {vals[1]} is {r['speedup_b_over_a']:.3f}x as fast")
     if args.compile_ratio:
         r = spawn({"kind": "compile", "sizes": ["base", "large"], **spec_for("base")}, args.timeout)
