@@ -169,3 +169,13 @@ def test_dropout_rate_and_scale(width):
     if width % 2 == 0:
         assert not np.array_equal(y[:, 0::2] == 0, y[:, 1::2] == 0)
     assert dropout(x, 0.1, None) is x and dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+
+
+def test_attention_switch_reaches_the_model_config():
+    from bert_jax import training
+    from configs import bert
+    config = bert.get_config("tiny")
+    assert training._model_config(config, 100).attention == "einsum"  # pylint: disable=protected-access
+    config.unlock()
+    config.model.attention = "dot_product"
+    assert training._model_config(config, 100).attention == "dot_product"  # pylint: disable=protected-access
