@@ -131,11 +131,12 @@ def test_bf16_compute_tracks_f32_and_keeps_f32_master_weights():
     bf16, state_dtypes = _train_losses("bfloat16")
     assert state_dtypes == {jnp.dtype("float32")}  # master weights and Adam moments stay f32
     assert f32[-5:].mean() < 0.6 * f32[:5].mean()  # the run learns, so tracking it means something
-    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2% per operation). Through 2 layers and the
-    # head that gives logits within ~1%, so the per-step loss may drift by a few percent of its value
-    # along the run; 10% still tells a working bf16 path apart from a broken one (which stalls near
-    # ln(97) = 4.6 while f32 drops well below half of it).
-    np.testing.assert_allclose(bf16, f32, rtol=0.10)
+    assert not np.array_equal(bf16, f32)  # the switch really computes in bf16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2% per operation); the loss is a mean over
+    # ~100 predictions, so its rounding noise averages down: measured max deviation 0.07% over these 30
+    # steps. 2% leaves room for other CPUs/XLA versions and still catches a broken bf16 path (a wrong cast
+    # or an overflow stalls or diverges, while the loss here falls by more than half: 25x that margin).
+    np.testing.assert_allclose(bf16, f32, rtol=0.02)
 
 
 def test_prefetch_keeps_order_and_transfers_ahead():
