@@ -180,3 +180,33 @@ def test_attention_switch_reaches_the_model_config():
     config.unlock()
     config.model.attention = "dot_product"
     assert training._model_config(config, 100).attention == "dot_product"  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_remat_policies_give_the_same_loss_and_gradients():
+    """remat none / full / dots change only what the backward pass stores, not the numbers (dropout on:
+    the recomputed masks are the same draws)."""
+    batch = {"input_ids": np.tile(np.r_[2, np.arange(5, 19), 3].astype(np.int32), (4, 1))}
+    batch["attention_mask"] = np.ones_like(batch["input_ids"])
+    batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    objective = objectives.MlmObjective(SPEC)
+    masked = objective.corrupt(jax.random.PRNGKey(0), batch)
+    norms = objective.normalizers(batch, masked)
+    results = {}
+    for remat in ("none", "full", "dots"):
+        cfg = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, remat=remat)
+        with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])), \
+                nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+            graphdef, params = nnx.split(BertForMaskedLM(cfg, nnx.Rngs(0)))
+
+        def loss(p, graphdef=graphdef):
+            return objective.loss(nnx.merge(graphdef, p), batch, masked, jax.random.PRNGKey(1), norms)[0]
+
+        results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+    for remat in ("full", "dots"):
+        np.testing.assert_allclose(results[remat][0], results["none"][0], rtol=1e-6)
+        for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(results[remat][1])[0],
+                                jax.tree.leaves(results["none"][1])):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6, err_msg=f"{remat} {jax.tree_util.keystr(path)}")

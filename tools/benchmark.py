@@ -70,15 +70,16 @@ def matmul_peak(sizes=None) -> dict:
 
 
 def model_configs(size: str, seq_len: int, overrides: dict):
-    """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with `overrides`."""
+    """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with the recipes'
+    dtype, remat and attention unless `overrides` says otherwise."""
     from bert_jax.models import EncoderConfig
     from configs import common
     m = common.model_config(size)
     cfg = EncoderConfig(vocab_size=VOCAB_SIZE, hidden_size=m.hidden_size, num_layers=m.num_layers,
                         num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                         max_position_embeddings=max(m.max_position_embeddings, seq_len),
-                        **{"hidden_dropout": 0.1, "attention_dropout": 0.1,
-                           **{k: v for k, v in overrides.items() if k != "accum"}})
+                        **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
+                           "attention": m.attention, **{k: v for k, v in overrides.items() if k != "accum"}})
     return cfg
 
 
