@@ -39,7 +39,7 @@ def _model_config(config: ConfigDict, vocab_size: int):
         intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
         type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
-        initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat)
+        initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
 def _optim_config(config: ConfigDict):
@@ -145,7 +145,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bert_jax import checkpointing, metrics as metrics_lib, optim, sharding, train_state, train_step
+    from bert_jax import checkpointing, metrics as metrics_lib, optim, prefetch, sharding, train_state, train_step
     from bert_jax import profiling
     from data_pipeline import dataset as data_lib
     from data_pipeline.progress import progress
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         process_count=jax.process_count(), window_shards=config.data.window_shards,
         skip_corrupt_shards=config.data.skip_corrupt_shards,
         skip_batches=data_lib.resume_batches(meta if latest is not None else None, start_step))
-    train_iter = data_lib.as_numpy(train_ds)
+    train_iter = prefetch.to_device(data_lib.as_numpy(train_ds), to_global, size=2)  # transferred ahead
     eval_batches = []
     if config.train.eval_every > 0:
         n_eval = distributed.eval_batch_count(manifest, "validation", host_batch, jax.process_count(),
@@ -264,7 +264,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                f"{config.data.seq_len}")
     for step in range(start_step + 1, config.train.steps + 1):
         t0 = time.perf_counter()
-        batch = to_global(next(train_iter))
+        batch = next(train_iter)
         t_data += time.perf_counter() - t0
         profiler.before(step)
         state, step_metrics = step_fn(state, batch)

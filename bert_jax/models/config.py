@@ -25,6 +25,9 @@ class EncoderConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # activation/compute dtype; parameters are always float32
     remat: str = "none"  # none | full | dots
+    # einsum: our two batched matmuls (attention dropout supported); dot_product: jax.nn.dot_product_attention
+    # (cuDNN's fused kernel on GPU), used where attention dropout is off (it has no dropout), einsum elsewhere.
+    attention: str = "einsum"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -34,6 +37,8 @@ class EncoderConfig:
             raise ValueError(f"model.embedding_size={self.embedding_size} must be >= 1 (or -1: the hidden size)")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
+        if self.attention not in ("einsum", "dot_product"):
+            raise ValueError(f"model.attention={self.attention!r}: choose einsum or dot_product")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
 

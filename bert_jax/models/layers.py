@@ -33,11 +33,22 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
+    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0.
+
+    Each element is dropped with probability round(rate * 2^16) / 2^16 (within 2^-17 of `rate`) and the kept
+    ones are scaled by the exact inverse keep probability. Two elements share one 32-bit random word: the
+    counter-based generator costs the same per word whatever its width, so this halves the random-number
+    work, which was ~10% of a mini training step on XLA:CPU (measured: 2.9x faster masks than bernoulli).
+    """
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    drop = round(rate * 65536)
+    if x.shape[-1] % 2:
+        keep = jax.random.bits(key, x.shape, jnp.uint16) >= drop
+    else:
+        words = jax.random.bits(key, (*x.shape[:-1], x.shape[-1] // 2), jnp.uint32)
+        keep = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(x.shape) >= drop
+    return jnp.where(keep, x * jnp.asarray(65536 / (65536 - drop), x.dtype), jnp.zeros_like(x))
 
 
 class Dense(nnx.Module):
@@ -112,6 +123,8 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
         """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]."""
         dt = x.dtype
+        if self.cfg.attention == "dot_product" and (key is None or self.cfg.attention_dropout == 0.0):
+            return self._fused(x, bias)
 
         # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
         # attention forward ~2x and its backward ~1.5x faster than contracting [B, S, heads, kv] in place.
@@ -121,6 +134,13 @@ class SelfAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         probs = dropout(probs, self.cfg.attention_dropout, key)
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
+
+    def _fused(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none); cuDNN on GPU."""
+        dt = x.dtype
+        ctx = jax.nn.dot_product_attention(self.query(x), self.key(x), self.value(x), bias=bias.astype(dt),
+                                           scale=self.cfg.head_dim ** -0.5)
+        return self.output(ctx)
 
 
 class EncoderLayer(nnx.Module):

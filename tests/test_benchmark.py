@@ -1,0 +1,212 @@
+"""Performance means and their benchmark: tools.benchmark end to end (tiny shapes), the dot_product attention
+switch equals the einsum path, bf16 compute tracks f32 in training, device prefetch keeps order."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bert_jax import flops, masking, objectives, optim, prefetch, sharding, train_state, train_step
+from bert_jax.models import BertForMaskedLM, EncoderConfig
+from bert_jax.models.layers import SelfAttention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_benchmark_cli_times_the_real_step_and_reports_mfu():
+    p = _tool("--configs", "tiny", "--batch-size", "4", "--seq-len", "16", "--steps", "2", "--warmup", "1",
+              "--matmul-size", "256", "--peers", "--peer-python", "/nonexistent/python")
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["settings"]["formula"] == flops.FORMULA
+    assert out["matmul"]["peak_gflops"] > 0
+    r = out["configs"]["tiny"]
+    assert "error" not in r, r
+    cfg = EncoderConfig(vocab_size=30522, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
+    assert r["max_predictions"] == 3  # ceil(0.15 x 16)
+    assert r["flops_per_step"] == flops.train_step_flops(cfg, 4, 16, 3)
+    assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9 / out["matmul"]["peak_gflops"])
+    assert r["compile_s"] > 0 and r["peak_rss_mib"] > 100
+    assert np.isfinite(r["last_loss"]) and r["last_loss"] > 5  # ~ln(30522) = 10.3 at the start
+    assert "tokens/s" in p.stdout and "MFU" in p.stdout
+    assert out["peers"]["error"].startswith("peer venv not found at /nonexistent/python")  # reported, not fatal
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--configs", "mini,nope"], "error: --configs: unknown size 'nope'"),
+    (["--ab", "attention=einsum"], "error: --ab 'attention=einsum': expected KEY=A,B"),
+    (["--steps", "0"], "error: --steps=0 must be >= 1"),
+])
+def test_benchmark_bad_arguments_fail_with_one_line(args, message):
+    p = _tool(*args, timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.strip().startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def _attention_pair(**kw):
+    kw = dict(vocab_size=50, hidden_size=32, num_heads=4, intermediate_size=64, **kw)
+    with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        a = SelfAttention(EncoderConfig(**kw, attention="einsum"), nnx.Rngs(0))
+        b = SelfAttention(EncoderConfig(**kw, attention="dot_product"), nnx.Rngs(0))
+    return a, b
+
+
+@pytest.mark.parametrize("bias_shape", ["keys", "full"])
+def test_dot_product_attention_equals_einsum(bias_shape):
+    a, b = _attention_pair()
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 10, 32))
+    mask = np.ones((3, 10), bool)
+    mask[1, 6:] = False
+    if bias_shape == "keys":  # [B, 1, 1, S]: padding
+        bias = jnp.where(mask[:, None, None, :], 0.0, -1e9)
+    else:  # [B, 1, S, S]: e.g. per-document blocks
+        doc = np.repeat(np.arange(2), 5)
+        bias = jnp.where((doc[:, None] == doc[None, :])[None, None] & mask[:, None, None, :], 0.0, -1e9)
+        bias = jnp.broadcast_to(bias, (3, 1, 10, 10))
+    np.testing.assert_allclose(a(x, bias, None), b(x, bias, None), rtol=1e-5, atol=1e-5)
+    ga = nnx.state(nnx.grad(lambda m: m(x, bias, None).sum())(a))
+    gb = nnx.state(nnx.grad(lambda m: m(x, bias, None).sum())(b))
+    for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_dot_product_attention_keeps_attention_dropout():
+    """jax.nn.dot_product_attention has no dropout: with a key and a rate > 0 the einsum path runs."""
+    a, b = _attention_pair(attention_dropout=0.5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 32))
+    bias = jnp.zeros((2, 1, 1, 8))
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_allclose(a(x, bias, key), b(x, bias, key), rtol=1e-6)
+    assert not np.allclose(b(x, bias, key), b(x, bias, None), atol=1e-3)  # dropout did happen
+
+
+def test_bad_attention_name_is_refused():
+    with pytest.raises(ValueError, match="model.attention='flash'"):
+        EncoderConfig(vocab_size=10, attention="flash")
+
+
+VOCAB = 97
+SPEC = masking.MaskingSpec(vocab_size=VOCAB, mask_id=4, pad_id=0, special_ids=(0, 1, 2, 3, 4), max_predictions=6)
+
+
+def _train_losses(dtype, steps=30):
+    cfg = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0, dtype=dtype)
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=100))
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    model_fn = lambda: BertForMaskedLM(cfg, nnx.Rngs(0))  # noqa: E731
+    layout = train_state.state_layout(model_fn, tx, mesh)
+    state = train_state.create_state(model_fn, tx, mesh, layout, seed=0)
+    step = train_step.make_train_step(layout, sharding.batch_sharding(mesh), tx=tx,
+                                      objective=objectives.MlmObjective(SPEC))
+    # Learnable rows (one repeated sequence), so the loss falls far within 30 steps.
+    ids = np.tile(np.r_[2, np.arange(5, 27), 3].astype(np.int32), (16, 1))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    dtypes = {x.dtype for x in jax.tree.leaves(state.params)} | {x.dtype for x in jax.tree.leaves(state.opt_state)
+                                                                  if hasattr(x, "dtype") and x.ndim}
+    return np.array(losses), dtypes
+
+
+@pytest.mark.slow
+def test_bf16_compute_tracks_f32_and_keeps_f32_master_weights():
+    f32, _ = _train_losses("float32")
+    bf16, state_dtypes = _train_losses("bfloat16")
+    assert state_dtypes == {jnp.dtype("float32")}  # master weights and Adam moments stay f32
+    assert f32[-5:].mean() < 0.6 * f32[:5].mean()  # the run learns, so tracking it means something
+    assert not np.array_equal(bf16, f32)  # the switch really computes in bf16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2% per operation); the loss is a mean over
+    # ~100 predictions, so its rounding noise averages down: measured max deviation 0.07% over these 30
+    # steps. 2% leaves room for other CPUs/XLA versions and still catches a broken bf16 path (a wrong cast
+    # or an overflow stalls or diverges, while the loss here falls by more than half: 25x that margin).
+    np.testing.assert_allclose(bf16, f32, rtol=0.02)
+
+
+def test_prefetch_keeps_order_and_transfers_ahead():
+    put_calls = []
+
+    def put(b):
+        put_calls.append(b)
+        return {"x": jnp.asarray(b)}
+
+    it = prefetch.to_device(range(5), put, size=2)
+    first = next(it)
+    assert int(first["x"]) == 0 and put_calls == [0, 1]  # one batch already waiting on the device
+    assert [int(b["x"]) for b in it] == [1, 2, 3, 4]
+    assert list(prefetch.to_device([], put)) == []
+    with pytest.raises(ValueError, match="prefetch size 0"):
+        next(prefetch.to_device(range(3), put, size=0))
+
+
+@pytest.mark.parametrize("width", [64, 33])
+def test_dropout_rate_and_scale(width):
+    """The 16-bit dropout masks: the dropped fraction is the rate, kept values are scaled to keep the mean,
+    masks differ between keys and between the two halves of one random word."""
+    from bert_jax.models.layers import dropout
+    x = jnp.ones((256, width))
+    y = dropout(x, 0.1, jax.random.PRNGKey(0))
+    dropped = float((y == 0).mean())
+    assert abs(dropped - 0.1) < 0.01, dropped  # 16k draws: the standard error is 0.0024
+    np.testing.assert_allclose(float(y.mean()), 1.0, atol=0.02)
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 65536 / (65536 - 6554)], rtol=1e-6)
+    assert not np.array_equal(y, dropout(x, 0.1, jax.random.PRNGKey(1)))
+    if width % 2 == 0:
+        assert not np.array_equal(y[:, 0::2] == 0, y[:, 1::2] == 0)
+    assert dropout(x, 0.1, None) is x and dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+
+
+def test_attention_switch_reaches_the_model_config():
+    from bert_jax import training
+    from configs import bert
+    config = bert.get_config("tiny")
+    assert training._model_config(config, 100).attention == "einsum"  # pylint: disable=protected-access
+    config.unlock()
+    config.model.attention = "dot_product"
+    assert training._model_config(config, 100).attention == "dot_product"  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_remat_policies_give_the_same_loss_and_gradients():
+    """remat none / full / dots change only what the backward pass stores, not the numbers (dropout on:
+    the recomputed masks are the same draws)."""
+    batch = {"input_ids": np.tile(np.r_[2, np.arange(5, 19), 3].astype(np.int32), (4, 1))}
+    batch["attention_mask"] = np.ones_like(batch["input_ids"])
+    batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    objective = objectives.MlmObjective(SPEC)
+    masked = objective.corrupt(jax.random.PRNGKey(0), batch)
+    norms = objective.normalizers(batch, masked)
+    results = {}
+    for remat in ("none", "full", "dots"):
+        cfg = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                            max_position_embeddings=32, hidden_dropout=0.1, attention_dropout=0.1, remat=remat)
+        with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])), \
+                nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+            graphdef, params = nnx.split(BertForMaskedLM(cfg, nnx.Rngs(0)))
+
+        def loss(p, graphdef=graphdef):
+            return objective.loss(nnx.merge(graphdef, p), batch, masked, jax.random.PRNGKey(1), norms)[0]
+
+        results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+    for remat in ("full", "dots"):
+        np.testing.assert_allclose(results[remat][0], results["none"][0], rtol=1e-6)
+        for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(results[remat][1])[0],
+                                jax.tree.leaves(results["none"][1])):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6, err_msg=f"{remat} {jax.tree_util.keystr(path)}")

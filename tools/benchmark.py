@@ -1,0 +1,414 @@
+"""Training throughput and MFU of the real training step: `python -m tools.benchmark --configs mini,small,medium`.
+
+What is timed is exactly what `bert_jax.training` runs: `train_step.make_train_step` with the real objective
+(MLM or ELECTRA, masking on device), AdamW with clipping from `bert_jax.optim`, dropout 0.1, the state donated.
+The inputs are synthetic (random token ids, [CLS] ... [SEP], no padding; vocabulary 30522, as the peer
+benchmark in shared/bench uses), placed on the device before timing, so no data loading is measured. Each
+step is timed to `block_until_ready` after `--warmup` untimed steps (the first compiles); the figure is the
+median. Every config runs in its own subprocess, so its peak RSS is its own.
+
+MFU = bert_jax.flops.train_step_flops (printed: bert_jax.flops.FORMULA) / median step time / the f32 matmul
+peak that XLA reaches on this machine, measured by this tool in the same invocation (a jitted square f32
+matmul, 2048 and 4096, best of several repetitions, in its own subprocess).
+
+Other modes:
+  --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
+  --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B, timed alternately
+                    (A B A B ...), reported as the ratio of medians; e.g. --ab attention=einsum,dot_product,
+                    --ab dtype=float32,bfloat16, --ab remat=none,full, --ab accum=1,2
+  --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
+  --peers           afterwards runs shared/bench/peer_throughput.py (needs its venv: bash setup_peers.sh)
+                    on the same configs and prints tokens/s ratios against the faster peer
+
+The last stdout line is one JSON object with every figure.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB_SIZE = 30522  # bert-base-uncased's, as the peers use
+CLS_ID, SEP_ID, MASK_ID, PAD_ID, UNK_ID = 101, 102, 103, 0, 100
+FIRST_NORMAL_ID = 999
+MATMUL_SIZES = {2048: 12, 4096: 5}  # size: repetitions
+GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on small
+DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
+DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
+PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
+AB_KEYS = ("attention", "dtype", "remat", "accum", "attention_dropout", "hidden_dropout")
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_peak(sizes=None) -> dict:
+    """Best GFLOP/s of a jitted square f32 matmul per size; the peak is the best of all."""
+    import jax
+    import jax.numpy as jnp
+    sizes = sizes or MATMUL_SIZES
+    out = {}
+    for n, reps in sizes.items():
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        out[str(n)] = 2 * n ** 3 / best / 1e9
+    return {"peak_gflops": max(out.values()), "per_size_gflops": out}
+
+
+def model_configs(size: str, seq_len: int, overrides: dict):
+    """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with the recipes'
+    dtype, remat and attention unless `overrides` says otherwise."""
+    from bert_jax.models import EncoderConfig
+    from configs import common
+    m = common.model_config(size)
+    cfg = EncoderConfig(vocab_size=VOCAB_SIZE, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                        num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                        max_position_embeddings=max(m.max_position_embeddings, seq_len),
+                        **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
+                           "attention": m.attention, **{k: v for k, v in overrides.items() if k != "accum"}})
+    return cfg
+
+
+def build_step(spec: dict, overrides: dict, abstract: bool = False):
+    """The real jitted training step, its initial state and a few synthetic device batches (abstract: the
+    shapes of both only, nothing allocated: enough to compile)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bert_jax import masking, objectives, optim, sharding, train_state, train_step
+    from bert_jax.models import BertForMaskedLM, ElectraForPretraining, generator_config
+
+    cfg = model_configs(spec["size"], spec["seq_len"], overrides)
+    masking_spec = masking.MaskingSpec(vocab_size=VOCAB_SIZE, mask_id=MASK_ID, pad_id=PAD_ID,
+                                       special_ids=(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
+                                       mask_rate=0.15, max_predictions=spec["max_predictions"])
+    gen_cfg = None
+    if spec["objective"] == "electra":
+        gen_cfg = generator_config(cfg, 0.25, -1)
+        objective = objectives.ElectraObjective(masking_spec)
+        model_fn = lambda: ElectraForPretraining(cfg, gen_cfg, nnx.Rngs(0))  # noqa: E731
+    else:
+        objective = objectives.MlmObjective(masking_spec)
+        model_fn = lambda: BertForMaskedLM(cfg, nnx.Rngs(0))  # noqa: E731
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, warmup_steps=100, total_steps=10_000))
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    layout = train_state.state_layout(model_fn, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    if abstract:
+        shape = jax.ShapeDtypeStruct((spec["batch"], spec["seq_len"]), np.int32, sharding=batch_sharding)
+        step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
+                                             accum_steps=int(overrides.get("accum", 1)))
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        return step_fn, layout.abstract, [{k: shape for k in names}], _flops(cfg, gen_cfg, spec)
+    state = train_state.create_state(model_fn, tx, mesh, layout, seed=0)
+    step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
+                                         accum_steps=int(overrides.get("accum", 1)))
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        ids = rng.integers(FIRST_NORMAL_ID, VOCAB_SIZE, (spec["batch"], spec["seq_len"]), dtype=np.int32)
+        ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
+        host = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        batches.append(jax.device_put(host, batch_sharding))
+    flops = _flops(cfg, gen_cfg, spec)
+    return step_fn, state, batches, flops
+
+
+def _flops(cfg, gen_cfg, spec) -> int:
+    from bert_jax import flops
+    predictions = min(spec["max_predictions"], spec["seq_len"])
+    return flops.train_step_flops(cfg, spec["batch"], spec["seq_len"], predictions, generator=gen_cfg)
+
+
+def _compile(step_fn, state, batch):
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_config(spec: dict) -> dict:
+    """Compile time, median step time and peak RSS of one config."""
+    import jax
+    step_fn, state, batches, flops = build_step(spec, spec.get("overrides", {}))
+    step, compile_s = _compile(step_fn, state, batches[0])
+    times, metrics = [], None
+    for i in range(spec["warmup"] + spec["steps"]):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    median = statistics.median(times)
+    tokens = spec["batch"] * spec["seq_len"]
+    return {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
+            "compile_s": compile_s, "flops_per_step": flops, "achieved_gflops": flops / median / 1e9,
+            "peak_rss_mib": peak_rss_mib(), "last_loss": loss}
+
+
+def time_ab(spec: dict) -> dict:
+    """The same config with overrides A and B in one process, timed alternately; ratio = B's speed-up."""
+    import jax
+    key, values = spec["ab_key"], spec["ab_values"]
+    runs = []
+    for value in values:
+        step_fn, state, batches, _ = build_step(spec, {**spec.get("overrides", {}), key: value})
+        step, compile_s = _compile(step_fn, state, batches[0])
+        for _ in range(spec["warmup"]):
+            state, m = step(state, batches[0])
+        jax.block_until_ready(state)
+        runs.append({"step": step, "state": state, "batches": batches, "compile_s": compile_s, "times": []})
+    for i in range(spec["steps"]):
+        for r in (runs if i % 2 == 0 else runs[::-1]):
+            t0 = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["batches"][i % len(r["batches"])])
+            jax.block_until_ready((r["state"], m))
+            r["times"].append(time.perf_counter() - t0)
+    med = [statistics.median(r["times"]) for r in runs]
+    return {"key": key, "values": values, "step_s": dict(zip(map(str, values), med)),
+            "compile_s": {str(v): r["compile_s"] for v, r in zip(values, runs)},
+            "speedup_b_over_a": med[0] / med[1]}
+
+
+def time_compile(spec: dict) -> dict:
+    """Compile time of the step for each size in spec['sizes'] (one process, same settings otherwise)."""
+    out = {}
+    for size in spec["sizes"]:
+        step_fn, state, batches, _ = build_step({**spec, "size": size}, spec.get("overrides", {}), abstract=True)
+        out[size] = _compile(step_fn, state, batches[0])[1]
+        del step_fn, state, batches
+    return {"compile_s": out}
+
+
+WORKERS = {"matmul": lambda spec: matmul_peak(), "train": time_config, "ab": time_ab, "compile": time_compile}
+
+
+def run_worker(spec: dict) -> None:
+    sys.path.insert(0, ROOT)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if spec.get("matmul_sizes"):
+        global MATMUL_SIZES
+        MATMUL_SIZES = {int(k): v for k, v in spec["matmul_sizes"].items()}
+    result = WORKERS[spec["kind"]](spec)
+    print("RESULT_JSON " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def spawn(spec: dict, timeout: float) -> dict:
+    """Runs one worker in a fresh interpreter; its result, or {'error': ...}."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        p = subprocess.run([sys.executable, "-m", "tools.benchmark", "--worker", json.dumps(spec)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT_JSON "):
+            return json.loads(line[len("RESULT_JSON "):])
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"worker exit {p.returncode}: {tail}"}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_peers(args, configs: list[str]) -> dict:
+    """shared/bench/peer_throughput.py on the same configs (its own venv); {config: faster peer's tokens/s}."""
+    if not os.path.exists(args.peer_python):
+        return {"error": f"peer venv not found at {args.peer_python}: run `bash {os.path.dirname(args.peer_script)}"
+                         f"/setup_peers.sh` first (or pass --peer-python)"}
+    configs = [c for c in configs if c in PEER_CONFIGS]
+    if not configs:
+        return {"error": f"the peer benchmark knows only {PEER_CONFIGS}"}
+    if (args.batch_size, args.seq_len) != (32, 128):
+        log("note: the peers always run batch 32, seq 128; compare only runs of those shapes")
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "peers.json")
+    cmd = [args.peer_python, args.peer_script, "--configs", ",".join(configs), "--out", out, "--no-matmul",
+           "--rounds", str(args.peer_rounds)]
+    log("peers: " + " ".join(cmd))
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if p.returncode != 0 or not os.path.exists(out):
+        return {"error": f"peer_throughput.py exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}"}
+    with open(out, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    best = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            entry = best.setdefault(r["run"], {})
+            entry[r["peer"]] = {"tokens_per_s": r["tokens_per_s"], "peak_rss_mib": r["peak_rss_mib"]}
+    return best
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--configs", default="mini,small,medium",
+                    help="comma list of sizes from configs/common.py SIZES (default: %(default)s); '' for none")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--objective", choices=("mlm", "electra"), default="mlm")
+    ap.add_argument("--max-predictions", type=int, default=-1,
+                    help="prediction slots per row; -1: ceil(0.15 x seq_len) (20 at seq 128, as the configs)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per config (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override for every run, KEY in {AB_KEYS} (accum: micro-batches per step; repeatable)")
+    ap.add_argument("--grid", action="store_true", help="also small at seq 128/512 x batch 32/128")
+    ap.add_argument("--ab", action="append", default=[], metavar="KEY=A,B",
+                    help=f"A/B ratio in one process for KEY in {AB_KEYS} on the first config or mini (repeatable)")
+    ap.add_argument("--compile-ratio", action="store_true", help="compile time of large vs base")
+    ap.add_argument("--peers", action="store_true", help="run shared/bench/peer_throughput.py afterwards")
+    ap.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT)
+    ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
+    ap.add_argument("--peer-rounds", type=int, default=1)
+    ap.add_argument("--out-dir", default="/tmp/bert_jax_benchmark", help="where --peers writes its JSON")
+    ap.add_argument("--matmul-size", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
+    return ap.parse_args(argv)
+
+
+def _overrides(items: list[str], ap_error) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AB_KEYS:
+            ap_error(f"--model {item!r}: expected KEY=VALUE with KEY in {AB_KEYS}")
+        out[key] = _typed(key, value)
+    return out
+
+
+def _typed(key: str, value: str):
+    """accum is an int, the dropout rates floats, the rest strings (EncoderConfig checks the values)."""
+    return int(value) if key == "accum" else float(value) if key.endswith("dropout") else value
+
+
+def check_args(args) -> tuple[list[str], dict, list]:
+    """Validates everything before any subprocess runs; exits with one `error:` line."""
+    from configs import common
+
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
+    configs = [c for c in args.configs.split(",") if c]
+    for c in configs:
+        if c not in common.SIZES:
+            fail(f"--configs: unknown size {c!r}; choose from {sorted(common.SIZES)}")
+    for key, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps)):
+        if value < 1:
+            fail(f"{key}={value} must be >= 1")
+    if args.warmup < 1:
+        fail(f"--warmup={args.warmup} must be >= 1")
+    overrides = _overrides(args.model, fail)
+    abs_ = []
+    for item in args.ab:
+        key, sep, values = item.partition("=")
+        vals = values.split(",")
+        if not sep or key not in AB_KEYS or len(vals) != 2:
+            fail(f"--ab {item!r}: expected KEY=A,B with KEY in {AB_KEYS}")
+        abs_.append((key, [_typed(key, v) for v in vals]))
+    return configs, overrides, abs_
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return
+    configs, overrides, abs_ = check_args(args)
+    sys.path.insert(0, ROOT)
+    from bert_jax import flops
+
+    def spec_for(size, seq_len=args.seq_len, batch=args.batch_size, **kw):
+        preds = args.max_predictions if args.max_predictions > 0 else -(-15 * seq_len // 100)
+        return {"size": size, "seq_len": seq_len, "batch": batch, "max_predictions": preds,
+                "objective": args.objective, "steps": args.steps, "warmup": args.warmup,
+                "overrides": overrides, **kw}
+
+    matmul_sizes = {n: 3 for n in args.matmul_size} or None
+    log(f"FLOPs formula (bert_jax.flops.FORMULA): {flops.FORMULA}")
+    log("inputs: synthetic random token batches (vocab 30522, [CLS] ... [SEP], no padding), on device before "
+        f"timing; objective {args.objective}, AdamW, dropout 0.1, f32 params")
+    result = {"settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "objective": args.objective,
+                           "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
+                           "formula": flops.FORMULA, "inputs": "synthetic"},
+              "machine": {"nproc": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    mm = spawn({"kind": "matmul", "matmul_sizes": matmul_sizes}, args.timeout)
+    peak = mm.get("peak_gflops")
+    result["matmul"] = mm
+    log(f"matmul peak (jitted f32, XLA): {peak and round(peak, 1)} GFLOP/s {mm.get('per_size_gflops', mm)}")
+
+    def train(spec, label):
+        r = spawn({"kind": "train", **spec}, args.timeout)
+        if "error" not in r and peak:
+            r["mfu"] = r["achieved_gflops"] / peak
+        r.update({k: spec[k] for k in ("size", "seq_len", "batch", "max_predictions")})
+        if "error" in r:
+            log(f"{label}: ERROR {r['error']}")
+        else:
+            log(f"{label}: step {r['step_s'] * 1e3:.1f} ms (median of {args.steps}), {r['tokens_per_s']:.0f} "
+                f"tokens/s, compile {r['compile_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_gflops']:.1f} GFLOP/s, "
+                f"MFU {100 * r.get('mfu', float('nan')):.1f}%")
+        return r
+
+    result["configs"] = {c: train(spec_for(c), f"{c} b{args.batch_size} s{args.seq_len}") for c in configs}
+    if args.grid:
+        result["grid"] = {f"small_s{s}_b{b}": train(spec_for("small", s, b), f"grid small b{b} s{s}")
+                          for s, b in GRID}
+    if abs_:
+        result["ab"] = {}
+        for key, vals in abs_:
+            ab_size = configs[0] if configs else "mini"
+            r = spawn({"kind": "ab", "ab_key": key, "ab_values": vals, **spec_for(ab_size)}, args.timeout)
+            result["ab"][f"{key}={vals[0]},{vals[1]}"] = r
+            if "error" in r:
+                log(f"A/B {key}: ERROR {r['error']}")
+            else:
+                log(f"A/B {ab_size} {key}: {vals[0]} {r['step_s'][str(vals[0])] * 1e3:.1f} ms, {vals[1]} "
+                    f"{r['step_s'][str(vals[1])] * 1e3:.1f} ms: {vals[1]} is {r['speedup_b_over_a']:.3f}x as fast")
+    if args.compile_ratio:
+        r = spawn({"kind": "compile", "sizes": ["base", "large"], **spec_for("base")}, args.timeout)
+        if "error" not in r:
+            r["large_over_base"] = r["compile_s"]["large"] / r["compile_s"]["base"]
+            log(f"compile time: base {r['compile_s']['base']:.1f} s, large {r['compile_s']['large']:.1f} s, "
+                f"ratio {r['large_over_base']:.2f}")
+        result["compile_ratio"] = r
+    if args.peers:
+        peers = run_peers(args, configs)
+        result["peers"] = peers
+        for c in configs:
+            ours, theirs = result["configs"][c], peers.get(c, {}) if isinstance(peers, dict) else {}
+            if theirs and "tokens_per_s" in ours:
+                fastest = max(v["tokens_per_s"] for v in theirs.values())
+                ours["vs_faster_peer"] = ours["tokens_per_s"] / fastest
+                ours["rss_vs_peers_min"] = ours["peak_rss_mib"] / min(v["peak_rss_mib"] for v in theirs.values())
+                log(f"{c}: {ours['vs_faster_peer']:.2f}x the faster peer's tokens/s "
+                    f"({fastest:.0f}); peak RSS {ours['rss_vs_peers_min']:.2f}x the smaller peer's")
+        if "error" in peers:
+            log(f"peers: ERROR {peers['error']}")
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
