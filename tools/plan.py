@@ -144,6 +144,8 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
         manifest = synthetic_manifest(config, vocab_size)
         spec = training._masking_spec(config, manifest, vocab_size)  # pylint: disable=protected-access
         objective, build_model, extra = training.OBJECTIVES[config.objective.name](config, model_cfg, spec)
+        if config.data.document_attention:  # as the trainer runs it: attention within each packed document
+            objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
     except ValueError as e:
         raise training.ConfigError(str(e)) from None
     devices = jax.devices()[:num_devices] if devices is None else devices
@@ -153,10 +155,12 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
     tx = optim.make_optimizer(optim_cfg)
     seed = config.train.seed
     model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
-    layout = train_state.state_layout(model_fn, tx, mesh)
+    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
                                          accum_steps=config.optim.grad_accum_steps)
+    # Traced under the mesh and rules, as training.py does: activation constraints at layer boundaries.
+    step_fn.lower = sharding.in_mesh(step_fn.lower, mesh, derived["rules"])
     shape = (config.train.batch_size, config.data.seq_len)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
                       for k in ("input_ids", "attention_mask", "token_type_ids")}
