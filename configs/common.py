@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500  # steps between evaluations (and always at the last step); 0 disables
     c.train.eval_batches = 20  # validation batches per evaluation (fixed rows and fixed masks every time)
     c.train.seed = 0  # parameter initialisation, masking and dropout randomness
+    # A step whose loss or gradients are not finite leaves parameters and optimizer state untouched (counted
+    # as train/skipped); this many skips in a row stop the run (0: never stop).
+    c.train.max_nan_skips = 20
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices that the other axes leave
@@ -100,5 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500  # steps between checkpoints (and always at the last step); 0: only at the end
     c.checkpoint.max_to_keep = 3  # newest checkpoints kept
+    c.checkpoint.keep_every = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     c.checkpoint.async_save = True  # training continues while a checkpoint is written
     return c
