@@ -123,11 +123,13 @@ def test_sigterm_sigint_save_and_resume_exactly(cli, tmp_path):
         run = Run(cli["data"], workdir, cli["cache"], str(tmp_path / f"run{i}.log"))
         start = reached[-1] if reached else 0
         run.wait_for(lambda: len(run.steps_logged()) >= 2)  # noqa: B023  (training, not starting up)
-        if i == 0:  # a second process on the same workdir refuses to run while the first holds the lock
+        if i == 0:  # a second process on the same workdir refuses to run while the first (paused) holds the lock
+            run.proc.send_signal(signal.SIGSTOP)
             second = Run(cli["data"], workdir, cli["cache"], str(tmp_path / "second.log"))
             assert second.finish() == 1
             lines = [line for line in second.text().splitlines() if line.startswith("error: ")]
             assert len(lines) == 1 and "is in use by a running training process" in lines[0], second.text()[-2000:]
+            run.proc.send_signal(signal.SIGCONT)
         run.proc.send_signal(sig)
         assert run.finish() == 0, run.text()[-3000:]
         logged = run.steps_logged()
