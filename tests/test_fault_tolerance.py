@@ -334,3 +334,45 @@ def test_nan_guard_in_the_jitted_step():
     for a, b in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((after.params,
                                                                                           after.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+_SYNC_CODE = """
+import sys, time
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+from bert_jax import fault
+with fault.PreemptionWatch() as watch:
+    print("ready", flush=True)
+    for step in range(1, 100000):
+        time.sleep(0.01)  # processes run at their own pace: the sync point must still agree
+        if watch.should_stop(step):
+            print("stop", step, watch.signal_name, flush=True)
+            break
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
+def test_preemption_agrees_on_the_step_across_processes(sig, target):
+    # Two real jax.distributed processes on 127.0.0.1: a signal to one of them stops both at the same step.
+    import socket  # pylint: disable=import-outside-toplevel
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", _SYNC_CODE, str(i), address], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        procs[target].send_signal(sig)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stops = [out.split() for out, _ in outs]
+    assert stops[0][0] == "stop" and stops[0][1] == stops[1][1], stops
