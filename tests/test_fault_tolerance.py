@@ -166,16 +166,19 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete_checkpoint(cli, 
     workdir = str(tmp_path / "w")
     checkpoints = os.path.join(workdir, "checkpoints")
     rng = random.Random(0)
-    kills, killed_in_save, t0, startup = 0, 0, time.monotonic(), 2.0
+    kills, killed_in_save, resumed, t0, startup = 0, 0, 0, time.monotonic(), 2.0
     while kills < KILLS:
         complete = _steps(workdir) if os.path.isdir(checkpoints) else []
         run = Run(cli["data"], workdir, cli["cache"], str(tmp_path / f"run{kills}.log"))
         launched = time.monotonic()
         mode = kills % 3
-        if mode == 0:  # during an asynchronous save: as soon as its temporary folder shows up
+        if mode == 0:  # during an asynchronous save: as soon as its temporary folder shows up (once training,
+            run.wait_for(lambda: bool(run.steps_logged()))  # noqa: B023  i.e. once old ones are cleaned up)
             run.wait_for(lambda: bool(_tmp_saves(checkpoints)), poll=0.001)  # noqa: B023
-        elif mode == 1:  # anywhere in the training loop, a few steps in
-            n = rng.randint(1, 3)
+        elif mode == 1:  # anywhere in the training loop, once this run has committed a checkpoint of its own
+            newest = complete[-1] if complete else 0
+            run.wait_for(lambda: (_steps(workdir) or [0])[-1] > newest, poll=0.01)  # noqa: B023
+            n = len(run.steps_logged()) + rng.randint(0, 2)
             run.wait_for(lambda: len(run.steps_logged()) >= n)  # noqa: B023
             time.sleep(rng.uniform(0.0, 0.05))
         else:  # anywhere from start-up (imports, restore, compile) to the first steps
@@ -185,21 +188,22 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete_checkpoint(cli, 
             break  # finished before the kill (the loop is meant to kill long before the end)
         run.proc.kill()
         run.finish()
-        killed_in_save += bool(_tmp_saves(checkpoints))
         kills += 1
         text = run.text()
         if run.steps_logged():  # it got past the restore: it restored the newest complete checkpoint
+            killed_in_save += bool(_tmp_saves(checkpoints))
             startup = max(startup, time.monotonic() - launched)
             if complete:
                 assert f"resumed from step {complete[-1]} " in text, text[-3000:]
+                resumed += 1
             assert "is corrupt" not in text, text[-3000:]
     run = Run(cli["data"], workdir, cli["cache"], str(tmp_path / "last.log"))
     assert run.finish() == 0, run.text()[-3000:]
     assert "is corrupt" not in run.text()
     elapsed = time.monotonic() - t0
-    print(f"{kills} kills ({killed_in_save} during a save) and the final run took {elapsed:.0f} s")
+    print(f"{kills} kills ({killed_in_save} during a save, {resumed} restarts resumed), final run: {elapsed:.0f} s")
 
-    assert kills >= KILLS and killed_in_save >= 1
+    assert kills >= KILLS and killed_in_save >= 1 and resumed >= KILLS // 3
     assert not _tmp_saves(checkpoints)  # leftovers of interrupted saves are cleaned up on restart
     # Steps redone after a kill reproduce the reference losses exactly; the final parameters are equal.
     records = _records(workdir)
