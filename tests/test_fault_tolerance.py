@@ -89,7 +89,8 @@ def _records(workdir):
 
 
 def _steps(workdir):
-    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
 
 
 def _assert_params_equal(workdir_a, workdir_b):
@@ -168,7 +169,7 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete_checkpoint(cli, 
     rng = random.Random(0)
     kills, killed_in_save, resumed, t0, startup = 0, 0, 0, time.monotonic(), 2.0
     while kills < KILLS:
-        complete = _steps(workdir) if os.path.isdir(checkpoints) else []
+        complete = _steps(workdir)
         run = Run(cli["data"], workdir, cli["cache"], str(tmp_path / f"run{kills}.log"))
         launched = time.monotonic()
         mode = kills % 3
