@@ -21,7 +21,7 @@ from bert_jax import checkpointing, fault, optim, sharding, train_state, train_s
 from configs import bert as bert_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40  # of every CLI run below (the learning-rate schedule depends on it, so all runs share it)
+STEPS = 60  # of every CLI run below (the learning-rate schedule depends on it, so all runs share it)
 KILLS = 20
 
 
@@ -173,17 +173,20 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete_checkpoint(cli, 
         run = Run(cli["data"], workdir, cli["cache"], str(tmp_path / f"run{kills}.log"))
         launched = time.monotonic()
         mode = kills % 3
+        if mode == 2:  # anywhere from start-up (imports, restore, compile) to the first step
+            delay = rng.uniform(0.0, startup)
+            run.wait_for(lambda: time.monotonic() - launched > delay or bool(run.steps_logged()))  # noqa: B023
+        else:
+            run.wait_for(lambda: bool(run.steps_logged()))  # noqa: B023
+            startup = time.monotonic() - launched
         if mode == 0:  # during an asynchronous save: as soon as its temporary folder shows up (once training,
-            run.wait_for(lambda: bool(run.steps_logged()))  # noqa: B023  i.e. once old ones are cleaned up)
-            run.wait_for(lambda: bool(_tmp_saves(checkpoints)), poll=0.001)  # noqa: B023
+            run.wait_for(lambda: bool(_tmp_saves(checkpoints)), poll=0.001)  # noqa: B023  so not an old one)
         elif mode == 1:  # anywhere in the training loop, once this run has committed a checkpoint of its own
             newest = complete[-1] if complete else 0
             run.wait_for(lambda: (_steps(workdir) or [0])[-1] > newest, poll=0.01)  # noqa: B023
             n = len(run.steps_logged()) + rng.randint(0, 2)
             run.wait_for(lambda: len(run.steps_logged()) >= n)  # noqa: B023
             time.sleep(rng.uniform(0.0, 0.05))
-        else:  # anywhere from start-up (imports, restore, compile) to the first steps
-            time.sleep(rng.uniform(0.0, startup))
         if run.proc.poll() is not None:
             assert run.finish() == 0, run.text()[-3000:]
             break  # finished before the kill (the loop is meant to kill long before the end)
@@ -193,7 +196,6 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete_checkpoint(cli, 
         text = run.text()
         if run.steps_logged():  # it got past the restore: it restored the newest complete checkpoint
             killed_in_save += bool(_tmp_saves(checkpoints))
-            startup = max(startup, time.monotonic() - launched)
             if complete:
                 assert f"resumed from step {complete[-1]} " in text, text[-3000:]
                 resumed += 1
