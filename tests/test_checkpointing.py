@@ -81,6 +81,7 @@ def _data_files(step_dir):
     return sorted((f for f in files if "/d/" in f), key=os.path.getsize, reverse=True)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_reported_and_passed_over(tmp_path):
     layout, state = _state(sharding.make_mesh(data=2, fsdp=2, tensor=2))
     directory = str(tmp_path / "checkpoints")

@@ -302,6 +302,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
     fault.WorkdirLock(str(tmp_path)).acquire().release()
 
 
+@pytest.mark.slow
 def test_nan_guard_in_the_jitted_step():
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
