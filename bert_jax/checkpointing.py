@@ -1,25 +1,42 @@
 """orbax checkpoints of the whole training state plus a JSON record (data position, config, vocab hash).
 
 Saves are asynchronous: training goes on while the previous checkpoint is written; a step folder counts
-only once orbax has committed it, so a run killed mid-save restarts from the newest complete checkpoint.
-Restoring takes the abstract state of the current run (with its shardings) as the target, so a checkpoint
-restores onto any mesh.
+only once orbax has committed it (it writes into a temporary folder and renames it), so a run killed mid-save
+restarts from the newest complete checkpoint. Restoring takes the abstract state of the current run (with its
+shardings) as the target, so a checkpoint restores onto any mesh.
+
+Bytes can still rot after the commit (a truncated file, a flipped bit that the storage format does not
+notice): every save records a fingerprint of the state in its meta (two wrapping uint32 sums of each leaf's
+bits, one of them position-weighted; exact, so independent of the mesh), checked after each restore.
+`restore_newest_good` walks back from the newest checkpoint to the first one that restores and matches,
+moving the bad ones aside (never deleting them).
 """
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back, or whose contents differ from the fingerprint saved with it."""
+
+
 class Checkpointer:
     """A thin owner of one ocp.CheckpointManager under `directory`."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, keep_every: int = 0,
+                 read_only: bool = False):
+        """Keeps the newest `max_to_keep` checkpoints plus every step that is a multiple of `keep_every` (> 0).
+        Temporary folders of saves that a crash interrupted are removed on start, unless `read_only` (readers
+        such as tools must not touch the folder of a run that may be live)."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               keep_period=keep_every or None, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -29,7 +46,9 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> bool:
-        """Starts writing `state` and the JSON `meta` for `step`; returns at once when saving asynchronously."""
+        """Starts writing `state` and the JSON `meta` (plus the state's fingerprint) for `step`; returns at once
+        when saving asynchronously (after one small reduction over the state)."""
+        meta = {**meta, "fingerprint": fingerprint(state)}
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -38,9 +57,53 @@ class Checkpointer:
         if step not in self.all_steps():
             raise ValueError(f"checkpoint step {step} not found in {self.directory}; "
                              f"available: {self.all_steps()}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"])
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable files  # noqa: BLE001
+            raise CorruptCheckpointError(f"unreadable ({_first_line(e)})") from None
+        state, meta = restored["state"], dict(restored["meta"])
+        verify_fingerprint(state, meta)
+        return state, meta
+
+    def restore_newest_good(self, abstract_state: Any, check_meta: Callable[[int, dict], None] | None = None,
+                            log: Callable[[str], None] = print) -> tuple[Any, dict, int] | None:
+        """-> (state, meta, step) of the newest checkpoint that restores and matches its fingerprint, or None
+        when there is none. Each bad one is reported in one line and moved to `<directory>-bad/`.
+        `check_meta(step, meta)` runs on the newest checkpoint's meta before anything is restored (it raises
+        to refuse an incompatible checkpoint, e.g. other model shapes)."""
+        steps = sorted(self.all_steps(), reverse=True)
+        checked = False
+        for i, step in enumerate(steps):
+            try:
+                if not checked and check_meta is not None:
+                    try:
+                        meta = self.restore_meta(step)
+                    except Exception as e:  # noqa: BLE001
+                        raise CorruptCheckpointError(f"unreadable meta ({_first_line(e)})") from None
+                    check_meta(step, meta)
+                    checked = True
+                state, meta = self.restore(step, abstract_state)
+                return state, meta, step
+            except CorruptCheckpointError as e:
+                where = self.quarantine(step)
+                after = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint: starting anew"
+                log(f"checkpoint step {step} in {self.directory} is corrupt: {e}; moved to {where}; {after}")
+        return None
+
+    def quarantine(self, step: int) -> str:
+        """Moves checkpoint `step` out of the manager's folder (to `<directory>-bad/<step>-<time>`): kept for
+        a post-mortem, and no longer in the way of a new save of the same step."""
+        import jax  # pylint: disable=import-outside-toplevel
+        target = os.path.join(self.directory + "-bad", f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"quarantine {step}")
+        self._manager.reload()
+        return target
 
     def restore_untyped(self, step: int) -> tuple[dict, dict]:
         """-> (the saved state as a plain nested dict of arrays on one local device, meta), with no target
@@ -56,8 +119,30 @@ class Checkpointer:
         with ocp.StandardCheckpointer() as reader:
             tree = reader.metadata(path).item_metadata
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-            state = reader.restore(path, target)
-        return dict(state), self.restore_meta(step)
+            try:
+                state = reader.restore(path, target)
+            except Exception as e:  # noqa: BLE001
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                                             f"({_first_line(e)})") from None
+        meta = self.restore_meta(step)
+        try:
+            verify_fingerprint(state, meta, prefix="params/")  # the optimizer state's tree form may differ here
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: {e}") from None
+        return dict(state), meta
+
+    def step_bytes(self) -> dict[int, int]:
+        """{step: bytes on disk} of every checkpoint."""
+        sizes = {}
+        for step in self.all_steps():
+            root = os.path.join(self.directory, str(step))
+            sizes[step] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+        return sizes
+
+    def state_metadata(self, step: int) -> Any:
+        """The saved tree of array metadata (shape, dtype) of checkpoint `step`, read without any array."""
+        with ocp.StandardCheckpointer() as reader:
+            return reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
 
     def restore_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -72,6 +157,76 @@ class Checkpointer:
         self._manager.close()
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file (the data manifest, recorded in every checkpoint's meta)."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _leaf_sums(x):
+    """Two uint32 sums (wrapping) of the bits of one array: plain and weighted by 1 + the flat index."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    size = np.dtype(x.dtype).itemsize
+    if size not in (1, 2, 4):  # 64-bit leaves: fold the two halves
+        x = jax.lax.bitcast_convert_type(x, jnp.uint32).sum(axis=-1, dtype=jnp.uint32)
+        size = 4
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):  # the flat index without reshaping (no resharding of a sharded array)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * (index + 1)).sum(dtype=jnp.uint32)])
+
+
+_FINGERPRINT_FN = None
+
+
+def fingerprint(state: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of the state's bits; the same on any mesh (integer sums are exact)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    global _FINGERPRINT_FN  # pylint: disable=global-statement
+    if _FINGERPRINT_FN is None:  # jitted once per process; retraced per tree structure by jax itself
+        _FINGERPRINT_FN = jax.jit(lambda tree: jax.tree.map(_leaf_sums, tree))
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_FINGERPRINT_FN(state)))[0]
+    return {_path_name(p): [int(v) for v in np.asarray(x)] for p, x in leaves}
+
+
+def _path_name(path) -> str:
+    """"params/encoder/..." for a tree path, whether the tree is a TrainState or the plain dict that an untyped
+    restore gives back."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def verify_fingerprint(state: Any, meta: dict, prefix: str = "") -> None:
+    """Raises CorruptCheckpointError naming the first leaf whose fingerprint differs (no-op for checkpoints
+    saved without one). `prefix` limits the check to the leaves under it (e.g. "params/")."""
+    saved = {k: v for k, v in meta.get("fingerprint", {}).items() if k.startswith(prefix)}
+    if not saved:
+        return
+    now = {k: v for k, v in fingerprint(state).items() if k.startswith(prefix)}
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            raise CorruptCheckpointError(f"{name or 'the state'} differs from the fingerprint saved with it")
+
+
 def load_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     """(params as a nested dict of numpy arrays, meta) of checkpoint `step` (default: the newest) in
     `workdir/checkpoints` (or `workdir` itself when it is the checkpoints folder)."""
@@ -82,7 +237,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
         directory = workdir
     if not os.path.isdir(directory):
         raise ValueError(f"no checkpoints folder in {workdir}")
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:

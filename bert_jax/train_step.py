@@ -50,7 +50,15 @@ def train_step(state, batch: dict, *, graphdef, tx: optax.GradientTransformation
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **_finish_metrics(sums)}
+    grad_norm = optax.tree.norm(grads)
+    # NaN guard: a non-finite loss or gradient (the norm is non-finite iff some gradient is) keeps the old
+    # parameters and optimizer state; selected on device, so no host sync. The step still counts (its batch
+    # is consumed), and `skipped` reports it.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
+               **_finish_metrics(sums)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

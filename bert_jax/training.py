@@ -140,13 +140,23 @@ def _load_manifest(data_dir: str) -> dict:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
-    """Trains to config.train.steps (resuming from workdir if it holds checkpoints); returns the last metrics."""
+    """Trains to config.train.steps (resuming from workdir if it holds checkpoints); returns the last metrics.
+    The workdir must be writable and is locked for the run; SIGTERM/SIGINT save a checkpoint and return."""
+    import jax
+
+    from bert_jax import fault
+    fault.check_workdir(workdir)
+    with fault.WorkdirLock(workdir, jax.process_index()), fault.PreemptionWatch() as preempt:
+        return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
-    from bert_jax import checkpointing, metrics as metrics_lib, optim, prefetch, sharding, train_state, train_step
-    from bert_jax import profiling
+    from bert_jax import checkpointing, fault, metrics as metrics_lib, optim, prefetch, sharding, train_state
+    from bert_jax import profiling, train_step
     from data_pipeline import dataset as data_lib
     from data_pipeline.progress import progress
 
@@ -181,16 +191,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     for line in metrics_lib.start_lines(config, mesh, n_params, sharding.bytes_per_device(layout.abstract.params),
                                         flops_per_step, peak):
         writer.log(line)
+    fault.check_workdir(workdir, need_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract)))
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.checkpoint.max_to_keep,
-                                      async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, layout.abstract)
-        if meta.get("vocab_hash") != manifest["vocab_hash"]:
-            raise ConfigError(f"the checkpoint at step {latest} in {ckpt.directory} was trained with another "
-                              f"vocabulary than {config.data.dir}")
+                                      async_save=config.checkpoint.async_save,
+                                      keep_every=config.checkpoint.keep_every)
+
+    def check_resume(step, meta):  # before anything is restored or written: a mismatch stops the run
+        reason = fault.resume_mismatch(step, meta, ckpt.directory, model=dataclasses.asdict(model_cfg),
+                                       objective=config.objective.name, vocab_hash=manifest["vocab_hash"],
+                                       generator=extra_meta.get("generator"))
+        if reason:
+            raise ConfigError(reason)
+
+    restored = ckpt.restore_newest_good(layout.abstract, check_meta=check_resume, log=writer.log)
+    if restored is not None:
+        state, meta, latest = restored
         writer.log(f"resumed from step {latest} ({ckpt.directory})")
     else:
         init_params = None
@@ -248,10 +265,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         values = metrics_lib.finish_sums(jax.device_get(sums))
         return {"eval/loss": objective.total_loss(values), **{f"eval/{k}": v for k, v in values.items()}}
 
+    manifest_sha256 = checkpointing.file_sha256(os.path.join(config.data.dir, "manifest.json"))
+    nan_guard = fault.NanGuard(config.train.max_nan_skips)
+
     def save(step):
         meta = {"step": step, "data": train_ds.plan.position(step),
                 "vocab_hash": manifest["vocab_hash"], "model": dataclasses.asdict(model_cfg),
-                "objective": config.objective.name, **extra_meta,
+                "objective": config.objective.name, **extra_meta, "manifest_sha256": manifest_sha256,
                 "config": json.loads(config.to_json_best_effort())}
         ckpt.save(step, state, meta)
 
@@ -270,21 +290,28 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         state, step_metrics = step_fn(state, batch)
         profiler.after(step, step_metrics)
         pending.append(step_metrics)
-        if step % config.train.log_every == 0 or step == config.train.steps:
+        stop = preempt.should_stop(step)  # SIGTERM/SIGINT: this step is saved, then the run returns
+        if step % config.train.log_every == 0 or step == config.train.steps or stop:
             values = metrics_lib.mean_of(pending)  # the only host sync: once per log interval
+            nan_guard.update(step - len(pending) + 1, [m["skipped"] for m in jax.device_get(pending)])
+            values["skipped_total"] = nan_guard.total
             elapsed = time.perf_counter() - t_log
             last = {**{f"train/{k}": v for k, v in values.items()},
                     "learning_rate": float(lr_schedule(step - 1)),
                     **clock.interval(step, len(pending), elapsed, t_data),
                     "data/skipped_shards": len(train_ds.stream_stats.skipped_shards)}
             writer.write(step, last, suffix=clock.eta_text(step))
+            nan_guard.check(before_raise=ckpt.close)
             pending, t_log, t_data = [], time.perf_counter(), 0.0
         if eval_batches and (step % config.train.eval_every == 0 or step == config.train.steps):
             last = {**last, **evaluate()}
             writer.write(step, {k: v for k, v in last.items() if k.startswith("eval/")}, prefix="eval ")
             t_log = time.perf_counter()
-        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
+        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps or stop:
             save(step)
+        if stop:
+            writer.log(f"{preempt.signal_name}: saved a checkpoint at step {step}; stopping (run again to resume)")
+            break
     if start_step >= config.train.steps:
         writer.log(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={config.train.steps}")
     profiler.stop()
@@ -308,11 +335,12 @@ def main(argv):
     # TensorFlow only reads data here: keep it off any accelerator so it does not take device memory.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
+    from bert_jax.fault import FaultError
     from data_pipeline.errors import DataError
     try:
         distributed.initialize()  # before any other JAX call
         train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DataError, distributed.DistributedError) as e:
+    except (ConfigError, DataError, FaultError, distributed.DistributedError) as e:
         sys.exit(f"error: {e}")
 
 

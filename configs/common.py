@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "FIRST,LAST": a jax.profiler trace of training steps FIRST..LAST in W/profile (TensorBoard / Perfetto);
     # "" profiles nothing. Keep it a few steps after compilation, e.g. "10,12".
     c.train.profile_steps = ""
+    # A step whose loss or gradients are not finite leaves parameters and optimizer state untouched (counted
+    # as train/skipped); this many skips in a row stop the run (0: never stop).
+    c.train.max_nan_skips = 20
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 takes the devices that the other axes leave
@@ -128,5 +131,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500  # steps between checkpoints (and always at the last step); 0: only at the end
     c.checkpoint.max_to_keep = 3  # newest checkpoints kept
+    c.checkpoint.keep_every = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     c.checkpoint.async_save = True  # training continues while a checkpoint is written
     return c

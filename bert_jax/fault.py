@@ -1,0 +1,192 @@
+"""Fault tolerance around the training loop: preemption signals, the workdir lock, writability and free-space
+probes, and the bookkeeping of the NaN guard.
+
+Everything here is host-side and cheap; the loop in `training.py` calls it with a few lines. The NaN guard
+itself (skip a non-finite update) lives inside the jitted step (`train_step.py`); this module only counts
+the consecutive skips that the step reports and stops the run after too many.
+"""
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+
+
+class FaultError(RuntimeError):
+    """A condition that stops the run with a one-line message (the CLI prints `error: ...`)."""
+
+
+# ---------------------------------------------------------------------------------------------- workdir checks
+
+def check_workdir(workdir: str, need_bytes: int = 0) -> None:
+    """Raises FaultError (one line) unless `workdir` can be created, written and holds `need_bytes` free.
+
+    A probe file is written, flushed to disk and removed: permission bits alone do not tell (root ignores them,
+    read-only mounts do not show in them), and a full disk only shows when a write fails.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise FaultError(f"workdir {workdir} is not writable: {reason}") from None
+    free = shutil.disk_usage(workdir).free
+    if free < need_bytes:
+        raise FaultError(f"workdir {workdir} has {free / 2**20:.1f} MiB free, less than the {need_bytes / 2**20:.1f} "
+                         f"MiB that one checkpoint needs")
+
+
+class WorkdirLock:
+    """An exclusive fcntl lock on `workdir/lock-{process_index}` held for the life of the run.
+
+    A second run on the same workdir fails at once instead of writing into the same checkpoint folder. The
+    kernel drops a flock when its process dies, even by SIGKILL, so a crashed run never leaves a stale lock.
+    """
+
+    def __init__(self, workdir: str, process_index: int = 0):
+        self.path = os.path.join(workdir, f"lock-{process_index}")
+        self._fd = None
+
+    def acquire(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FaultError(f"workdir {os.path.dirname(self.path)} is in use by a running training process "
+                             f"(pid {holder}, lock {self.path}); two runs must not share a workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+
+class PreemptionWatch:
+    """Turns SIGTERM / SIGINT into "finish this step, save, exit 0".
+
+    One process: a handler sets a flag, read after each step. Several processes (jax.distributed initialised):
+    JAX's preemption service already catches SIGTERM and agrees on a step with all hosts, so `should_stop`
+    asks `multihost_utils.reached_preemption_sync_point(step)` every step (a local check, no collective);
+    SIGINT is forwarded as SIGTERM to this process so that it takes the same path.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+        self._distributed = False
+
+    def __enter__(self):
+        from jax._src import distributed  # pylint: disable=import-outside-toplevel
+        self._distributed = distributed.global_state.preemption_sync_manager is not None
+        handlers = {signal.SIGINT: self._forward} if self._distributed else {s: self._flag for s in self.SIGNALS}
+        for sig, handler in handlers.items():
+            self._previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _flag(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def _forward(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def should_stop(self, step: int) -> bool:
+        """True at the step where this run (all its processes) should save and stop."""
+        if self._distributed:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "SIGTERM"
+                return True
+            return False
+        return self.signal_name is not None
+
+
+# ---------------------------------------------------------------------------------------------- NaN guard
+
+class NanGuard:
+    """Counts the updates that the jitted step skipped (metric `skipped`: 1.0 when the loss or a gradient was
+    not finite) and raises FaultError after `max_consecutive` skips in a row (0: never).
+
+    It reads the per-step metrics only when the loop fetches them anyway (once per log interval), so it adds
+    no host sync; the run therefore stops at the first log step after the limit is reached. Skipped steps
+    leave the parameters as they were, so any checkpoint written meanwhile still holds good parameters.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+        self.last_step = 0
+
+    def update(self, first_step: int, skipped: list[float]) -> None:
+        """`skipped[i]` is the flag of step `first_step + i` (host floats)."""
+        for flag in skipped:
+            self.consecutive = self.consecutive + 1 if flag > 0 else 0
+            self.total += int(flag > 0)
+        self.last_step = first_step + len(skipped) - 1
+
+    def check(self, before_raise=None) -> None:
+        """Raises FaultError once the limit is reached (after calling `before_raise`, e.g. to finish a save)."""
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            if before_raise is not None:
+                before_raise()
+            raise FaultError(f"non-finite loss or gradients at {self.consecutive} consecutive steps (up to step "
+                             f"{self.last_step}); stopping (train.max_nan_skips={self.max_consecutive}). Those steps "
+                             f"left the parameters untouched; the last checkpoint is kept")
+
+
+# ---------------------------------------------------------------------------------------------- resume checks
+
+# Model fields that fix the parameters' shapes (dropout rates, dtype or remat may change on resume).
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "embedding_size", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size")
+
+
+def resume_mismatch(step: int, meta: dict, directory: str, *, model: dict, objective: str, vocab_hash: str,
+                    generator: dict | None = None) -> str | None:
+    """The one-line reason why checkpoint `step` (its `meta`) cannot be resumed by this config, or None."""
+    where = f"the checkpoint at step {step} in {directory}"
+    if meta.get("vocab_hash") != vocab_hash:
+        return f"{where} was trained with another vocabulary (vocab_hash differs from the data manifest's)"
+    if meta.get("objective", objective) != objective:
+        return (f"{where} has objective.name={meta['objective']!r}, the config says {objective!r}; "
+                f"use a new workdir (or init_from) to change it")
+    towers = [("model", meta.get("model") or {}, model)]
+    if generator is not None:
+        towers.append(("generator", meta.get("generator") or {}, generator))
+    for name, saved, wanted in towers:
+        for key in SHAPE_KEYS:
+            if key in saved and saved[key] != wanted.get(key):
+                return (f"{where} has {name}.{key}={saved[key]}, the config gives {wanted.get(key)}; resume with "
+                        f"the checkpoint's model shape or use a new workdir (nothing was overwritten)")
+    return None
