@@ -282,7 +282,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     pending, t_log, t_data = [], time.perf_counter(), 0.0
     writer.log(f"training steps {start_step} -> {config.train.steps}, batch {config.train.batch_size} x "
                f"{config.data.seq_len}")
+    final_step = start_step
     for step in range(start_step + 1, config.train.steps + 1):
+        final_step = step
         t0 = time.perf_counter()
         batch = next(train_iter)
         t_data += time.perf_counter() - t0
@@ -316,8 +318,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
         writer.log(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={config.train.steps}")
     profiler.stop()
     ckpt.close()
-    for line in metrics_lib.summary_lines(workdir, config.objective.name, max(0, config.train.steps - start_step),
-                                          max(start_step, config.train.steps), tokens_per_step, clock.elapsed(),
+    for line in metrics_lib.summary_lines(workdir, config.objective.name, final_step - start_step,
+                                          final_step, tokens_per_step, clock.elapsed(),
                                           last, ckpt.directory):
         writer.log(line)
     writer.close()
