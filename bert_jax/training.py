@@ -240,13 +240,13 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
-    # One global batch per step, so the data position of step s is "s batches consumed".
+    # One global batch per step; a resume continues from the data position saved with the checkpoint.
     train_ds = data_lib.make_dataset(
         config.data.dir, "train", host_batch, shuffle=True, repeat=True, seed=config.data.seed,
         shuffle_buffer=config.data.shuffle_buffer, process_index=jax.process_index(),
         process_count=jax.process_count(), window_shards=config.data.window_shards,
         skip_corrupt_shards=config.data.skip_corrupt_shards,
-        skip_batches=data_lib.resume_batches(meta if latest is not None else None, start_step))
+        skip_batches=data_lib.resume_batches(meta if restored is not None else None, start_step))
     train_iter = prefetch.to_device(data_lib.as_numpy(train_ds), to_global, size=2)  # transferred ahead
     eval_batches = []
     if config.train.eval_every > 0:
