@@ -40,10 +40,15 @@ def test_mfu():
 @pytest.mark.parametrize("recipe", ["bert.py:tiny", "electra.py:tiny"])
 def test_formula_equals_compiled_matmuls(recipe):
     """On one device the matmul FLOPs of the compiled step (every `dot`, loop bodies times their trip
-    count) equal the formula: the formula misses no matmul and counts none twice."""
+    count) equal the formula: the formula misses no matmul and counts none twice. Rematerialisation adds
+    recomputed matmuls (the recipes' remat="dots" recomputes the attention's batched einsums), which model
+    FLOPs (and so MFU) leave out: a few percent here, within the planner's 5%."""
     from tools import plan
     from tests.test_plan import load_config
-    config = load_config(recipe, batch_size=4, seq_len=32, mesh=(1, 1, 1))
-    setup = plan.build(config, 1, vocab_size=1000)
-    figures = plan.analyse(setup, plan.compile_step(setup), 989.0, 80.0, 450.0)
-    assert figures["xla_over_formula"] == pytest.approx(1.0, abs=0.005)
+    ratios = {}
+    for remat in ("none", "dots"):
+        config = load_config(recipe, batch_size=4, seq_len=32, mesh=(1, 1, 1), remat=remat)
+        setup = plan.build(config, 1, vocab_size=1000)
+        ratios[remat] = plan.analyse(setup, plan.compile_step(setup), 989.0, 80.0, 450.0)["xla_over_formula"]
+    assert ratios["none"] == pytest.approx(1.0, abs=0.005)
+    assert 1.0 <= ratios["dots"] <= 1.05
