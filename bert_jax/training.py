@@ -294,8 +294,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
         pending.append(step_metrics)
         stop = preempt.should_stop(step)  # SIGTERM/SIGINT: this step is saved, then the run returns
         if step % config.train.log_every == 0 or step == config.train.steps or stop:
-            values = metrics_lib.mean_of(pending)  # the only host sync: once per log interval
-            nan_guard.update(step - len(pending) + 1, [m["skipped"] for m in jax.device_get(pending)])
+            pending = jax.device_get(pending)  # the only host sync: once per log interval
+            values = metrics_lib.mean_of(pending)
+            nan_guard.update(step - len(pending) + 1, [m["skipped"] for m in pending])
             values["skipped_total"] = nan_guard.total
             elapsed = time.perf_counter() - t_log
             last = {**{f"train/{k}": v for k, v in values.items()},

@@ -127,6 +127,7 @@ class Setup:
     layout: object
     step_fn: object
     abstract_batch: dict
+    rules: tuple  # the logical-axis rules the step is traced under (activation constraints)
 
 
 def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Setup:
@@ -159,19 +160,20 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
                                          accum_steps=config.optim.grad_accum_steps)
-    # Traced under the mesh and rules, as training.py does: activation constraints at layer boundaries.
-    step_fn.lower = sharding.in_mesh(step_fn.lower, mesh, derived["rules"])
     shape = (config.train.batch_size, config.data.seq_len)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
                       for k in ("input_ids", "attention_mask", "token_type_ids")}
     gen = extra.get("generator")
     gen_cfg = type(model_cfg)(**gen) if gen else None
-    return Setup(config, mesh, model_cfg, gen_cfg, model_fn, tx, layout, step_fn, abstract_batch)
+    return Setup(config, mesh, model_cfg, gen_cfg, model_fn, tx, layout, step_fn, abstract_batch, derived["rules"])
 
 
 def compile_step(setup: Setup):
-    """Lower the jitted step on the abstract state and batch, and compile it (no execution)."""
-    return setup.step_fn.lower(setup.layout.abstract, setup.abstract_batch).compile()
+    """Lower the jitted step on the abstract state and batch, and compile it (no execution). Traced under the
+    mesh and rules, as training.py runs it: activation constraints at layer boundaries."""
+    from bert_jax import sharding
+    lower = sharding.in_mesh(setup.step_fn.lower, setup.mesh, setup.rules)
+    return lower(setup.layout.abstract, setup.abstract_batch).compile()
 
 
 # ---------------------------------------------------------------------------------------------------------
