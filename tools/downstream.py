@@ -209,7 +209,7 @@ def _fmt(v):
 
 
 def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest: dict, info: dict,
-                  curves: dict, table: dict, total_seconds: float) -> None:
+                  curves: dict, table: dict, results: list[dict], total_seconds: float) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     png = os.path.splitext(path)[0].replace("RESULTS", "pretraining_curves") + ".png"
     if png == path or not png.endswith(".png"):
@@ -237,7 +237,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
         lines.append(f"| {name} | `{i['config']}` | {i['steps']} | {i['overrides']['train.batch_size']} | "
                      f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
     lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
-              "width is set to 128 and its generator is half as wide). Steps follow from equal FLOPs by "
+              "width is set to 128 and its generator is half as wide; the tiny ELECTRA recipe samples the "
+              "replacements at temperature 2). Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
               "for information.", "",
               "## Fine-tuning", "",
@@ -276,7 +277,11 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
                          f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
                          f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
     lines += ["", "(For ELECTRA the MLM accuracy is its small generator's.)", "",
-              f"Whole run: {total_seconds / 60:.1f} min wall-clock.", ""]
+              f"Time: pretraining {sum(i['wall_seconds'] for i in info.values()) / 60:.1f} min "
+              f"({', '.join(k + ' ' + format(v['wall_seconds'] / 60, '.1f') for k, v in info.items())}), fine-tuning "
+              f"{sum(r['train_seconds'] for r in results) / 60:.1f} min ({len(results)} runs, training loops "
+              f"only); this invocation {total_seconds / 60:.1f} min wall-clock (finished steps are reused, so a "
+              "resumed invocation is shorter than the whole).", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
     table = summarise(results)
     command = "python -m tools.downstream --out " + args.out + (" --quick" if args.quick else "")
     write_results(results_path, command, args.quick, budget, task, manifest, info, eval_curves(out), table,
-                  time.time() - t0)
+                  results, time.time() - t0)
     log(f"wrote {results_path}")
     print(json.dumps({"results": results_path, "table": table,
                       "pretraining": {k: {"steps": v["steps"], "train_flops": v["train_flops"],
