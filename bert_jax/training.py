@@ -150,6 +150,19 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         return _train_and_evaluate(config, workdir, preempt)
 
 
+def build_objective(config: ConfigDict, manifest: dict, vocab_size: int):
+    """-> (model config, objective, build_model, extra meta) as the trainer runs them: the objective of
+    `objective.name`, attending within each packed document (segments and positions from each piece's [CLS])
+    where `data.document_attention`. tools/plan.py and the multi-host reference run use it too. ValueError on
+    a bad field."""
+    model_cfg = _model_config(config, vocab_size)
+    spec = _masking_spec(config, manifest, vocab_size)
+    objective, build_model, extra = OBJECTIVES[config.objective.name](config, model_cfg, spec)
+    if config.data.document_attention:
+        objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
+    return model_cfg, objective, build_model, extra
+
+
 def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     import jax
     import numpy as np
@@ -165,13 +178,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     if not config.data.skip_corrupt_shards:  # a truncated shard is an error before any compile
         data_lib.check_shards(config.data.dir, manifest, "train", jax.process_index(), jax.process_count())
     try:  # the typed configs validate their own fields
-        model_cfg = _model_config(config, derived["vocab_size"])
+        model_cfg, objective, build_model, extra_meta = build_objective(config, manifest, derived["vocab_size"])
         optim_cfg = _optim_config(config)
-        spec = _masking_spec(config, manifest, derived["vocab_size"])
-        objective, build_model, extra_meta = OBJECTIVES[config.objective.name](config, model_cfg, spec)
         profiler = profiling.StepProfiler(workdir, config.train.profile_steps)
-        if config.data.document_attention:  # segments and positions from each packed piece's [CLS]
-            objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

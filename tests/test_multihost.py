@@ -1,7 +1,6 @@
 """Multi-host training through the real CLI: 2 processes x 2 CPU devices joined by jax.distributed on
 127.0.0.1 (gloo collectives) against 1 process x 4 devices; the flag and cluster logic of bert_jax.distributed."""
 
-import dataclasses
 import json
 import os
 import re
@@ -127,11 +126,7 @@ def _reference_run(data_dir):
             config[section][name] = value
     manifest = data_lib.load_manifest(data_dir)
     derived = training.check_config(config, manifest, 4, 1)
-    model_cfg = training._model_config(config, derived["vocab_size"])  # pylint: disable=protected-access
-    spec = training._masking_spec(config, manifest, derived["vocab_size"])  # pylint: disable=protected-access
-    objective, build_model, _ = training.OBJECTIVES["mlm"](config, model_cfg, spec)
-    if config.data.document_attention:  # as training.py sets it up
-        objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
+    _, objective, build_model, _ = training.build_objective(config, manifest, derived["vocab_size"])
     tx = optim.make_optimizer(training._optim_config(config))  # pylint: disable=protected-access
     mesh = sharding.make_mesh(MESH["data"], MESH["fsdp"], MESH["tensor"], devices=jax.devices()[:4])
     model_fn = lambda: build_model(nnx.Rngs(config.train.seed))  # noqa: E731
@@ -141,7 +136,8 @@ def _reference_run(data_dir):
                                                           objective=objective), mesh, derived["rules"])
     readers = [data_lib.make_dataset(data_dir, "train", BATCH // 2, shuffle=True, repeat=True, seed=config.data.seed,
                                      shuffle_buffer=config.data.shuffle_buffer, process_index=i,
-                                     process_count=2, window_shards=config.data.window_shards).as_numpy_iterator() for i in range(2)]
+                                     process_count=2, window_shards=config.data.window_shards
+                                     ).as_numpy_iterator() for i in range(2)]
     losses = []
     for _ in range(STEPS):
         host_batches = [next(r) for r in readers]

@@ -140,13 +140,9 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
 
     derived = check(config, num_devices, vocab_size)
     try:
-        model_cfg = training._model_config(config, vocab_size)  # pylint: disable=protected-access
         optim_cfg = training._optim_config(config)  # pylint: disable=protected-access
         manifest = synthetic_manifest(config, vocab_size)
-        spec = training._masking_spec(config, manifest, vocab_size)  # pylint: disable=protected-access
-        objective, build_model, extra = training.OBJECTIVES[config.objective.name](config, model_cfg, spec)
-        if config.data.document_attention:  # as the trainer runs it: attention within each packed document
-            objective = dataclasses.replace(objective, document_cls_id=manifest["special_ids"]["cls"])
+        model_cfg, objective, build_model, extra = training.build_objective(config, manifest, vocab_size)
     except ValueError as e:
         raise training.ConfigError(str(e)) from None
     devices = jax.devices()[:num_devices] if devices is None else devices
