@@ -27,6 +27,7 @@ saved vocabulary (`pretokenize --vocab`), and the manifest records `vocab_hash` 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -217,23 +218,46 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowerca
     """Train a BERT-style WordPiece vocabulary on `texts` and save it (see `Tokenizer.save`) to `out_dir`.
 
     The vocabulary has at most `vocab_size` entries (fewer when the corpus is too small to learn that
-    many) and starts with `SPECIAL_TOKENS` at ids 0..4. Returns `out_dir`.
+    many) and starts with `SPECIAL_TOKENS` at ids 0..4, then the alphabet, the "##" continuation of each
+    alphabet character, and the learned pieces. The same texts give the same vocabulary in every run (see
+    below). `texts` is read once (spooled to a file under `out_dir`, removed afterwards). Returns `out_dir`.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise DataError(f"vocab_size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    import tempfile
+
     from tokenizers import BertWordPieceTokenizer
 
-    trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                     lowercase=lowercase, wordpieces_prefix="##")
-    # min_frequency=2 keeps one-off strings (hashes, long identifiers) out of the vocabulary; 1000
-    # alphabet characters is BERT's usual cap so rare scripts fall back to [UNK] instead of eating slots.
-    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                special_tokens=list(SPECIAL_TOKENS), limit_alphabet=1000,
-                                wordpieces_prefix="##")
-    learned = trainer.get_vocab()
-    tokens = [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])]
-    if tokens[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+    def train(files: list[str], size: int, specials: list[str]) -> list[str]:
+        trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                         lowercase=lowercase, wordpieces_prefix="##")
+        # min_frequency=2 keeps one-off strings (hashes, long identifiers) out of the vocabulary; 1000
+        # alphabet characters is BERT's usual cap so rare scripts fall back to [UNK] instead of eating slots.
+        trainer.train(files, vocab_size=size, min_frequency=2, show_progress=False, special_tokens=specials,
+                      limit_alphabet=1000, wordpieces_prefix="##")
+        return [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
+
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=out_dir) as tmp:
+        spool = os.path.join(tmp, "texts.txt")
+        with open(spool, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(text)
+                f.write("\n")  # a line break is whitespace to WordPiece: documents may span lines
+        # The `tokenizers` trainer numbers the "##x" pieces in hash-map order, which changes from process to
+        # process, and breaks ties between equally frequent merges by those numbers: the same corpus gave
+        # another vocabulary (order, and at larger sizes even the set) in every run (huggingface/tokenizers
+        # #1794). A first pass with no merges finds the "##x" pieces; passing them, sorted, as fixed tokens
+        # numbers them before the corpus is read, which makes the merges deterministic.
+        continuations = sorted(t for t in train([spool], len(SPECIAL_TOKENS) + 1, list(SPECIAL_TOKENS))
+                               if t.startswith("##"))
+        tokens = train([spool], vocab_size, list(SPECIAL_TOKENS) + continuations)
+    n_special = len(SPECIAL_TOKENS)
+    if tokens[:n_special] != list(SPECIAL_TOKENS) or tokens[n_special:n_special + len(continuations)] != continuations:
         raise DataError(f"trained vocabulary does not start with {SPECIAL_TOKENS}: {tokens[:5]}")
+    rest = tokens[n_special + len(continuations):]
+    alphabet = list(itertools.takewhile(lambda t: len(t) == 1, rest))
+    tokens = list(SPECIAL_TOKENS) + alphabet + continuations + rest[len(alphabet):]
     return Tokenizer(tokens, lowercase=lowercase).save(out_dir)
 
 

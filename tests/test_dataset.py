@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -96,10 +97,11 @@ def test_processes_get_disjoint_shards(data):
         ds = make_dataset(out, "train", 4, shuffle=False, repeat=False, drop_remainder=False,
                           process_index=index, process_count=2)
         parts.append(np.concatenate([b["input_ids"] for b in as_numpy(ds)]))
-    shards = load_manifest(out)["splits"]["train"]["shards"]
-    assert len(parts[0]) == shards[0]["rows"] + shards[2]["rows"]
-    assert not set(map(bytes, parts[0])) & set(map(bytes, parts[1]))
-    assert sorted(map(bytes, np.concatenate(parts))) == sorted(map(bytes, rows))
+    # Shards are contiguous runs of the packed rows; unshuffled, process i reads shards i, i + 2 in order.
+    # (Rows are compared by position, not content: real docstrings pack into a few identical rows.)
+    shard_rows = np.split(rows, np.cumsum([s["rows"] for s in load_manifest(out)["splits"]["train"]["shards"]])[:-1])
+    np.testing.assert_array_equal(parts[0], np.concatenate([shard_rows[0], shard_rows[2]]))
+    np.testing.assert_array_equal(parts[1], np.concatenate([shard_rows[1], shard_rows[3]]))
     with pytest.raises(DataError, match="fewer than the 5 processes"):
         make_dataset(out, "train", 4, process_index=4, process_count=5)
 
@@ -163,14 +165,18 @@ def test_every_host_yields_the_same_batches_and_epochs_reshuffle(data):
     assert ds.plan.batches_per_epoch == counts[0]
     rows = _ids(ds, 3 * counts[0])
     epochs = [rows[i * epoch:(i + 1) * epoch] for i in range(3)]
-    mine = set(map(bytes, _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False, process_index=0,
-                                            process_count=3, drop_remainder=False))))
-    assert len(mine) == per_host[0]
+    # Multisets of rows: real docstrings pack into a few identical rows.
+    mine = Counter(map(bytes, _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False, process_index=0,
+                                                process_count=3, drop_remainder=False))))
+    assert mine.total() == per_host[0]
     for e in epochs:
-        assert len(set(map(bytes, e))) == epoch and set(map(bytes, e)) <= mine  # no row twice in an epoch
+        assert len(e) == epoch and Counter(map(bytes, e)) <= mine  # no row more often than the host holds it
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
     # The leftover rows differ between epochs: every row of the host is seen within a few epochs.
-    assert len(set(map(bytes, rows))) > epoch
+    seen = Counter()
+    for e in epochs:
+        seen |= Counter(map(bytes, e))
+    assert seen.total() > epoch
 
 
 @pytest.mark.parametrize("window_shards", [1, 3])
@@ -220,10 +226,12 @@ def test_truncated_shard_is_named_or_skipped_and_counted(data, tmp_path):
     assert ds.plan.batches_per_epoch == good.plan.batches_per_epoch
     rows = _ids(ds, 2 * ds.plan.batches_per_epoch)  # two full epochs: topped up from the other shards
     assert ds.stream_stats.skipped_shards == [os.path.join(bad, "train-00001-of-00004.tfrecord")]
-    skipped = set(map(bytes, _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False))[
-        sum(s["rows"] for s in load_manifest(out)["splits"]["train"]["shards"][:1]):][
-        :load_manifest(out)["splits"]["train"]["shards"][1]["rows"]]))
-    assert not set(map(bytes, rows)) & skipped and len(rows) == 2 * ds.plan.rows_per_epoch
+    everything = _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False))
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    lo = shards[0]["rows"]
+    kept = Counter(map(bytes, everything)) - Counter(map(bytes, everything[lo:lo + shards[1]["rows"]]))
+    assert all(kept[r] for r in map(bytes, rows))  # no row that only the skipped shard holds
+    assert len(rows) == 2 * ds.plan.rows_per_epoch
 
 
 def test_corrupt_record_or_wrong_length_names_the_shard(data, tmp_path):

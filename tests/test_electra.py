@@ -4,6 +4,7 @@ exact gradient accumulation, and a tiny end-to-end run where the discriminator b
 baseline. The Hugging Face export of both towers is tested in tests/test_convert.py."""
 
 import json
+import math
 import os
 
 import jax
@@ -256,7 +257,15 @@ def test_tiny_electra_learns(data_dir, tmp_path):
     print(f"eval disc accuracy {last['eval/disc_accuracy']:.4f} vs all-original {baseline:.4f} (step "
           f"{last['step']}); gen accuracy {gen_start:.4f} (train, steps 1-10) -> "
           f"{last['eval/gen_mlm_accuracy']:.4f} (eval); precision {last['eval/disc_precision']:.3f} recall {last['eval/disc_recall']:.3f}")
-    assert last["eval/disc_accuracy"] > baseline + 0.01
+    # Learned beyond the replacement rate: the discriminator's loss is below the entropy of a constant guess of
+    # that rate (0.598 nats at 28.5%). The margin exceeds what knowing that [CLS]/[SEP] are never replaced
+    # gives (~0.02). Accuracy at the 0.5 threshold is a coarser signal: a young discriminator that is better
+    # calibrated can still predict "original" everywhere for a while (one CI run: loss 0.482, accuracy =
+    # baseline), so it is only required not to fall below the all-original baseline.
+    rate = last["eval/replaced_fraction"]
+    prior_entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert last["eval/disc_loss"] < prior_entropy - 0.05, (last["eval/disc_loss"], prior_entropy)
+    assert last["eval/disc_accuracy"] >= baseline - 0.005
     assert last["eval/gen_mlm_accuracy"] > gen_start + 0.02
     assert last["eval/loss"] < first["eval/loss"]
 

@@ -1,6 +1,7 @@
 """Tests for data_pipeline.tokenization: a real BERT vocab against transformers, and trained vocabs."""
 
 import hashlib
+import itertools
 import os
 
 import pytest
@@ -71,6 +72,23 @@ def test_trained_vocab_layout_and_roundtrip(trained, docs, tmp_path):
     assert tok.encode("Café RETURNS") == tok.encode("cafe returns")
     assert tok.cls_id not in ids[0] and tok.sep_id not in ids[0]
     assert tok.decode(tok.encode("return the value")) == "return the value"
+
+
+def test_training_is_deterministic(trained, docs, tmp_path):
+    """The same texts give the same vocabulary, byte for byte, at a size where the merges have ties (the
+    `tokenizers` trainer alone numbers "##x" in hash order and differs from run to run, even in one process)."""
+    runs = [train_wordpiece(iter(docs), 6000, str(tmp_path / name)) for name in ("a", "b")]  # one-pass input
+    vocabs = [open(os.path.join(r, "vocab.txt"), encoding="utf-8").read().splitlines() for r in runs]
+    assert vocabs[0] == vocabs[1]
+    assert len(vocabs[0]) > 5000
+    assert sorted(os.listdir(runs[0])) == sorted(Tokenizer.load(runs[0]).files)  # the spool file is gone
+    # Layout: the specials, the alphabet, the "##" continuation pieces (both sorted), then the merges.
+    layout = open(os.path.join(trained, "vocab.txt"), encoding="utf-8").read().splitlines()
+    n_alpha = next(i for i, t in enumerate(layout[5:]) if len(t) > 1)
+    alphabet = layout[5:5 + n_alpha]
+    continuations = list(itertools.takewhile(lambda t: len(t) == 3 and t.startswith("##"), layout[5 + n_alpha:]))
+    assert alphabet == sorted(alphabet) and continuations == sorted(continuations) and len(continuations) > 30
+    assert not any(len(t) == 3 and t.startswith("##") for t in layout[5 + n_alpha + len(continuations):])
 
 
 def test_saved_folder_loads_in_transformers(trained, docs):
