@@ -163,13 +163,63 @@ def build_objective(config: ConfigDict, manifest: dict, vocab_size: int):
     return model_cfg, objective, build_model, extra
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run's parts as the trainer builds them (see `build_run`). `step` and `eval_step` are jitted and
+    return traced callables; call them through `in_mesh` (training does, `call`) so activation constraints see
+    the mesh and rules."""
+
+    model_cfg: object
+    extra_meta: dict  # objective-specific checkpoint metadata (ELECTRA: the generator's config)
+    objective: object
+    optim_cfg: object
+    mesh: object
+    rules: tuple
+    tx: object
+    model_fn: object  # () -> the model, initialised from train.seed
+    layout: object  # train_state.StateLayout: abstract state and shardings
+    batch_sharding: object
+    step: object
+    eval_step: object
+
+    def call(self, fn):
+        """`fn` (e.g. `run.step` or `run.step.lower`) to be called under this run's mesh and rules."""
+        from bert_jax import sharding
+        return sharding.in_mesh(fn, self.mesh, self.rules)
+
+
+def build_run(config: ConfigDict, manifest: dict, derived: dict, devices=None) -> Run:
+    """The model, objective, optimizer, mesh, state layout and jitted steps of `config` on `devices` (default
+    all), from `check_config`'s `derived`. Nothing is allocated or compiled. Shared by training, tools/plan.py
+    and the multi-host reference run, so they build exactly what training runs. ConfigError on a bad field."""
+    from flax import nnx
+
+    from bert_jax import optim, sharding, train_state, train_step
+
+    try:  # the typed configs validate their own fields
+        model_cfg, objective, build_model, extra_meta = build_objective(config, manifest, derived["vocab_size"])
+        optim_cfg = _optim_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mesh = sharding.make_mesh(*derived["mesh_shape"], devices=devices)
+    tx = optim.make_optimizer(optim_cfg)
+    seed = config.train.seed
+    model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
+    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
+    batch_sharding = sharding.batch_sharding(mesh)
+    step = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
+                                      accum_steps=config.optim.grad_accum_steps)
+    eval_step = train_step.make_eval_step(layout, batch_sharding, objective=objective)
+    return Run(model_cfg, extra_meta, objective, optim_cfg, mesh, derived["rules"], tx, model_fn, layout,
+               batch_sharding, step, eval_step)
+
+
 def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     import jax
     import numpy as np
-    from flax import nnx
 
     from bert_jax import checkpointing, fault, metrics as metrics_lib, optim, prefetch, sharding, train_state
-    from bert_jax import profiling, train_step
+    from bert_jax import profiling
     from data_pipeline import dataset as data_lib
     from data_pipeline.progress import progress
 
@@ -177,22 +227,18 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
     derived = check_config(config, manifest, jax.device_count(), jax.process_count())
     if not config.data.skip_corrupt_shards:  # a truncated shard is an error before any compile
         data_lib.check_shards(config.data.dir, manifest, "train", jax.process_index(), jax.process_count())
-    try:  # the typed configs validate their own fields
-        model_cfg, objective, build_model, extra_meta = build_objective(config, manifest, derived["vocab_size"])
-        optim_cfg = _optim_config(config)
+    run = build_run(config, manifest, derived)
+    try:
         profiler = profiling.StepProfiler(workdir, config.train.profile_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    model_cfg, extra_meta, mesh, layout = run.model_cfg, run.extra_meta, run.mesh, run.layout
+    seed = config.train.seed
 
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    mesh = sharding.make_mesh(*derived["mesh_shape"])
-    tx = optim.make_optimizer(optim_cfg)
-    lr_schedule = optim.learning_rate_schedule(optim_cfg)
-    seed = config.train.seed
-    model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
-    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
+    lr_schedule = optim.learning_rate_schedule(run.optim_cfg)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     flops_per_step = metrics_lib.step_flops(model_cfg, extra_meta, config.train.batch_size, config.data.seq_len,
                                             config.objective.max_predictions)
@@ -229,7 +275,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
             except ValueError as e:
                 raise ConfigError(f"init_from={config.init_from}: {e}") from None
             writer.log(f"initialised from {config.init_from} (step {init_meta.get('step')})")
-        state = train_state.create_state(model_fn, tx, mesh, layout, seed, derived["rules"], params=init_params)
+        state = train_state.create_state(run.model_fn, run.tx, mesh, layout, seed, run.rules, params=init_params)
         if is_main:  # the workdir is self-contained: config, data manifest and tokenizer files
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -239,11 +285,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
                             os.path.join(workdir, "tokenizer"), dirs_exist_ok=True)
     start_step = int(jax.device_get(state.step))
 
-    batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
-                                         accum_steps=config.optim.grad_accum_steps)
-    eval_fn = train_step.make_eval_step(layout, batch_sharding, objective=objective)
-    step_fn, eval_fn = (sharding.in_mesh(f, mesh, derived["rules"]) for f in (step_fn, eval_fn))
+    batch_sharding = run.batch_sharding
+    step_fn, eval_fn = run.call(run.step), run.call(run.eval_step)
     host_batch = config.train.batch_size // jax.process_count()
 
     def to_global(batch):
@@ -272,7 +315,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
             out = eval_fn(state.params, batch, jax.random.fold_in(eval_rng, i))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         values = metrics_lib.finish_sums(jax.device_get(sums))
-        return {"eval/loss": objective.total_loss(values), **{f"eval/{k}": v for k, v in values.items()}}
+        return {"eval/loss": run.objective.total_loss(values), **{f"eval/{k}": v for k, v in values.items()}}
 
     manifest_sha256 = checkpointing.file_sha256(os.path.join(config.data.dir, "manifest.json"))
     nan_guard = fault.NanGuard(config.train.max_nan_skips)

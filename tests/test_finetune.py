@@ -75,6 +75,11 @@ def test_finetune_learns_a_keyword_task(tmp_path, capsys, kind):
     assert finetune_hf.main(argv[:-6] + ["--num-train", "10", "--random-init", "--epochs", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_train"] == 10 and result["steps"] == 2 and result["random_init"]
+    # --min-steps adds whole epochs until there are at least that many optimizer steps (2 per epoch here).
+    more = ["--num-train", "10", "--random-init", "--epochs", "1", "--min-steps", "5"]
+    assert finetune_hf.main(argv[:-6] + more) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["epochs"], result["steps"], result["min_steps"]) == (3, 6, 5)
 
 
 def test_bad_task_folder_is_a_one_line_error(tmp_path):
@@ -121,3 +126,25 @@ def test_downstream_pretraining_budgets_have_equal_flops():
     # Same discriminator shape as the BERT model (the ELECTRA tiny recipe's narrower embedding is overridden).
     assert downstream._config("electra", electra).model.embedding_size == -1  # pylint: disable=protected-access
     assert downstream._config("mlm", mlm).model.hidden_size == 128  # pylint: disable=protected-access
+
+
+def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_path):
+    """results.jsonl is a cache: a finished run counts when it used the budget's max_len, lr and (after
+    --min-steps) epochs; runs with other settings stay in the file and are neither reused nor reported."""
+    from tools import downstream
+
+    budget = dict(downstream.FULL, seeds=1, ref_all_seeds=1, few=500)
+    epochs = downstream._epochs  # pylint: disable=protected-access
+    assert epochs(budget, 500) == 10 and epochs(budget, 8000) == 3
+    runs = []
+    for name, _ in downstream.MODELS:
+        for labels, n, epochs in (("few", 500, 10), ("all", 8000, 3)):
+            lr = budget["lr_ref"] if name == "minilm" else budget["lr_ours"]
+            runs.append({"name": name, "labels": labels, "seed": 0, "num_train": n, "max_len": 64, "lr": lr,
+                         "epochs": epochs, "accuracy": 0.5, "macro_f1": 0.5, "train_seconds": 1.0})
+    stale = dict(runs[0], epochs=3, accuracy=0.1)  # the 3-epoch protocol's 500-label run
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale] + runs))
+    # Every current run is present, so nothing is fine-tuned (the model folders do not even exist).
+    done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000)
+    assert done == runs
+    assert downstream.summarise(done)["scratch/few"]["accuracy"] == 50.0

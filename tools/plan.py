@@ -134,34 +134,19 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
     """The run's model, optimizer, shardings and jitted train step on the first `num_devices` devices."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-
-    from bert_jax import optim, sharding, train_state, train_step
 
     derived = check(config, num_devices, vocab_size)
-    try:
-        optim_cfg = training._optim_config(config)  # pylint: disable=protected-access
-        manifest = synthetic_manifest(config, vocab_size)
-        model_cfg, objective, build_model, extra = training.build_objective(config, manifest, vocab_size)
-    except ValueError as e:
-        raise training.ConfigError(str(e)) from None
     devices = jax.devices()[:num_devices] if devices is None else devices
     if len(devices) < num_devices:
         raise training.ConfigError(f"--devices={num_devices}, but only {len(devices)} devices exist")
-    mesh = sharding.make_mesh(*derived["mesh_shape"], devices=devices)
-    tx = optim.make_optimizer(optim_cfg)
-    seed = config.train.seed
-    model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
-    layout = train_state.state_layout(model_fn, tx, mesh, derived["rules"])
-    batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
-                                         accum_steps=config.optim.grad_accum_steps)
+    run = training.build_run(config, synthetic_manifest(config, vocab_size), derived, devices=devices)
     shape = (config.train.batch_size, config.data.seq_len)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
                       for k in ("input_ids", "attention_mask", "token_type_ids")}
-    gen = extra.get("generator")
-    gen_cfg = type(model_cfg)(**gen) if gen else None
-    return Setup(config, mesh, model_cfg, gen_cfg, model_fn, tx, layout, step_fn, abstract_batch, derived["rules"])
+    gen = run.extra_meta.get("generator")
+    gen_cfg = type(run.model_cfg)(**gen) if gen else None
+    return Setup(config, run.mesh, run.model_cfg, gen_cfg, run.model_fn, run.tx, run.layout, run.step,
+                 abstract_batch, run.rules)
 
 
 def compile_step(setup: Setup):
