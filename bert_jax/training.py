@@ -150,11 +150,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         return _train_and_evaluate(config, workdir, preempt)
 
 
-def build_objective(config: ConfigDict, manifest: dict, vocab_size: int):
-    """-> (model config, objective, build_model, extra meta) as the trainer runs them: the objective of
+def _build_objective(config: ConfigDict, manifest: dict, vocab_size: int):
+    """-> (model config, objective, build_model, extra meta) for `build_run`: the objective of
     `objective.name`, attending within each packed document (segments and positions from each piece's [CLS])
-    where `data.document_attention`. tools/plan.py and the multi-host reference run use it too. ValueError on
-    a bad field."""
+    where `data.document_attention`. ValueError on a bad field."""
     model_cfg = _model_config(config, vocab_size)
     spec = _masking_spec(config, manifest, vocab_size)
     objective, build_model, extra = OBJECTIVES[config.objective.name](config, model_cfg, spec)
@@ -197,7 +196,7 @@ def build_run(config: ConfigDict, manifest: dict, derived: dict, devices=None) -
     from bert_jax import optim, sharding, train_state, train_step
 
     try:  # the typed configs validate their own fields
-        model_cfg, objective, build_model, extra_meta = build_objective(config, manifest, derived["vocab_size"])
+        model_cfg, objective, build_model, extra_meta = _build_objective(config, manifest, derived["vocab_size"])
         optim_cfg = _optim_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None

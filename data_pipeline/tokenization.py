@@ -254,7 +254,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowerca
         tokens = train([spool], vocab_size, list(SPECIAL_TOKENS) + continuations)
     n_special = len(SPECIAL_TOKENS)
     if tokens[:n_special] != list(SPECIAL_TOKENS) or tokens[n_special:n_special + len(continuations)] != continuations:
-        raise DataError(f"trained vocabulary does not start with {SPECIAL_TOKENS}: {tokens[:5]}")
+        raise DataError(f"trained vocabulary does not start with {SPECIAL_TOKENS} and the ## pieces: "
+                        f"{tokens[:n_special + len(continuations)]}")
     rest = tokens[n_special + len(continuations):]
     alphabet = list(itertools.takewhile(lambda t: len(t) == 1, rest))
     tokens = list(SPECIAL_TOKENS) + alphabet + continuations + rest[len(alphabet):]

@@ -130,8 +130,9 @@ def eval_curves(out: str) -> dict:
 
 
 def _epochs(budget: dict, num_train: int) -> int:
-    """Epochs of a fine-tune on `num_train` examples (batch 16): the budget's, or more to reach min_steps."""
-    return max(budget["epochs"], math.ceil(budget["min_steps"] / math.ceil(num_train / 16)))
+    """Epochs of a fine-tune on `num_train` examples (finetune_hf's default batch of 16)."""
+    from tools import finetune_hf  # pylint: disable=import-outside-toplevel
+    return finetune_hf.num_epochs(num_train, 16, budget["epochs"], budget["min_steps"])
 
 
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[dict]:
@@ -161,7 +162,7 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[di
                 log(f"fine-tuning {name} with {n} labels, seed {seed}")
                 r = finetune_hf.finetune(dirs[name], task_dir, num_train=n, seed=seed, max_len=budget["max_len"],
                                          epochs=budget["epochs"], min_steps=budget["min_steps"],
-                                         lr=budget["lr_ref"] if name == "minilm" else budget["lr_ours"],
+                                         lr=settings(name, labels)[2],
                                          random_init=(name == "scratch"), log=lambda m: log("      " + m))
                 r.update(name=name, labels=labels)
                 log(f"      accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")

@@ -136,6 +136,11 @@ def predict(model, tokenizer, texts: list[str], max_len: int, batch_size: int = 
     return preds
 
 
+def num_epochs(num_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """`epochs`, or more whole epochs when that gives fewer than `min_steps` optimizer steps."""
+    return max(epochs, math.ceil(min_steps / math.ceil(num_train / batch_size)))
+
+
 def finetune(model_dir: str, task_dir: str, num_train: int | None = None, seed: int = 0, max_len: int = 128,
              epochs: int = 3, lr: float = 5e-5, batch_size: int = 16, weight_decay: float = 0.01,
              warmup_fraction: float = 0.06, dropout: float = 0.1, random_init: bool = False,
@@ -157,7 +162,7 @@ def finetune(model_dir: str, task_dir: str, num_train: int | None = None, seed: 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(model_dir, labels, random_init, dropout)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    epochs = num_epochs(len(train_x), batch_size, epochs, min_steps)
     total = steps_per_epoch * epochs
     opt, sched = optimizer_and_schedule(model, lr, weight_decay, total, warmup_fraction)
     t0 = time.time()
