@@ -10,23 +10,34 @@ Per token and encoder layer (hidden h, MLP width f, sequence length S):
     MLP                           4 h f
 Per gathered (masked) position, MLM head: dense 2 h e + vocabulary projection 2 e V (e: embedding width).
 The vocabulary projection runs only at the `max_predictions` gathered positions of each row, which is all
-the step computes (not at every position, as the Hugging Face trainers do).
+the step computes (not at every position, as the Hugging Face trainers do). So does the last layer of an
+MLM encoder (`model.last_layer` "predictions", the default): its keys and values (4 h^2 per token) cover
+every position, its queries, output projection, attention and MLP (4 h^2 + 4 S h + 4 h f) the P positions.
 """
 
 import dataclasses
 
 from bert_jax.models.config import EncoderConfig
 
-FORMULA = ("train FLOPs = 3 x [B S (L (8 h^2 + 4 S h + 4 h f) + 2 e h [e != h]) + B P (2 h e + 2 e V)]"
-           " (+ ELECTRA: discriminator head B S (2 h^2 + 2 h))")
+FORMULA = ("train FLOPs = 3 x [B S ((L - 1) (8 h^2 + 4 S h + 4 h f) + 4 h^2 + 2 e h [e != h])"
+           " + B P (4 h^2 + 4 S h + 4 h f) + B P (2 h e + 2 e V)]"
+           " (the last layer's queries, attention and MLP at the P prediction positions; with"
+           " model.last_layer=all: B S L (8 h^2 + 4 S h + 4 h f) instead; + ELECTRA: its discriminator's L"
+           " layers at all positions and head B S (2 h^2 + 2 h))")
 
 
-def encoder_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int) -> int:
-    """Forward matmul FLOPs of the embedding projection (if any) and the layers, for [batch, seq_len]."""
+def encoder_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int, predictions: int | None = None) -> int:
+    """Forward matmul FLOPs of the embedding projection (if any) and the layers, for [batch, seq_len].
+    predictions: the positions per row whose outputs are wanted (None: all); where `cfg.last_layer` is
+    "predictions" the last layer computes only its keys and values at the other positions."""
     h, f = cfg.hidden_size, cfg.intermediate_size
     per_token_layer = 8 * h * h + 4 * seq_len * h + 4 * h * f
     projection = 2 * cfg.embed_dim * h if cfg.embed_dim != h else 0
-    return batch * seq_len * (cfg.num_layers * per_token_layer + projection)
+    full = batch * seq_len * (cfg.num_layers * per_token_layer + projection)
+    if predictions is None or cfg.last_layer == "all":
+        return full
+    key_value = 4 * h * h
+    return full - batch * seq_len * (per_token_layer - key_value) + batch * predictions * (per_token_layer - key_value)
 
 
 def mlm_head_forward_flops(cfg: EncoderConfig, batch: int, predictions: int) -> int:
@@ -42,11 +53,12 @@ def train_step_flops(cfg: EncoderConfig, batch: int, seq_len: int, predictions: 
     MLM: `cfg` is the model. ELECTRA (`generator` given): `cfg` is the discriminator; the generator runs
     the MLM head at the `predictions` positions, the discriminator its per-token head everywhere."""
     if generator is None:
-        forward = encoder_forward_flops(cfg, batch, seq_len) + mlm_head_forward_flops(cfg, batch, predictions)
+        forward = (encoder_forward_flops(cfg, batch, seq_len, predictions)
+                   + mlm_head_forward_flops(cfg, batch, predictions))
     else:
         h = cfg.hidden_size
         disc_head = batch * seq_len * (2 * h * h + 2 * h)
-        forward = (encoder_forward_flops(generator, batch, seq_len)
+        forward = (encoder_forward_flops(generator, batch, seq_len, predictions)
                    + mlm_head_forward_flops(generator, batch, predictions)
                    + encoder_forward_flops(cfg, batch, seq_len) + disc_head)
     return 3 * forward

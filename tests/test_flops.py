@@ -16,7 +16,11 @@ def test_mlm_formula_by_hand():
     h, f, v, layers = 64, 256, 1000, 3
     per_layer_token = 8 * h * h + 4 * s * h + 4 * h * f  # q, k, v, out; scores + context; MLP
     head = p * (2 * h * h + 2 * h * v)  # dense + tied vocabulary projection at the gathered positions
-    want = 3 * (b * s * layers * per_layer_token + b * head)
+    assert flops.train_step_flops(_cfg(last_layer="all"), b, s, p) == 3 * (b * s * layers * per_layer_token
+                                                                          + b * head)
+    # the default: the last layer's keys and values at every position, the rest at the P gathered ones
+    last = s * 4 * h * h + p * (4 * h * h + 4 * s * h + 4 * h * f)
+    want = 3 * (b * s * (layers - 1) * per_layer_token + b * last + b * head)
     assert flops.train_step_flops(_cfg(), b, s, p) == want
 
 
@@ -24,7 +28,8 @@ def test_electra_formula_is_generator_plus_discriminator():
     disc = _cfg(embedding_size=32)
     gen = generator_config(disc, 0.5)
     b, s, p, h = 2, 16, 5, disc.hidden_size
-    want = 3 * (flops.encoder_forward_flops(gen, b, s) + flops.mlm_head_forward_flops(gen, b, p)
+    # the generator feeds the MLM head (its last layer at the P positions), the discriminator every position
+    want = 3 * (flops.encoder_forward_flops(gen, b, s, p) + flops.mlm_head_forward_flops(gen, b, p)
                 + flops.encoder_forward_flops(disc, b, s) + b * s * (2 * h * h + 2 * h))
     assert flops.train_step_flops(disc, b, s, p, generator=gen) == want
     # the embedding projection (32 -> 64) is counted only where the widths differ

@@ -90,3 +90,54 @@ def test_layer_kernels_shard_over_fsdp_and_tensor():
     assert layers["intermediate"]["kernel"].spec == P(None, "fsdp", "tensor")
     assert layers["attention"]["query"]["kernel"].spec == P(None, "fsdp", "tensor", None)
     assert shardings["encoder"]["embeddings"]["word"].spec == P("tensor", "fsdp")
+
+
+def _loss_and_grads(model_fn, call):
+    """(loss, gradients) of the sum of log-softmax logits `call(model)` picks, deterministic."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        graphdef, params = nnx.split(model_fn())
+
+    def loss(params):
+        return jnp.sum(jax.nn.log_softmax(call(nnx.merge(graphdef, params))) * jnp.arange(211) / 211)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("layers,attention,remat,model", [
+    (1, "einsum", "none", "bert"), (3, "einsum", "dots", "bert"), (3, "dot_product", "none", "bert"),
+    (2, "einsum", "dots", "electra")])
+def test_last_layer_at_predictions_gives_the_same_loss_and_gradients(layers, attention, remat, model):
+    """model.last_layer=predictions (queries, output projection and MLP of the last layer at the gathered
+    positions only) computes the same MLM logits and gradients as the whole last layer then a gather: with
+    padding, packed documents (a per-query attention bias), repeated positions and position 0."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from bert_jax.models import ElectraForPretraining, generator_config  # pylint: disable=import-outside-toplevel
+    from bert_jax.models.encoder import document_features  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 211, (3, 16)).astype(np.int32)
+    ids[:, 0] = ids[:, 7] = 2  # two packed documents per row ([CLS] = 2)
+    ids = jnp.asarray(ids)
+    mask = jnp.ones_like(ids).at[2, 12:].set(0)
+    types = jnp.zeros_like(ids)
+    segment_ids, position_ids = document_features(ids, 2)
+    positions = jnp.asarray([[1, 2, 9], [3, 3, 15], [0, 5, 9]], jnp.int32)
+    results = {}
+    for last_layer in ("all", "predictions"):
+        cfg = dataclasses.replace(TINY, num_layers=layers, attention=attention, remat=remat, last_layer=last_layer)
+        if model == "bert":
+            results[last_layer] = _loss_and_grads(
+                lambda: BertForMaskedLM(cfg, nnx.Rngs(0)),  # pylint: disable=cell-var-from-loop
+                lambda m: m(ids, mask, types, positions, segment_ids=segment_ids, position_ids=position_ids))
+        else:
+            gen = generator_config(cfg, 0.5)
+            results[last_layer] = _loss_and_grads(
+                lambda: ElectraForPretraining(cfg, gen, nnx.Rngs(0)),  # pylint: disable=cell-var-from-loop
+                lambda m: m.generator_logits(ids, mask, types, positions, segment_ids=segment_ids,
+                                             position_ids=position_ids))
+    (loss_all, grads_all), (loss_pred, grads_pred) = results["all"], results["predictions"]
+    np.testing.assert_allclose(loss_pred, loss_all, rtol=1e-6)
+    leaves = jax.tree_util.tree_flatten_with_path(grads_all)[0]
+    assert any(float(jnp.abs(g).max()) > 0 for _, g in leaves)
+    for (path, g_all), g_pred in zip(leaves, jax.tree.leaves(grads_pred)):
+        np.testing.assert_allclose(g_pred, g_all, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))

@@ -15,7 +15,8 @@ Other modes:
   --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
   --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B, timed alternately
                     (A B A B ...), reported as the ratio of medians; e.g. --ab attention=einsum,dot_product,
-                    --ab dtype=float32,bfloat16, --ab remat=none,full, --ab accum=1,2
+                    --ab dtype=float32,bfloat16, --ab remat=none,full, --ab last_layer=all,predictions,
+                    --ab accum=1,2
   --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
   --peers           afterwards runs shared/bench/peer_throughput.py (needs its venv: bash setup_peers.sh)
                     on the same configs and prints tokens/s ratios against the faster peer
@@ -41,7 +42,7 @@ GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on sma
 DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
 PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
-AB_KEYS = ("attention", "dtype", "remat", "accum", "attention_dropout", "hidden_dropout")
+AB_KEYS = ("attention", "dtype", "remat", "last_layer", "accum", "attention_dropout", "hidden_dropout")
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -71,7 +72,7 @@ def matmul_peak(sizes=None) -> dict:
 
 def model_configs(size: str, seq_len: int, overrides: dict):
     """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with the recipes'
-    dtype, remat and attention unless `overrides` says otherwise."""
+    dtype, remat, attention and last_layer unless `overrides` says otherwise."""
     from bert_jax.models import EncoderConfig
     from configs import common
     m = common.model_config(size)
@@ -79,7 +80,8 @@ def model_configs(size: str, seq_len: int, overrides: dict):
                         num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                         max_position_embeddings=max(m.max_position_embeddings, seq_len),
                         **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
-                           "attention": m.attention, **{k: v for k, v in overrides.items() if k != "accum"}})
+                           "attention": m.attention, "last_layer": m.last_layer,
+                           **{k: v for k, v in overrides.items() if k != "accum"}})
     return cfg
 
 

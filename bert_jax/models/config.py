@@ -28,6 +28,9 @@ class EncoderConfig:
     # einsum: our two batched matmuls (attention dropout supported); dot_product: jax.nn.dot_product_attention
     # (cuDNN's fused kernel on GPU), used where attention dropout is off (it has no dropout), einsum elsewhere.
     attention: str = "einsum"
+    # predictions: where only some positions' outputs are wanted (the MLM heads), the last layer runs its
+    # queries, output projection and MLP at those positions only (same values, fewer FLOPs); all: everywhere.
+    last_layer: str = "predictions"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -39,6 +42,8 @@ class EncoderConfig:
             raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
         if self.attention not in ("einsum", "dot_product"):
             raise ValueError(f"model.attention={self.attention!r}: choose einsum or dot_product")
+        if self.last_layer not in ("predictions", "all"):
+            raise ValueError(f"model.last_layer={self.last_layer!r}: choose predictions or all")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
 

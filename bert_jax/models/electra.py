@@ -20,7 +20,7 @@ from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
 from bert_jax.models.encoder import Embeddings, LayerStack, split_dropout_key
-from bert_jax.models.heads import MlmHead, gather_positions
+from bert_jax.models.heads import MlmHead
 from bert_jax.models.layers import Dense
 
 
@@ -81,10 +81,10 @@ class DiscriminatorTower(LayerStack):
 
 
 def _encode(embeddings: Embeddings, tower: LayerStack, input_ids, attention_mask, token_type_ids, dropout_key,
-            segment_ids=None, position_ids=None):
+            segment_ids=None, position_ids=None, positions=None):
     emb_key, layers_key = split_dropout_key(dropout_key)
     x = embeddings(input_ids, token_type_ids, emb_key, position_ids)
-    return tower.run_layers(x, attention_mask, tower.layer_keys(layers_key), segment_ids)
+    return tower.run_layers(x, attention_mask, tower.layer_keys(layers_key), segment_ids, positions)
 
 
 class ElectraForPretraining(nnx.Module):
@@ -101,8 +101,8 @@ class ElectraForPretraining(nnx.Module):
         """Masked input_ids [B, S], positions [B, P] -> vocabulary logits [B, P, V] (float32).
         segment_ids / position_ids [B, S] (optional): packed documents, see encoder.document_features."""
         h = _encode(self.embeddings, self.generator, input_ids, attention_mask, token_type_ids, dropout_key,
-                    segment_ids, position_ids)
-        return self.generator.mlm_head(gather_positions(h, positions), self.embeddings.word[...])
+                    segment_ids, position_ids, positions)
+        return self.generator.mlm_head(h, self.embeddings.word[...])
 
     def discriminator_logits(self, input_ids, attention_mask, token_type_ids, *, dropout_key=None,
                              segment_ids=None, position_ids=None):

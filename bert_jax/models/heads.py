@@ -9,11 +9,6 @@ from bert_jax.models.encoder import BertEncoder
 from bert_jax.models.layers import Dense, LayerNorm, matmul, param
 
 
-def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [B, S, H], positions [B, P] int -> [B, P, H]."""
-    return jnp.take_along_axis(x, positions[..., None], axis=1)
-
-
 class MlmHead(nnx.Module):
     """BERT's MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias.
     The dense maps hidden -> embedding width (equal for BERT; ELECTRA's generator_predictions where not)."""
@@ -50,8 +45,8 @@ class BertForMaskedLM(nnx.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids, masked_positions, *, dropout_key=None,
                  segment_ids=None, position_ids=None):
         h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key,
-                         segment_ids=segment_ids, position_ids=position_ids)
-        return self.mlm_head(gather_positions(h, masked_positions), self.encoder.embeddings.word[...])
+                         segment_ids=segment_ids, position_ids=position_ids, positions=masked_positions)
+        return self.mlm_head(h, self.encoder.embeddings.word[...])
 
     def all_logits(self, input_ids, attention_mask, token_type_ids):
         """Logits at every position [B, S, V] (deterministic): for conversion checks, not for training."""

@@ -32,6 +32,11 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], *out_shape)
 
 
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, S, ...], positions [B, P] int -> [B, P, ...]."""
+    return jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0.
 
@@ -120,25 +125,32 @@ class SelfAttention(nnx.Module):
         self.output = HeadsOutput(cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
-        """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]."""
+    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]. With `positions` [B, P], only
+        those rows query (keys and values still come from every position) -> [B, P, H]."""
         dt = x.dtype
+        x_q = x
+        if positions is not None:
+            x_q = gather_positions(x, positions)
+            if bias.shape[2] > 1:  # per-query bias (segments): keep the chosen queries' rows
+                bias = jnp.take_along_axis(bias, positions[:, None, :, None], axis=2)
         if self.cfg.attention == "dot_product" and (key is None or self.cfg.attention_dropout == 0.0):
-            return self._fused(x, bias)
+            return self._fused(x_q, x, bias)
 
         # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
         # attention forward ~2x and its backward ~1.5x faster than contracting [B, S, heads, kv] in place.
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (self.query(x), self.key(x), self.value(x)))
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (self.query(x_q), self.key(x), self.value(x)))
         q = q * jnp.asarray(self.cfg.head_dim ** -0.5, dt)
         scores = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         probs = dropout(probs, self.cfg.attention_dropout, key)
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
 
-    def _fused(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array) -> jax.Array:
         """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none); cuDNN on GPU."""
         dt = x.dtype
-        ctx = jax.nn.dot_product_attention(self.query(x), self.key(x), self.value(x), bias=bias.astype(dt),
+        ctx = jax.nn.dot_product_attention(self.query(x_q), self.key(x), self.value(x), bias=bias.astype(dt),
                                            scale=self.cfg.head_dim ** -0.5)
         return self.output(ctx)
 
@@ -154,9 +166,15 @@ class EncoderLayer(nnx.Module):
         self.output_norm = LayerNorm(cfg.hidden_size, cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """x [B, S, H] -> [B, S, H]; with `positions` [B, P] the outputs at those positions only, [B, P, H]
+        (the same values: only the queries, the output projection and the MLP run on fewer rows)."""
         k_attn, k_h1, k_h2 = jax.random.split(key, 3) if key is not None else (None, None, None)
         rate = self.cfg.hidden_dropout
-        x = self.attention_norm(x + dropout(self.attention(x, bias, k_attn), rate, k_h1))
+        attn = self.attention(x, bias, k_attn, positions)
+        if positions is not None:
+            x = gather_positions(x, positions)
+        x = self.attention_norm(x + dropout(attn, rate, k_h1))
         h = jax.nn.gelu(self.intermediate(x), approximate=False)  # BERT's exact (erf) GELU
         return self.output_norm(x + dropout(self.output(h), rate, k_h2))
