@@ -4,17 +4,50 @@ import jax
 import jax.numpy as jnp
 
 
+def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+@jax.custom_vjp
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """logits [..., V] float32, labels [...] int -> NLL [...] = logsumexp(logits) - logits[label].
+
+    The gradient is written out, (softmax - one_hot(label)) x g, one fused pass over [..., V]: autodiff of
+    the gather adds a scatter into a zero [..., V] array (on XLA:CPU the MLM head's loss backward then took
+    ~25 ms more per step of `small`)."""
+    return jax.nn.logsumexp(logits, axis=-1) - _label_logit(logits, labels)
+
+
+def _xent_fwd(logits, labels):
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return log_z - _label_logit(logits, labels), (logits, log_z, labels)
+
+
+def _xent_bwd(res, g):
+    logits, log_z, labels = res
+    one_hot = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1) == labels[..., None]
+    return g[..., None] * (jnp.exp(logits - log_z[..., None]) - one_hot), None
+
+
+softmax_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
+
+
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
     """logits [..., V], labels [...] int, weights [...] -> (sum of weighted NLL, sum of weights)."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return ((log_z - label_logit) * weights).sum(), weights.sum()
+    nll = softmax_cross_entropy(logits.astype(jnp.float32), labels)
+    return (nll * weights).sum(), weights.sum()
 
 
 def weighted_accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
-    """-> (weighted count of argmax == label, sum of weights)."""
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    """-> (weighted count of positions where the label's logit is the largest, sum of weights).
+
+    A position counts when logits[label] is strictly above every other logit (a tie is a miss). Written
+    as a masked max rather than argmax: XLA:CPU's argmax (a reduction of value-index pairs) over a 30,522-wide
+    vocabulary took ~20 ms per step of `small`, several times a plain max."""
+    label_logit = _label_logit(logits, labels)
+    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    others = jnp.where(vocab == labels[..., None], -jnp.inf, logits).max(axis=-1)
+    correct = (label_logit > others).astype(jnp.float32)
     return (correct * weights).sum(), weights.sum()
 
 

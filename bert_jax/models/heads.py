@@ -6,7 +6,7 @@ from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
 from bert_jax.models.encoder import BertEncoder
-from bert_jax.models.layers import Dense, LayerNorm, matmul, param
+from bert_jax.models.layers import Dense, LayerNorm, add_bias, matmul, param
 
 
 class MlmHead(nnx.Module):
@@ -22,7 +22,7 @@ class MlmHead(nnx.Module):
         """h [..., H], word_embeddings [V, E] -> logits [..., V] in float32."""
         h = self.norm(jax.nn.gelu(self.transform(h), approximate=False))
         logits = matmul(h, word_embeddings.astype(h.dtype).T)
-        return logits.astype(jnp.float32) + self.bias[...]
+        return add_bias(logits.astype(jnp.float32), self.bias[...])
 
 
 def check_bert_config(cfg: EncoderConfig) -> None:

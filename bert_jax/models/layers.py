@@ -32,6 +32,26 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], *out_shape)
 
 
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """x [..., N] + bias [N], whose bias gradient is a matrix product (ones [1, rows] @ g [rows, N]) instead
+    of a reduction over the rows: XLA:CPU reduced the MLM head's [640, 30522] gradient in ~78 ms per step
+    of `small`, the product takes a few."""
+    return x + bias
+
+
+def _add_bias_fwd(x, bias):
+    return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+    rows = g.reshape(-1, g.shape[-1])
+    return g, (jnp.ones((1, rows.shape[0]), g.dtype) @ rows)[0]
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     """x [B, S, ...], positions [B, P] int -> [B, P, ...]."""
     return jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
