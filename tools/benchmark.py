@@ -18,8 +18,9 @@ Other modes:
                     --ab dtype=float32,bfloat16, --ab remat=none,full, --ab last_layer=all,predictions,
                     --ab accum=1,2
   --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
-  --peers           afterwards runs shared/bench/peer_throughput.py (needs its venv: bash setup_peers.sh)
-                    on the same configs and prints tokens/s ratios against the faster peer
+  --peers           after each config runs shared/bench/peer_throughput.py on it (needs its venv: bash
+                    setup_peers.sh) and prints our tokens/s over the faster peer's; --rounds N repeats the
+                    pair N times in turn and reports the median ratio (the machine's speed drifts)
 
 The last stdout line is one JSON object with every figure.
 """
@@ -232,6 +233,41 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def ours_and_peers(args, configs: list[str], spec_for, train) -> tuple[dict, dict]:
+    """--peers: per config, ours then the peers right after, `--rounds` times in turn, so that both sides of
+    a ratio are measured minutes apart (this machine's speed drifts by tens of percent over an hour).
+    -> ({config: our first round's figures + per-round and median ratios}, {config: peers of each round})."""
+    ours_out, peers_out, error = {}, {}, None
+    for i in range(args.rounds):
+        for c in configs:
+            label = f"{c} b{args.batch_size} s{args.seq_len}" + (f" (round {i + 1})" if args.rounds > 1 else "")
+            ours = train(spec_for(c), label)
+            first = ours_out.setdefault(c, ours)
+            peers = {} if error else run_peers(args, [c])
+            if "error" in peers:
+                error = peers
+                log(f"peers: ERROR {peers['error']}")
+            if error:
+                continue
+            theirs = peers.get(c, {})
+            peers_out.setdefault(c, []).append(theirs)
+            if theirs and "tokens_per_s" in ours:
+                fastest = max(v["tokens_per_s"] for v in theirs.values())
+                first.setdefault("tokens_per_s_rounds", []).append(ours["tokens_per_s"])
+                first.setdefault("vs_faster_peer_rounds", []).append(ours["tokens_per_s"] / fastest)
+                first["vs_faster_peer"] = statistics.median(first["vs_faster_peer_rounds"])
+                first["rss_vs_peers_min"] = ours["peak_rss_mib"] / min(v["peak_rss_mib"] for v in theirs.values())
+                log(f"{c}: {ours['tokens_per_s'] / fastest:.2f}x the faster peer's tokens/s ({fastest:.0f}); "
+                    f"peak RSS {first['rss_vs_peers_min']:.2f}x the smaller peer's")
+        if error:
+            break
+    for c, first in ours_out.items():
+        if len(first.get("vs_faster_peer_rounds", [])) > 1:
+            log(f"{c}: median over {args.rounds} rounds {first['vs_faster_peer']:.2f}x the faster peer "
+                f"({', '.join(f'{x:.2f}' for x in first['vs_faster_peer_rounds'])})")
+    return ours_out, error or peers_out
+
+
 def run_peers(args, configs: list[str]) -> dict:
     """shared/bench/peer_throughput.py on the same configs (its own venv); {config: faster peer's tokens/s}."""
     if not os.path.exists(args.peer_python):
@@ -279,7 +315,10 @@ def parse_args(argv=None):
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=A,B",
                     help=f"A/B ratio in one process for KEY in {AB_KEYS} on the first config or mini (repeatable)")
     ap.add_argument("--compile-ratio", action="store_true", help="compile time of large vs base")
-    ap.add_argument("--peers", action="store_true", help="run shared/bench/peer_throughput.py afterwards")
+    ap.add_argument("--peers", action="store_true",
+                    help="after each config, shared/bench/peer_throughput.py on it (tokens/s ratio to the faster peer)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --peers: measure ours and the peers in turn this many times; median ratio reported")
     ap.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT)
     ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
     ap.add_argument("--peer-rounds", type=int, default=1)
@@ -315,7 +354,8 @@ def check_args(args) -> tuple[list[str], dict, list]:
     for c in configs:
         if c not in common.SIZES:
             fail(f"--configs: unknown size {c!r}; choose from {sorted(common.SIZES)}")
-    for key, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps)):
+    for key, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps),
+                       ("--rounds", args.rounds)):
         if value < 1:
             fail(f"{key}={value} must be >= 1")
     if args.warmup < 1:
@@ -373,7 +413,10 @@ def main(argv=None) -> None:
                 f"MFU {100 * r.get('mfu', float('nan')):.1f}%")
         return r
 
-    result["configs"] = {c: train(spec_for(c), f"{c} b{args.batch_size} s{args.seq_len}") for c in configs}
+    if args.peers:
+        result["configs"], result["peers"] = ours_and_peers(args, configs, spec_for, train)
+    else:
+        result["configs"] = {c: train(spec_for(c), f"{c} b{args.batch_size} s{args.seq_len}") for c in configs}
     if args.grid:
         result["grid"] = {f"small_s{s}_b{b}": train(spec_for("small", s, b), f"grid small b{b} s{s}")
                           for s, b in GRID}
@@ -395,19 +438,6 @@ def main(argv=None) -> None:
             log(f"compile time: base {r['compile_s']['base']:.1f} s, large {r['compile_s']['large']:.1f} s, "
                 f"ratio {r['large_over_base']:.2f}")
         result["compile_ratio"] = r
-    if args.peers:
-        peers = run_peers(args, configs)
-        result["peers"] = peers
-        for c in configs:
-            ours, theirs = result["configs"][c], peers.get(c, {}) if isinstance(peers, dict) else {}
-            if theirs and "tokens_per_s" in ours:
-                fastest = max(v["tokens_per_s"] for v in theirs.values())
-                ours["vs_faster_peer"] = ours["tokens_per_s"] / fastest
-                ours["rss_vs_peers_min"] = ours["peak_rss_mib"] / min(v["peak_rss_mib"] for v in theirs.values())
-                log(f"{c}: {ours['vs_faster_peer']:.2f}x the faster peer's tokens/s "
-                    f"({fastest:.0f}); peak RSS {ours['rss_vs_peers_min']:.2f}x the smaller peer's")
-        if "error" in peers:
-            log(f"peers: ERROR {peers['error']}")
     result["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 
