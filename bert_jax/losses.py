@@ -8,6 +8,11 @@ def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
 
 
+def _is_label(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """[..., V] bool: True at each position's label (a one-hot mask, fused where it is used)."""
+    return jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1) == labels[..., None]
+
+
 @jax.custom_vjp
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """logits [..., V] float32, labels [...] int -> NLL [...] = logsumexp(logits) - logits[label].
@@ -15,7 +20,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     The gradient is written out, (softmax - one_hot(label)) x g, one fused pass over [..., V]: autodiff of
     the gather adds a scatter into a zero [..., V] array (on XLA:CPU the MLM head's loss backward then took
     ~25 ms more per step of `small`)."""
-    return jax.nn.logsumexp(logits, axis=-1) - _label_logit(logits, labels)
+    return _xent_fwd(logits, labels)[0]
 
 
 def _xent_fwd(logits, labels):
@@ -25,8 +30,7 @@ def _xent_fwd(logits, labels):
 
 def _xent_bwd(res, g):
     logits, log_z, labels = res
-    one_hot = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1) == labels[..., None]
-    return g[..., None] * (jnp.exp(logits - log_z[..., None]) - one_hot), None
+    return g[..., None] * (jnp.exp(logits - log_z[..., None]) - _is_label(logits, labels)), None
 
 
 softmax_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
@@ -45,8 +49,7 @@ def weighted_accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
     as a masked max rather than argmax: XLA:CPU's argmax (a reduction of value-index pairs) over a 30,522-wide
     vocabulary took ~20 ms per step of `small`, several times a plain max."""
     label_logit = _label_logit(logits, labels)
-    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-    others = jnp.where(vocab == labels[..., None], -jnp.inf, logits).max(axis=-1)
+    others = jnp.where(_is_label(logits, labels), -jnp.inf, logits).max(axis=-1)
     correct = (label_logit > others).astype(jnp.float32)
     return (correct * weights).sum(), weights.sum()
 

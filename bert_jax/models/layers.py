@@ -53,8 +53,8 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [B, S, ...], positions [B, P] int -> [B, P, ...]."""
-    return jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
+    """x [B, S, H], positions [B, P] int -> [B, P, H]."""
+    return jnp.take_along_axis(x, positions[..., None], axis=1)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
