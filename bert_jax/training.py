@@ -40,7 +40,7 @@ def _model_config(config: ConfigDict, vocab_size: int):
         type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
         initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
-        last_layer=m.last_layer)
+        last_layer=m.last_layer, scan_unroll=m.scan_unroll)
 
 
 def _optim_config(config: ConfigDict):

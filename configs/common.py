@@ -45,13 +45,17 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # recompute the elementwise rest). dots is also the fastest on XLA:CPU: 1.28x and 1.14x as fast as none
     # for mini (tools.benchmark --ab remat=none,dots; less memory traffic), and it needs less memory.
     m.remat = "dots"
-    # einsum (fastest on CPU) | dot_product: jax.nn.dot_product_attention (cuDNN on GPU; it has no dropout,
-    # so layers with attention dropout > 0 in training still take the einsum path)
+    # einsum (fastest on CPU) | dot_product: jax.nn.dot_product_attention as XLA writes it | cudnn: the same
+    # through cuDNN's fused kernel (GPU and bfloat16 only). The last two have no dropout, so layers with
+    # attention dropout > 0 in training still take the einsum path (set attention_dropout=0 to fuse them).
     m.attention = "einsum"
     # predictions: the MLM heads read the last layer at the masked positions only, so that layer runs its
     # queries, output projection and MLP there only (keys/values everywhere; same values, ~70% fewer of its
     # FLOPs; tools.benchmark --ab last_layer=all,predictions) | all: the whole last layer, then gather
     m.last_layer = "predictions"
+    # layers per iteration of the scan over the layer stack: 1 (a loop; compile time independent of depth) or
+    # up to num_layers (unrolled: no copies of saved activations in and out of stacked buffers)
+    m.scan_unroll = 1
     return m
 
 

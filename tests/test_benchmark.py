@@ -28,7 +28,7 @@ def _tool(*args, timeout=300):
 @pytest.mark.slow
 def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     p = _tool("--configs", "tiny", "--batch-size", "4", "--seq-len", "16", "--steps", "2", "--warmup", "1",
-              "--matmul-size", "256", "--peers", "--peer-python", "/nonexistent/python")
+              "--matmul-size", "256", "--peers", "--peer-python", "/nonexistent/python", "--peak-tflops", "0.5")
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["settings"]["formula"] == flops.FORMULA
@@ -39,6 +39,8 @@ def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     assert r["max_predictions"] == 3  # ceil(0.15 x 16)
     assert r["flops_per_step"] == flops.train_step_flops(cfg, 4, 16, 3)
     assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_s"])
+    assert r["sequences_per_s"] == pytest.approx(4 / r["step_s"])
+    assert r["mfu_datasheet"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 0.5e12)
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9 / out["matmul"]["peak_gflops"])
     assert r["compile_s"] > 0 and r["peak_rss_mib"] > 100
     assert np.isfinite(r["last_loss"]) and r["last_loss"] > 5  # ~ln(30522) = 10.3 at the start
@@ -50,6 +52,8 @@ def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     (["--configs", "mini,nope"], "error: --configs: unknown size 'nope'"),
     (["--ab", "attention=einsum"], "error: --ab 'attention=einsum': expected KEY=A,B"),
     (["--steps", "0"], "error: --steps=0 must be >= 1"),
+    (["--model", "attention=cudnn"], "error: --model: model.attention='cudnn' needs model.dtype='bfloat16'"),
+    (["--model", "scan_unroll=all"], "error: --model 'scan_unroll=all': 'all' is not a number"),
 ])
 def test_benchmark_bad_arguments_fail_with_one_line(args, message):
     p = _tool(*args, timeout=60)
@@ -57,31 +61,57 @@ def test_benchmark_bad_arguments_fail_with_one_line(args, message):
     assert p.stderr.strip().startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def _attention_pair(**kw):
+def _attention_pair(fused="dot_product", **kw):
     kw = dict(vocab_size=50, hidden_size=32, num_heads=4, intermediate_size=64, **kw)
     with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
         a = SelfAttention(EncoderConfig(**kw, attention="einsum"), nnx.Rngs(0))
-        b = SelfAttention(EncoderConfig(**kw, attention="dot_product"), nnx.Rngs(0))
+        b = SelfAttention(EncoderConfig(**kw, attention=fused), nnx.Rngs(0))
     return a, b
 
 
-@pytest.mark.parametrize("bias_shape", ["keys", "full"])
-def test_dot_product_attention_equals_einsum(bias_shape):
-    a, b = _attention_pair()
-    x = jax.random.normal(jax.random.PRNGKey(1), (3, 10, 32))
-    mask = np.ones((3, 10), bool)
-    mask[1, 6:] = False
+def _rel_err(u, v, floor=0.0):
+    """||u - v|| / ||u||, the denominator at least `floor` (for tensors that are ~0 by symmetry)."""
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    return np.linalg.norm(u - v) / max(np.linalg.norm(u), floor)
+
+
+@pytest.mark.parametrize("fused", ["dot_product", "cudnn"])
+@pytest.mark.parametrize("bias_shape", ["keys", "full", "full_at_positions"])
+def test_fused_attention_equals_einsum(fused, bias_shape):
+    """attention=dot_product (XLA) and, on a GPU, attention=cudnn compute what the einsum path does, values and
+    gradients (cudnn in bfloat16, its only dtype here); on a CPU, cudnn is refused by name."""
+    dtype = "bfloat16" if fused == "cudnn" else "float32"
+    if fused == "cudnn" and jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU; this backend is 'cpu'"):
+            _attention_pair(fused, dtype=dtype)
+        return
+    a, b = _attention_pair(fused, dtype=dtype)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 32)).astype(dtype)
+    mask = np.ones((3, 16), bool)
+    mask[1, 10:] = False
+    positions = None
     if bias_shape == "keys":  # [B, 1, 1, S]: padding
         bias = jnp.where(mask[:, None, None, :], 0.0, -1e9)
     else:  # [B, 1, S, S]: e.g. per-document blocks
-        doc = np.repeat(np.arange(2), 5)
+        doc = np.repeat(np.arange(2), 8)
         bias = jnp.where((doc[:, None] == doc[None, :])[None, None] & mask[:, None, None, :], 0.0, -1e9)
-        bias = jnp.broadcast_to(bias, (3, 1, 10, 10))
-    np.testing.assert_allclose(a(x, bias, None), b(x, bias, None), rtol=1e-5, atol=1e-5)
-    ga = nnx.state(nnx.grad(lambda m: m(x, bias, None).sum())(a))
-    gb = nnx.state(nnx.grad(lambda m: m(x, bias, None).sum())(b))
+        bias = jnp.broadcast_to(bias, (3, 1, 16, 16))
+        if bias_shape == "full_at_positions":  # the last layer's queries at the masked positions only
+            positions = jnp.array([[0, 3, 9, 15], [1, 2, 8, 8], [5, 6, 7, 14]], jnp.int32)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    with jax.default_matmul_precision("float32"):  # a GPU's default for f32 is TF32 (~1e-3)
+        assert _rel_err(a(x, bias, None, positions), b(x, bias, None, positions)) < tol
+        ga = nnx.state(nnx.grad(lambda m: m(x, bias, None, positions).astype(jnp.float32).sum())(a))
+        gb = nnx.state(nnx.grad(lambda m: m(x, bias, None, positions).astype(jnp.float32).sum())(b))
+    # the key bias's gradient is 0 in exact arithmetic (softmax ignores a shift shared by a row's keys)
+    floor = 1e-2 * max(np.linalg.norm(np.asarray(u, np.float64)) for u in jax.tree.leaves(ga))
     for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
-        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        assert _rel_err(u, v, floor) < 5 * tol, jax.tree_util.keystr(path)
+
+
+def test_cudnn_attention_needs_bfloat16():
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
+        EncoderConfig(vocab_size=10, attention="cudnn")
 
 
 def test_dot_product_attention_keeps_attention_dropout():

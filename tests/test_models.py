@@ -141,3 +141,34 @@ def test_last_layer_at_predictions_gives_the_same_loss_and_gradients(layers, att
     assert any(float(jnp.abs(g).max()) > 0 for _, g in leaves)
     for (path, g_all), g_pred in zip(leaves, jax.tree.leaves(grads_pred)):
         np.testing.assert_allclose(g_pred, g_all, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_scan_unroll_computes_the_same(unroll):
+    """model.scan_unroll (layers per iteration of the scan; 4 = all of them) changes only how XLA lays out the
+    loop: the same hidden states with dropout (each layer keeps its own key), the same loss and gradients
+    with the last layer split off (a 3-layer scan: unroll 2 leaves a remainder)."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 211, (3, 16)), jnp.int32)
+    mask = jnp.ones_like(ids).at[2, 10:].set(0)
+    types = jnp.zeros_like(ids)
+    positions = jnp.asarray([[1, 2, 9], [3, 3, 15], [0, 5, 9]], jnp.int32)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    hidden, results = {}, {}
+    for u in (1, unroll):
+        cfg = dataclasses.replace(TINY, num_layers=4, remat="dots", hidden_dropout=0.3, scan_unroll=u)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+            model = BertForMaskedLM(cfg, nnx.Rngs(0))
+        hidden[u] = model.encoder(ids, mask, types, dropout_key=jax.random.PRNGKey(3))
+        results[u] = _loss_and_grads(lambda: BertForMaskedLM(cfg, nnx.Rngs(0)),  # pylint: disable=cell-var-from-loop
+                                     lambda m: m(ids, mask, types, positions))
+    np.testing.assert_allclose(hidden[unroll], hidden[1], rtol=1e-5, atol=1e-6)
+    (loss_1, grads_1), (loss_u, grads_u) = results[1], results[unroll]
+    np.testing.assert_allclose(loss_u, loss_1, rtol=1e-6)
+    for (path, g1), gu in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads_u)):
+        np.testing.assert_allclose(gu, g1, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bad_scan_unroll_is_refused():
+    with pytest.raises(ValueError, match="model.scan_unroll=0 must be >= 1"):
+        EncoderConfig(vocab_size=10, scan_unroll=0)

@@ -7,15 +7,23 @@ benchmark in shared/bench uses), placed on the device before timing, so no data 
 step is timed to `block_until_ready` after `--warmup` untimed steps (the first compiles); the figure is the
 median. Every config runs in its own subprocess, so its peak RSS is its own.
 
-MFU = bert_jax.flops.train_step_flops (printed: bert_jax.flops.FORMULA) / median step time / the f32 matmul
-peak that XLA reaches on this machine, measured by this tool in the same invocation (a jitted square f32
-matmul, 2048 and 4096, best of several repetitions, in its own subprocess).
+MFU = bert_jax.flops.train_step_flops (printed: bert_jax.flops.FORMULA) / median step time / the matmul peak
+that XLA reaches on this machine, measured by this tool in the same invocation (a jitted square matmul in the
+model's compute dtype, f32 unless --model dtype=bfloat16; 2048 and 4096 on a CPU, 8192 on a GPU; best of
+several repetitions, in its own subprocess). --peak-tflops adds MFU against a datasheet peak (an H100 SXM's
+dense bf16: 989.4).
+
+On a GPU (--backend gpu): the same, plus the device's peak memory, and the mean step time of the timed steps
+run back to back with one synchronisation at the end (as training runs: no host sync per step). For the
+fastest GPU step: --model dtype=bfloat16 --model attention=cudnn --model attention_dropout=0 (cuDNN's fused
+attention has no dropout).
 
 Other modes:
   --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
   --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B, timed alternately
                     (A B A B ...), reported as the ratio of medians; e.g. --ab attention=einsum,dot_product,
                     --ab dtype=float32,bfloat16, --ab remat=none,full, --ab last_layer=all,predictions,
+                    --ab scan_unroll=1,12,
                     --ab accum=1,2
   --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
   --peers           after each config runs shared/bench/peer_throughput.py on it (needs its venv: bash
@@ -39,11 +47,13 @@ VOCAB_SIZE = 30522  # bert-base-uncased's, as the peers use
 CLS_ID, SEP_ID, MASK_ID, PAD_ID, UNK_ID = 101, 102, 103, 0, 100
 FIRST_NORMAL_ID = 999
 MATMUL_SIZES = {2048: 12, 4096: 5}  # size: repetitions
+GPU_MATMUL_SIZES = {8192: 10}
 GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on small
 DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
 PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
-AB_KEYS = ("attention", "dtype", "remat", "last_layer", "accum", "attention_dropout", "hidden_dropout")
+AB_KEYS = ("attention", "dtype", "remat", "last_layer", "scan_unroll", "accum", "attention_dropout",
+           "hidden_dropout")
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -51,24 +61,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def matmul_peak(sizes=None) -> dict:
-    """Best GFLOP/s of a jitted square f32 matmul per size; the peak is the best of all."""
+def matmul_peak(sizes=None, dtype="float32") -> dict:
+    """Best GFLOP/s of a jitted square matmul (random operands of `dtype`) per size; the peak is the best of
+    all. On a GPU each repetition times 10 products back to back (one launch is ~1 ms there)."""
     import jax
     import jax.numpy as jnp
-    sizes = sizes or MATMUL_SIZES
+    gpu = jax.default_backend() == "gpu"
+    sizes = sizes or (GPU_MATMUL_SIZES if gpu else MATMUL_SIZES)
+    inner = 10 if gpu else 1
     out = {}
     for n, reps in sizes.items():
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
         f = jax.jit(lambda x, y: x @ y)
         f(a, b).block_until_ready()
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            f(a, b).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
+            for _ in range(inner):
+                c = f(a, b)
+            c.block_until_ready()
+            best = min(best, (time.perf_counter() - t0) / inner)
         out[str(n)] = 2 * n ** 3 / best / 1e9
-    return {"peak_gflops": max(out.values()), "per_size_gflops": out}
+    return {"peak_gflops": max(out.values()), "per_size_gflops": out, "dtype": dtype,
+            "device": str(jax.devices()[0].device_kind)}
 
 
 def model_configs(size: str, seq_len: int, overrides: dict):
@@ -81,7 +97,7 @@ def model_configs(size: str, seq_len: int, overrides: dict):
                         num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                         max_position_embeddings=max(m.max_position_embeddings, seq_len),
                         **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
-                           "attention": m.attention, "last_layer": m.last_layer,
+                           "attention": m.attention, "last_layer": m.last_layer, "scan_unroll": m.scan_unroll,
                            **{k: v for k, v in overrides.items() if k != "accum"}})
     return cfg
 
@@ -159,9 +175,19 @@ def time_config(spec: dict) -> dict:
     loss = float(metrics["loss"])
     median = statistics.median(times)
     tokens = spec["batch"] * spec["seq_len"]
-    return {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
-            "compile_s": compile_s, "flops_per_step": flops, "achieved_gflops": flops / median / 1e9,
-            "peak_rss_mib": peak_rss_mib(), "last_loss": loss}
+    out = {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
+           "sequences_per_s": spec["batch"] / median, "compile_s": compile_s, "flops_per_step": flops,
+           "achieved_gflops": flops / median / 1e9, "peak_rss_mib": peak_rss_mib(), "last_loss": loss}
+    if jax.default_backend() == "gpu":
+        t0 = time.perf_counter()
+        for i in range(spec["steps"]):
+            state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        out["loop_step_s"] = (time.perf_counter() - t0) / spec["steps"]
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+    return out
 
 
 def time_ab(spec: dict) -> dict:
@@ -198,7 +224,7 @@ def time_compile(spec: dict) -> dict:
     return {"compile_s": out}
 
 
-WORKERS = {"matmul": lambda spec: matmul_peak(), "train": time_config, "ab": time_ab, "compile": time_compile}
+WORKERS = {"matmul": lambda spec: matmul_peak(dtype=spec["dtype"]), "train": time_config, "ab": time_ab, "compile": time_compile}
 
 
 def run_worker(spec: dict) -> None:
@@ -215,7 +241,7 @@ def run_worker(spec: dict) -> None:
 def spawn(spec: dict, timeout: float) -> dict:
     """Runs one worker in a fresh interpreter; its result, or {'error': ...}."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[spec.get("backend", "cpu")]
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         p = subprocess.run([sys.executable, "-m", "tools.benchmark", "--worker", json.dumps(spec)], cwd=ROOT,
@@ -322,6 +348,9 @@ def parse_args(argv=None):
     ap.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT)
     ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
     ap.add_argument("--peer-rounds", type=int, default=1)
+    ap.add_argument("--backend", choices=("cpu", "gpu"), default="cpu", help="where the workers run")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="also report MFU against this datasheet peak (e.g. 989.4: an H100 SXM's dense bf16)")
     ap.add_argument("--out-dir", default="/tmp/bert_jax_benchmark", help="where --peers writes its JSON")
     ap.add_argument("--matmul-size", type=int, action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
@@ -334,13 +363,16 @@ def _overrides(items: list[str], ap_error) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in AB_KEYS:
             ap_error(f"--model {item!r}: expected KEY=VALUE with KEY in {AB_KEYS}")
-        out[key] = _typed(key, value)
+        try:
+            out[key] = _typed(key, value)
+        except ValueError:
+            ap_error(f"--model {item!r}: {value!r} is not a number")
     return out
 
 
 def _typed(key: str, value: str):
-    """accum is an int, the dropout rates floats, the rest strings (EncoderConfig checks the values)."""
-    return int(value) if key == "accum" else float(value) if key.endswith("dropout") else value
+    """accum and scan_unroll are ints, the dropout rates floats, the rest strings (EncoderConfig checks them)."""
+    return int(value) if key in ("accum", "scan_unroll") else float(value) if key.endswith("dropout") else value
 
 
 def check_args(args) -> tuple[list[str], dict, list]:
@@ -361,6 +393,10 @@ def check_args(args) -> tuple[list[str], dict, list]:
     if args.warmup < 1:
         fail(f"--warmup={args.warmup} must be >= 1")
     overrides = _overrides(args.model, fail)
+    try:  # the overrides' values, checked here rather than in a worker after minutes of work
+        model_configs("tiny", args.seq_len, overrides)
+    except ValueError as e:
+        fail(f"--model: {e}")
     abs_ = []
     for item in args.ab:
         key, sep, values = item.partition("=")
@@ -383,7 +419,7 @@ def main(argv=None) -> None:
     def spec_for(size, seq_len=args.seq_len, batch=args.batch_size, **kw):
         preds = args.max_predictions if args.max_predictions > 0 else -(-15 * seq_len // 100)
         return {"size": size, "seq_len": seq_len, "batch": batch, "max_predictions": preds,
-                "objective": args.objective, "steps": args.steps, "warmup": args.warmup,
+                "objective": args.objective, "backend": args.backend, "steps": args.steps, "warmup": args.warmup,
                 "overrides": overrides, **kw}
 
     matmul_sizes = {n: 3 for n in args.matmul_size} or None
@@ -391,18 +427,24 @@ def main(argv=None) -> None:
     log("inputs: synthetic random token batches (vocab 30522, [CLS] ... [SEP], no padding), on device before "
         f"timing; objective {args.objective}, AdamW, dropout 0.1, f32 params")
     result = {"settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "objective": args.objective,
+                           "backend": args.backend, "peak_tflops": args.peak_tflops,
                            "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
                            "formula": flops.FORMULA, "inputs": "synthetic"},
               "machine": {"nproc": os.cpu_count(), "loadavg_start": os.getloadavg()}}
-    mm = spawn({"kind": "matmul", "matmul_sizes": matmul_sizes}, args.timeout)
+    dtype = overrides.get("dtype", "float32")
+    mm = spawn({"kind": "matmul", "matmul_sizes": matmul_sizes, "dtype": dtype, "backend": args.backend},
+               args.timeout)
     peak = mm.get("peak_gflops")
     result["matmul"] = mm
-    log(f"matmul peak (jitted f32, XLA): {peak and round(peak, 1)} GFLOP/s {mm.get('per_size_gflops', mm)}")
+    log(f"matmul peak (jitted {dtype}, XLA, {mm.get('device')}): {peak and round(peak, 1)} GFLOP/s "
+        f"{mm.get('per_size_gflops', mm)}")
 
     def train(spec, label):
         r = spawn({"kind": "train", **spec}, args.timeout)
         if "error" not in r and peak:
             r["mfu"] = r["achieved_gflops"] / peak
+        if "error" not in r and args.peak_tflops:
+            r["mfu_datasheet"] = r["achieved_gflops"] / (1e3 * args.peak_tflops)
         r.update({k: spec[k] for k in ("size", "seq_len", "batch", "max_predictions")})
         if "error" in r:
             log(f"{label}: ERROR {r['error']}")
@@ -411,6 +453,12 @@ def main(argv=None) -> None:
                 f"tokens/s, compile {r['compile_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
                 f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_gflops']:.1f} GFLOP/s, "
                 f"MFU {100 * r.get('mfu', float('nan')):.1f}%")
+            if "loop_step_s" in r:
+                log(f"{label}: {r['sequences_per_s']:.1f} sequences/s; back to back {r['loop_step_s'] * 1e3:.1f} ms/step"
+                    f", device peak memory {r.get('device_peak_mib', float('nan')):.0f} MiB")
+            if "mfu_datasheet" in r:
+                log(f"{label}: MFU against the {args.peak_tflops} TFLOP/s datasheet peak "
+                    f"{100 * r['mfu_datasheet']:.1f}%")
         return r
 
     if args.peers:

@@ -26,11 +26,16 @@ class EncoderConfig:
     dtype: str = "float32"  # activation/compute dtype; parameters are always float32
     remat: str = "none"  # none | full | dots
     # einsum: our two batched matmuls (attention dropout supported); dot_product: jax.nn.dot_product_attention
-    # (cuDNN's fused kernel on GPU), used where attention dropout is off (it has no dropout), einsum elsewhere.
+    # as XLA writes it; cudnn: the same through cuDNN's fused kernel (GPU, bfloat16 only). The last two have no
+    # dropout: they run where attention dropout is off (evaluation, or attention_dropout=0), einsum elsewhere.
     attention: str = "einsum"
     # predictions: where only some positions' outputs are wanted (the MLM heads), the last layer runs its
     # queries, output projection and MLP at those positions only (same values, fewer FLOPs); all: everywhere.
     last_layer: str = "predictions"
+    # Layers per iteration of the scan over the stack (lax.scan's unroll): 1 is a loop (compile time does not
+    # grow with depth); >= num_layers unrolls it, so XLA keeps each layer's saved activations as their own
+    # buffers instead of copying them in and out of stacked [L, ...] ones.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -40,12 +45,17 @@ class EncoderConfig:
             raise ValueError(f"model.embedding_size={self.embedding_size} must be >= 1 (or -1: the hidden size)")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
-        if self.attention not in ("einsum", "dot_product"):
-            raise ValueError(f"model.attention={self.attention!r}: choose einsum or dot_product")
+        if self.attention not in ("einsum", "dot_product", "cudnn"):
+            raise ValueError(f"model.attention={self.attention!r}: choose einsum, dot_product or cudnn")
         if self.last_layer not in ("predictions", "all"):
             raise ValueError(f"model.last_layer={self.last_layer!r}: choose predictions or all")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.scan_unroll < 1:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention "
+                             f"has no float32 kernel), not {self.dtype!r}")
 
     @property
     def head_dim(self) -> int:

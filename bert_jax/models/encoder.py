@@ -95,11 +95,13 @@ class LayerStack(nnx.Module):
 
         if self.cfg.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat])
+        length = jax.tree.leaves(nnx.state(layers))[0].shape[0]
         scan = nnx.scan(
             body,
             in_axes=(0, nnx.Carry, None if deterministic else 0),
             out_axes=nnx.Carry,
             transform_metadata={nnx.PARTITION_NAME: "layers"},
+            unroll=min(self.cfg.scan_unroll, length),
         )
         return scan(layers, x, layer_keys)
 

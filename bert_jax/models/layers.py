@@ -144,6 +144,9 @@ class SelfAttention(nnx.Module):
         self.value = HeadsDense(cfg, rngs)
         self.output = HeadsOutput(cfg, rngs)
         self.cfg = cfg
+        if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(f"model.attention='cudnn' needs a GPU; this backend is {jax.default_backend()!r} "
+                             "(choose einsum or dot_product)")
 
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -155,7 +158,7 @@ class SelfAttention(nnx.Module):
             x_q = gather_positions(x, positions)
             if bias.shape[2] > 1:  # per-query bias (segments): keep the chosen queries' rows
                 bias = jnp.take_along_axis(bias, positions[:, None, :, None], axis=2)
-        if self.cfg.attention == "dot_product" and (key is None or self.cfg.attention_dropout == 0.0):
+        if self.cfg.attention != "einsum" and (key is None or self.cfg.attention_dropout == 0.0):
             return self._fused(x_q, x, bias)
 
         # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
@@ -168,10 +171,16 @@ class SelfAttention(nnx.Module):
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
 
     def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none); cuDNN on GPU."""
+        """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none), written by XLA or, for
+        attention='cudnn', by cuDNN's fused kernel (which wants the bias with a row per query)."""
         dt = x.dtype
-        ctx = jax.nn.dot_product_attention(self.query(x_q), self.key(x), self.value(x), bias=bias.astype(dt),
-                                           scale=self.cfg.head_dim ** -0.5)
+        bias = bias.astype(dt)
+        implementation = None
+        if self.cfg.attention == "cudnn":
+            implementation = "cudnn"
+            bias = jnp.broadcast_to(bias, (bias.shape[0], 1, x_q.shape[1], x.shape[1]))
+        ctx = jax.nn.dot_product_attention(self.query(x_q), self.key(x), self.value(x), bias=bias,
+                                           scale=self.cfg.head_dim ** -0.5, implementation=implementation)
         return self.output(ctx)
 
 

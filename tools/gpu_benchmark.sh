@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU figures of the performance issue, in one run on one GPU (about 5 minutes on an H100):
+#   1. cuDNN's fused attention computes what the einsum path does (values and gradients, bfloat16);
+#   2. BERT-base, seq 128, bf16: tokens/s and MFU against the measured bf16 matmul peak and the datasheet's
+#      dense bf16 peak (PEAK_TFLOPS, default an H100 SXM's 989.4), with cuDNN attention (attention dropout 0)
+#      and with the recipe's einsum attention (attention dropout 0.1);
+#   3. BERT-large, seq 128, bf16: sequences/s (NVIDIA publishes 580 per A100-80GB for its PyTorch BERT-large
+#      pretraining phase 1).
+# Usage: OUT=/some/dir bash tools/gpu_benchmark.sh   (logs and the benchmarks' JSON lines land in $OUT)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bert_jax_gpu}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989.4}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \
+  | tee -a "$OUT/gpu.txt"
+
+JAX_PLATFORMS=cuda timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_benchmark.py -k "fused or cudnn" 2>&1 \
+  | tail -5 | tee "$OUT/attention_test.txt"
+
+bench() {  # name, then the benchmark's arguments
+  local name=$1; shift
+  timeout 400 $PY -m tools.benchmark --backend gpu --seq-len 128 --steps 20 --warmup 3 --peak-tflops "$PEAK_TFLOPS" \
+    --model dtype=bfloat16 "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^{'
+}
+FUSED=(--model attention=cudnn --model attention_dropout=0)
+bench base_large_cudnn_b256 --configs base,large --batch-size 256 "${FUSED[@]}"
+bench base_einsum_b256 --configs base --batch-size 256
+bench base_cudnn_b512 --configs base --batch-size 512 "${FUSED[@]}"
