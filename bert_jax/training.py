@@ -408,7 +408,12 @@ def _parse_flags(argv):
             sys.exit(0)
         raise
     except flags.Error as e:
-        sys.exit(f"error: {e}")
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1:  # the config file raised (an unknown size or preset): its traceback, then the error
+            flag = re.match(r"flag (--\S+):", lines[0])
+            reason = re.sub(r"^\w+Error: ", "", lines[-1])
+            lines = [f"{flag.group(1) if flag else lines[0]}: {reason}"]
+        sys.exit(f"error: {lines[0]}")
     except (AttributeError, KeyError) as e:  # ml_collections: the override names a key the config lacks
         text = str(e.args[0] if e.args else e)
         key = re.search(r"'([\w.-]+)", text)

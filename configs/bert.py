@@ -2,12 +2,15 @@
 
 SIZE is one of tiny (the CPU demo), mini, small, medium, base, large. The optimisation settings of
 base/large follow the BERT paper's phase-1 recipe (lr 1e-4, 10k warmup, linear decay, batch 256, seq 128).
+`SIZE,gpu` adds the GPU preset (`common.apply_preset`: bf16, cuDNN attention without attention dropout, the
+layer scan unrolled), e.g. `--config configs/bert.py:base,gpu`.
 """
 
 from configs import common
 
 
 def get_config(arg: str = "tiny"):
+    arg, preset = common.split_recipe_arg(arg)
     c = common.base_config()
     c.model = common.model_config(arg)
     if arg == "tiny":
@@ -39,5 +42,6 @@ def get_config(arg: str = "tiny"):
         c.optim.warmup_steps = 10_000
         c.train.eval_every = 10_000
         c.checkpoint.every = 10_000
+    common.apply_preset(c, preset)
     c.lock()
     return c

@@ -1,6 +1,6 @@
 """ELECTRA replaced-token-detection recipes (Clark et al., 2020): `--config configs/electra.py:SIZE`.
 
-SIZE is one of tiny (the CPU demo), small, base, large. `model` describes the discriminator; the generator
+SIZE is one of tiny (the CPU demo), small, base, large; `SIZE,gpu` adds the GPU preset (see configs/bert.py). `model` describes the discriminator; the generator
 is `objective.generator_fraction` of its width (hidden, heads, intermediate) and shares its embeddings.
 The numbers follow the paper's Table 6/7: ELECTRA-Small (embedding 128, hidden 256, generator 1/4, lr 5e-4,
 batch 128, seq 128, 1M steps), Base (768, generator 1/3, lr 2e-4, batch 256, seq 512, 766k steps) and
@@ -26,6 +26,7 @@ def _max_predictions(mask_rate: float, seq_len: int) -> int:
 
 
 def get_config(arg: str = "tiny"):
+    arg, preset = common.split_recipe_arg(arg)
     if arg not in SIZES:
         raise ValueError(f"unknown ELECTRA size {arg!r}; choose one of {sorted(SIZES)}")
     layers, hidden, heads, mlp, embedding, fraction = SIZES[arg]
@@ -81,5 +82,6 @@ def get_config(arg: str = "tiny"):
     if arg != "tiny":
         c.train.eval_every = 10_000
         c.checkpoint.every = 10_000
+    common.apply_preset(c, preset)
     c.lock()
     return c

@@ -212,6 +212,25 @@ def test_attention_switch_reaches_the_model_config():
     assert training._model_config(config, 100).attention == "dot_product"  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize("file, size, layers", [("bert", "base", 12), ("electra", "small", 12), ("bert", "large", 24)])
+def test_gpu_preset(file, size, layers):
+    """`SIZE,gpu`: bf16, cuDNN attention (no attention dropout), the scan unrolled; nothing else changes."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    from bert_jax import training
+    recipe = importlib.import_module(f"configs.{file}")
+    plain, gpu = recipe.get_config(size), recipe.get_config(f"{size},gpu")
+    cfg = training._model_config(gpu, 30522)  # pylint: disable=protected-access
+    assert (cfg.dtype, cfg.attention, cfg.attention_dropout, cfg.scan_unroll) == ("bfloat16", "cudnn", 0.0, layers)
+    assert cfg.hidden_dropout == plain.model.hidden_dropout == 0.1
+    plain_dict, gpu_dict = plain.to_dict(), gpu.to_dict()
+    for key in ("dtype", "attention", "attention_dropout", "scan_unroll"):
+        del plain_dict["model"][key], gpu_dict["model"][key]
+    assert plain_dict == gpu_dict
+    assert training._model_config(plain, 30522).attention == "einsum"  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="unknown preset 'tpu'"):
+        recipe.get_config(f"{size},tpu")
+
+
 @pytest.mark.slow
 def test_remat_policies_give_the_same_loss_and_gradients():
     """remat none / full / dots change only what the backward pass stores, not the numbers (dropout on:

@@ -126,6 +126,20 @@ def test_loads_in_transformers_heads(exported, small_workdir, auto_class, kwargs
         assert np.abs(res.logits.numpy() - logits_ours)[real].max() <= TOL
 
 
+def test_run_ours_reads_a_gpu_trained_config_on_any_machine(small_workdir):
+    """A checkpoint trained with the GPU settings (bf16, cuDNN attention, unrolled scan) still converts and
+    verifies on a CPU: run_ours computes the plain float32 function whatever the training-only settings."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    _, cfg, params = small_workdir
+    gpu_cfg = dataclasses.replace(cfg, dtype="bfloat16", attention="cudnn", remat="dots", scan_unroll=4)
+    ids = np.asarray([[2, 40, 41, 42, 3, 0], [2, 50, 51, 52, 53, 3]], np.int32)
+    mask, types = (ids > 0).astype(np.int32), np.zeros_like(ids)
+    h_gpu, logits_gpu = convert_to_hf.run_ours(gpu_cfg, params, ids, mask, types)
+    h, logits = convert_to_hf.run_ours(cfg, params, ids, mask, types)
+    np.testing.assert_array_equal(h_gpu, h)
+    np.testing.assert_array_equal(logits_gpu, logits)
+
+
 def test_fill_mask_pipeline(exported):
     out, _ = exported
     fill = transformers.pipeline("fill-mask", model=out)

@@ -126,6 +126,8 @@ def _cli(*args):
     (["--config.train.stepz=5"], "unknown config key 'stepz' in --config.train.stepz=5 (did you mean \"steps\"?)"),
     (["--config.train.steps=abc"], "--config.train.steps=abc"),
     (["--config.data.dir=/nonexistent/shards"], "/nonexistent/shards"),
+    (["--config", "configs/bert.py:base,tpu"], "--config=configs/bert.py:base,tpu: unknown preset 'tpu'"),
+    (["--config", "configs/electra.py:huge"], "--config=configs/electra.py:huge: unknown ELECTRA size 'huge'"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     out = _cli("--workdir", str(tmp_path / "w"), *args)

@@ -97,7 +97,9 @@ def run_ours(cfg, params: dict, input_ids, attention_mask, token_type_ids,
     from bert_jax.models import BertForMaskedLM, ElectraDiscriminator, ElectraGenerator
 
     model_class = {"mlm": BertForMaskedLM, "discriminator": ElectraDiscriminator, "generator": ElectraGenerator}
-    cfg = dataclasses.replace(cfg, dtype="float32", remat="none")
+    # How the training ran (bf16, remat, cuDNN attention on a GPU, the scan's unroll) does not change the
+    # function: float32 and the plain paths here, on whatever machine converts.
+    cfg = dataclasses.replace(cfg, dtype="float32", remat="none", attention="einsum", scan_unroll=1)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract, _ = sharding.abstract_params(lambda: model_class[model](cfg, nnx.Rngs(0)), mesh)
 
