@@ -20,6 +20,7 @@ There is no data manifest when planning: the vocabulary size comes from --vocab-
 are BERT's usual ones ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -136,6 +137,11 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
     import jax.numpy as jnp
 
     derived = check(config, num_devices, vocab_size)
+    if config.model.attention == "cudnn":  # fake CPU devices cannot call cuDNN: XLA's form of the same math
+        config = copy.deepcopy(config)
+        config.model.attention = "dot_product"
+        print("note: planned with model.attention=dot_product in place of cudnn (a CPU compile cannot call "
+              "cuDNN): the same FLOPs; the S x S scores it keeps over-state memory", file=sys.stderr)
     devices = jax.devices()[:num_devices] if devices is None else devices
     if len(devices) < num_devices:
         raise training.ConfigError(f"--devices={num_devices}, but only {len(devices)} devices exist")
