@@ -44,15 +44,15 @@ def test_predicted_bytes_equal_real_shards(recipe, mesh):
     from bert_jax import train_state
     config = load_config(recipe, mesh=mesh)
     setup = plan.build(config, 8, vocab_size=1000)
-    state = train_state.create_state(setup.model_fn, setup.tx, setup.mesh, setup.layout, seed=0)
-    for tree, predicted in ((state.params, plan._tree_bytes(setup.layout.abstract.params)),
-                            (state.opt_state, plan._tree_bytes(setup.layout.abstract.opt_state))):
+    state = train_state.create_state(setup.run.model_fn, setup.run.tx, setup.run.mesh, setup.run.layout, seed=0)
+    for tree, predicted in ((state.params, plan._tree_bytes(setup.run.layout.abstract.params)),
+                            (state.opt_state, plan._tree_bytes(setup.run.layout.abstract.opt_state))):
         measured = _measured_bytes_per_device(tree)
         assert len(measured) == 8
         assert set(measured.values()) == {predicted}, (measured, predicted)
     full = sum(x.nbytes for x in jax.tree.leaves(state.params))
     if mesh[1] * mesh[2] > 1:  # sharded: each device holds less than a full copy
-        assert plan._tree_bytes(setup.layout.abstract.params) < full
+        assert plan._tree_bytes(setup.run.layout.abstract.params) < full
 
 
 @pytest.mark.slow

@@ -117,18 +117,13 @@ def check(config, num_devices: int, vocab_size: int) -> dict:
 
 @dataclasses.dataclass
 class Setup:
-    """The real pieces of a training run, abstract: nothing allocated."""
+    """A training run's real pieces as the trainer builds them (`training.Run`), abstract: nothing allocated;
+    plus what planning adds."""
 
     config: object
-    mesh: object
-    model_cfg: object
+    run: object  # training.Run
     generator_cfg: object
-    model_fn: object
-    tx: object
-    layout: object
-    step_fn: object
     abstract_batch: dict
-    rules: tuple  # the logical-axis rules the step is traced under (activation constraints)
 
 
 def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Setup:
@@ -151,16 +146,13 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
                       for k in ("input_ids", "attention_mask", "token_type_ids")}
     gen = run.extra_meta.get("generator")
     gen_cfg = type(run.model_cfg)(**gen) if gen else None
-    return Setup(config, run.mesh, run.model_cfg, gen_cfg, run.model_fn, run.tx, run.layout, run.step,
-                 abstract_batch, run.rules)
+    return Setup(config, run, gen_cfg, abstract_batch)
 
 
 def compile_step(setup: Setup):
     """Lower the jitted step on the abstract state and batch, and compile it (no execution). Traced under the
     mesh and rules, as training.py runs it: activation constraints at layer boundaries."""
-    from bert_jax import sharding
-    lower = sharding.in_mesh(setup.step_fn.lower, setup.mesh, setup.rules)
-    return lower(setup.layout.abstract, setup.abstract_batch).compile()
+    return setup.run.call(setup.run.step.lower)(setup.run.layout.abstract, setup.abstract_batch).compile()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +167,7 @@ def formula_flops(setup: Setup) -> int:
     from bert_jax import flops
     c = setup.config
     predictions = min(c.objective.max_predictions, c.data.seq_len)
-    return flops.train_step_flops(setup.model_cfg, c.train.batch_size, c.data.seq_len, predictions,
+    return flops.train_step_flops(setup.run.model_cfg, c.train.batch_size, c.data.seq_len, predictions,
                                   generator=setup.generator_cfg)
 
 
@@ -198,12 +190,12 @@ def predict(flops_per_device: float, link_bytes: float, tokens_per_step: int, mo
 def analyse(setup: Setup, compiled, peak_tflops: float, hbm_gib: float, link_gbps: float) -> dict:
     """The figures of one compiled step, per device."""
     c = setup.config
-    n = setup.mesh.size
+    n = setup.run.mesh.size
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    params = _tree_bytes(setup.layout.abstract.params)
-    opt = _tree_bytes(setup.layout.abstract.opt_state)
+    params = _tree_bytes(setup.run.layout.abstract.params)
+    opt = _tree_bytes(setup.run.layout.abstract.opt_state)
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     xla_flops = float(cost.get("flops", 0.0))
     model_flops = formula_flops(setup)
@@ -214,10 +206,10 @@ def analyse(setup: Setup, compiled, peak_tflops: float, hbm_gib: float, link_gbp
     tokens = c.train.batch_size * c.data.seq_len
     figures = {
         "config": c.model.size, "objective": c.objective.name, "devices": n,
-        "mesh": dict(setup.mesh.shape), "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
+        "mesh": dict(setup.run.mesh.shape), "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
         "grad_accum_steps": c.optim.grad_accum_steps, "dtype": c.model.dtype, "remat": c.model.remat,
-        "vocab_size": setup.model_cfg.vocab_size,
-        "num_params": sum(math.prod(x.shape) for x in _leaves(setup.layout.abstract.params)),
+        "vocab_size": setup.run.model_cfg.vocab_size,
+        "num_params": sum(math.prod(x.shape) for x in _leaves(setup.run.layout.abstract.params)),
         "param_bytes": params, "opt_state_bytes": opt, "grad_bytes": params,
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
