@@ -45,9 +45,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # recompute the elementwise rest). dots is also the fastest on XLA:CPU: 1.28x and 1.14x as fast as none
     # for mini (tools.benchmark --ab remat=none,dots; less memory traffic), and it needs less memory.
     m.remat = "dots"
-    # einsum (fastest on CPU) | dot_product: jax.nn.dot_product_attention as XLA writes it | cudnn: the same
-    # through cuDNN's fused kernel (GPU and bfloat16 only). The last two have no dropout, so layers with
-    # attention dropout > 0 in training still take the einsum path (set attention_dropout=0 to fuse them).
+    # einsum (fastest on CPU) | dot_product: jax.nn.dot_product_attention as XLA writes it (no dropout: with
+    # attention dropout > 0 training steps still take the einsum path) | cudnn: the same through cuDNN's fused
+    # kernel (GPU, bfloat16 and attention_dropout=0 only; the `SIZE,gpu` preset sets all three)
     m.attention = "einsum"
     # predictions: the MLM heads read the last layer at the masked positions only, so that layer runs its
     # queries, output projection and MLP there only (keys/values everywhere; same values, ~70% fewer of its

@@ -83,9 +83,9 @@ def test_fused_attention_equals_einsum(fused, bias_shape):
     dtype = "bfloat16" if fused == "cudnn" else "float32"
     if fused == "cudnn" and jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU; this backend is 'cpu'"):
-            _attention_pair(fused, dtype=dtype)
+            _attention_pair(fused, dtype=dtype, attention_dropout=0.0)
         return
-    a, b = _attention_pair(fused, dtype=dtype)
+    a, b = _attention_pair(fused, dtype=dtype, attention_dropout=0.0)
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 32)).astype(dtype)
     mask = np.ones((3, 16), bool)
     mask[1, 10:] = False
@@ -109,9 +109,12 @@ def test_fused_attention_equals_einsum(fused, bias_shape):
         assert _rel_err(u, v, floor) < 5 * tol, jax.tree_util.keystr(path)
 
 
-def test_cudnn_attention_needs_bfloat16():
+def test_cudnn_attention_needs_bfloat16_and_no_attention_dropout():
     with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
-        EncoderConfig(vocab_size=10, attention="cudnn")
+        EncoderConfig(vocab_size=10, attention="cudnn", attention_dropout=0.0)
+    with pytest.raises(ValueError, match="model.attention='cudnn' has no attention dropout: set "
+                                         "model.attention_dropout=0 \\(not 0.1\\)"):
+        EncoderConfig(vocab_size=10, attention="cudnn", dtype="bfloat16")
 
 
 def test_dot_product_attention_keeps_attention_dropout():

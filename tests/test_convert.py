@@ -131,7 +131,8 @@ def test_run_ours_reads_a_gpu_trained_config_on_any_machine(small_workdir):
     verifies on a CPU: run_ours computes the plain float32 function whatever the training-only settings."""
     import dataclasses  # pylint: disable=import-outside-toplevel
     _, cfg, params = small_workdir
-    gpu_cfg = dataclasses.replace(cfg, dtype="bfloat16", attention="cudnn", remat="dots", scan_unroll=4)
+    gpu_cfg = dataclasses.replace(cfg, dtype="bfloat16", attention="cudnn", attention_dropout=0.0, remat="dots",
+                                  scan_unroll=4)
     ids = np.asarray([[2, 40, 41, 42, 3, 0], [2, 50, 51, 52, 53, 3]], np.int32)
     mask, types = (ids > 0).astype(np.int32), np.zeros_like(ids)
     h_gpu, logits_gpu = convert_to_hf.run_ours(gpu_cfg, params, ids, mask, types)

@@ -26,8 +26,9 @@ class EncoderConfig:
     dtype: str = "float32"  # activation/compute dtype; parameters are always float32
     remat: str = "none"  # none | full | dots
     # einsum: our two batched matmuls (attention dropout supported); dot_product: jax.nn.dot_product_attention
-    # as XLA writes it; cudnn: the same through cuDNN's fused kernel (GPU, bfloat16 only). The last two have no
-    # dropout: they run where attention dropout is off (evaluation, or attention_dropout=0), einsum elsewhere.
+    # as XLA writes it; cudnn: the same through cuDNN's fused kernel (GPU, bfloat16, attention_dropout 0 only).
+    # Neither has dropout: dot_product runs where attention dropout is off (evaluation, or attention_dropout=0),
+    # einsum elsewhere; cudnn refuses a dropout rate rather than silently training on the einsum path.
     attention: str = "einsum"
     # predictions: where only some positions' outputs are wanted (the MLM heads), the last layer runs its
     # queries, output projection and MLP at those positions only (same values, fewer FLOPs); all: everywhere.
@@ -56,6 +57,9 @@ class EncoderConfig:
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             raise ValueError(f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention "
                              f"has no float32 kernel), not {self.dtype!r}")
+        if self.attention == "cudnn" and self.attention_dropout > 0:
+            raise ValueError(f"model.attention='cudnn' has no attention dropout: set model.attention_dropout=0 "
+                             f"(not {self.attention_dropout}), or training would run the einsum path")
 
     @property
     def head_dim(self) -> int:
