@@ -19,8 +19,8 @@ from bert_jax.models.layers import SelfAttention
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def _tool(*args, timeout=300, env=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
@@ -46,6 +46,15 @@ def test_benchmark_cli_times_the_real_step_and_reports_mfu():
     assert np.isfinite(r["last_loss"]) and r["last_loss"] > 5  # ~ln(30522) = 10.3 at the start
     assert "tokens/s" in p.stdout and "MFU" in p.stdout
     assert out["peers"]["error"].startswith("peer venv not found at /nonexistent/python")  # reported, not fatal
+
+
+def test_benchmark_without_the_backend_fails_with_one_line():
+    """--backend gpu where jax finds no GPU (none visible): one error line after the first worker, not one
+    per config."""
+    p = _tool("--configs", "tiny", "--backend", "gpu", timeout=120, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --backend gpu: worker exit"), p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -434,6 +434,8 @@ def main(argv=None) -> None:
     dtype = overrides.get("dtype", "float32")
     mm = spawn({"kind": "matmul", "matmul_sizes": matmul_sizes, "dtype": dtype, "backend": args.backend},
                args.timeout)
+    if "error" in mm and args.backend != "cpu":  # no such device here: every worker would fail the same way
+        sys.exit(f"error: --backend {args.backend}: {mm['error']}")
     peak = mm.get("peak_gflops")
     result["matmul"] = mm
     log(f"matmul peak (jitted {dtype}, XLA, {mm.get('device')}): {peak and round(peak, 1)} GFLOP/s "
