@@ -54,7 +54,8 @@ def test_benchmark_without_the_backend_fails_with_one_line():
     p = _tool("--configs", "tiny", "--backend", "gpu", timeout=120, env={"CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --backend gpu: worker exit"), p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --backend gpu: worker exit 1: no GPU visible to jax"), \
+        p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

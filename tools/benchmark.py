@@ -230,6 +230,15 @@ WORKERS = {"matmul": lambda spec: matmul_peak(dtype=spec["dtype"]), "train": tim
 def run_worker(spec: dict) -> None:
     sys.path.insert(0, ROOT)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if spec.get("backend", "cpu") == "gpu":
+        import jax
+        try:
+            found = jax.default_backend()
+        except AssertionError:  # what jax raises when no platform of JAX_PLATFORMS can start
+            found = None
+        if found != "gpu":
+            sys.exit(f"no GPU visible to jax {jax.__version__} (JAX_PLATFORMS=cuda: is its CUDA plugin installed, "
+                     "a GPU visible?)")
     if spec.get("matmul_sizes"):
         global MATMUL_SIZES
         MATMUL_SIZES = {int(k): v for k, v in spec["matmul_sizes"].items()}
