@@ -1,7 +1,8 @@
 """ELECTRA replaced-token-detection recipes (Clark et al., 2020): `--config configs/electra.py:SIZE`.
 
-SIZE is one of tiny (the CPU demo), small, base, large; `SIZE,gpu` adds the GPU preset (see configs/bert.py). `model` describes the discriminator; the generator
-is `objective.generator_fraction` of its width (hidden, heads, intermediate) and shares its embeddings.
+SIZE is one of tiny (the CPU demo), small, base, large; `SIZE,gpu` adds the GPU preset (see configs/bert.py).
+`model` describes the discriminator; the generator is `objective.generator_fraction` of its width (hidden,
+heads, intermediate) and shares its embeddings.
 The numbers follow the paper's Table 6/7: ELECTRA-Small (embedding 128, hidden 256, generator 1/4, lr 5e-4,
 batch 128, seq 128, 1M steps), Base (768, generator 1/3, lr 2e-4, batch 256, seq 512, 766k steps) and
 Large (1024, generator 1/4, mask rate 0.25, lr 2e-4, batch 2048, seq 512, 400k steps); 10k warmup steps,

@@ -15,8 +15,8 @@ dense bf16: 989.4).
 
 On a GPU (--backend gpu): the same, plus the device's peak memory, and the mean step time of the timed steps
 run back to back with one synchronisation at the end (as training runs: no host sync per step). For the
-fastest GPU step: --model dtype=bfloat16 --model attention=cudnn --model attention_dropout=0 (cuDNN's fused
-attention has no dropout).
+fastest GPU step measured (the `SIZE,gpu` preset's settings): --model dtype=bfloat16 --model attention=cudnn
+--model attention_dropout=0 --model scan_unroll=<layers> (cuDNN's fused attention has no dropout).
 
 Other modes:
   --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
@@ -224,7 +224,8 @@ def time_compile(spec: dict) -> dict:
     return {"compile_s": out}
 
 
-WORKERS = {"matmul": lambda spec: matmul_peak(dtype=spec["dtype"]), "train": time_config, "ab": time_ab, "compile": time_compile}
+WORKERS = {"matmul": lambda spec: matmul_peak(dtype=spec["dtype"]), "train": time_config, "ab": time_ab,
+           "compile": time_compile}
 
 
 def run_worker(spec: dict) -> None:
@@ -440,7 +441,7 @@ def main(argv=None) -> None:
                            "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
                            "formula": flops.FORMULA, "inputs": "synthetic"},
               "machine": {"nproc": os.cpu_count(), "loadavg_start": os.getloadavg()}}
-    dtype = overrides.get("dtype", "float32")
+    dtype = model_configs("tiny", args.seq_len, overrides).dtype  # the recipes' default unless overridden
     mm = spawn({"kind": "matmul", "matmul_sizes": matmul_sizes, "dtype": dtype, "backend": args.backend},
                args.timeout)
     if "error" in mm and args.backend != "cpu":  # no such device here: every worker would fail the same way
@@ -465,8 +466,9 @@ def main(argv=None) -> None:
                 f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_gflops']:.1f} GFLOP/s, "
                 f"MFU {100 * r.get('mfu', float('nan')):.1f}%")
             if "loop_step_s" in r:
-                log(f"{label}: {r['sequences_per_s']:.1f} sequences/s; back to back {r['loop_step_s'] * 1e3:.1f} ms/step"
-                    f", device peak memory {r.get('device_peak_mib', float('nan')):.0f} MiB")
+                log(f"{label}: {r['sequences_per_s']:.1f} sequences/s; back to back "
+                    f"{r['loop_step_s'] * 1e3:.1f} ms/step, device peak memory "
+                    f"{r.get('device_peak_mib', float('nan')):.0f} MiB")
             if "mfu_datasheet" in r:
                 log(f"{label}: MFU against the {args.peak_tflops} TFLOP/s datasheet peak "
                     f"{100 * r['mfu_datasheet']:.1f}%")
