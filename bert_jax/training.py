@@ -40,7 +40,7 @@ def _model_config(config: ConfigDict, vocab_size: int):
         type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
         initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
-        last_layer=m.last_layer, scan_unroll=m.scan_unroll)
+        last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act)
 
 
 def _optim_config(config: ConfigDict):
@@ -275,6 +275,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, preempt) -> dict:
             except ValueError as e:
                 raise ConfigError(f"init_from={config.init_from}: {e}") from None
             writer.log(f"initialised from {config.init_from} (step {init_meta.get('step')})")
+            trained_act = init_meta.get("model", {}).get("hidden_act", "gelu")
+            if trained_act != config.model.hidden_act:
+                writer.log(f"note: {config.init_from} was trained with model.hidden_act={trained_act}; this run "
+                           f"computes {config.model.hidden_act}")
         state = train_state.create_state(run.model_fn, run.tx, mesh, layout, seed, run.rules, params=init_params)
         if is_main:  # the workdir is self-contained: config, data manifest and tokenizer files
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

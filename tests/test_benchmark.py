@@ -227,16 +227,18 @@ def test_attention_switch_reaches_the_model_config():
 
 @pytest.mark.parametrize("file, size, layers", [("bert", "base", 12), ("electra", "small", 12), ("bert", "large", 24)])
 def test_gpu_preset(file, size, layers):
-    """`SIZE,gpu`: bf16, cuDNN attention (no attention dropout), the scan unrolled; nothing else changes."""
+    """`SIZE,gpu`: bf16, cuDNN attention (no attention dropout), the scan unrolled, tanh GELU; nothing else
+    changes."""
     import importlib  # pylint: disable=import-outside-toplevel
     from bert_jax import training
     recipe = importlib.import_module(f"configs.{file}")
     plain, gpu = recipe.get_config(size), recipe.get_config(f"{size},gpu")
     cfg = training._model_config(gpu, 30522)  # pylint: disable=protected-access
-    assert (cfg.dtype, cfg.attention, cfg.attention_dropout, cfg.scan_unroll) == ("bfloat16", "cudnn", 0.0, layers)
+    assert (cfg.dtype, cfg.attention, cfg.attention_dropout, cfg.scan_unroll, cfg.hidden_act) == (
+        "bfloat16", "cudnn", 0.0, layers, "gelu_tanh")
     assert cfg.hidden_dropout == plain.model.hidden_dropout == 0.1
     plain_dict, gpu_dict = plain.to_dict(), gpu.to_dict()
-    for key in ("dtype", "attention", "attention_dropout", "scan_unroll"):
+    for key in ("dtype", "attention", "attention_dropout", "scan_unroll", "hidden_act"):
         del plain_dict["model"][key], gpu_dict["model"][key]
     assert plain_dict == gpu_dict
     assert training._model_config(plain, 30522).attention == "einsum"  # pylint: disable=protected-access

@@ -239,6 +239,35 @@ def test_random_hf_round_trip_bitwise(tmp_path):
     assert all(np.array_equal(again[k], original[k]) for k in original)
 
 
+def test_tanh_gelu_imports_exports_and_verifies(tmp_path):
+    """A transformers BERT with GELU's tanh approximation (gelu_new) imports as model.hidden_act=gelu_tanh,
+    exports as gelu_pytorch_tanh and matches torch; read with the exact GELU it would not (the MLP weights
+    are large enough that the two forms differ by more than the tolerance)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                     intermediate_size=96, max_position_embeddings=32, hidden_act="gelu_new")
+    model = transformers.BertForMaskedLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # MLP / head pre-activations of order 1-3
+            p.add_(torch.randn_like(p) * (0.4 if "dense.weight" in name else 0.05))
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    (src / "vocab.txt").write_text("".join(t + "\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                           + [f"w{i}" for i in range(115)]))
+    import_from_hf.import_hf(str(src), str(tmp_path / "w"))
+    params, meta = load_params(str(tmp_path / "w"))
+    assert meta["model"]["hidden_act"] == "gelu_tanh"
+    result = convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "out"), verify=True)
+    assert result["ok"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
+
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8", "w9 w10 w11"]
+    tokenizer = convert_to_hf._load_tokenizer(str(tmp_path / "w" / "tokenizer"))  # pylint: disable=protected-access
+    exact = dataclasses.replace(EncoderConfig(**meta["model"]), hidden_act="gelu")
+    wrong = convert_to_hf.verify_folder(str(tmp_path / "out"), exact, params, tokenizer, texts)
+    assert not wrong["ok"] and wrong["max_abs_diff_logits"] > TOL
+
+
 # ---- (d) errors: one line each ----
 
 def test_error_step_not_found(small_workdir, tmp_path):

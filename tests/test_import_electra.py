@@ -28,18 +28,18 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
 assert len(set(VOCAB)) == len(VOCAB)
 
 
-def _config(hidden: int, heads: int, intermediate: int, architecture: str):
+def _config(hidden: int, heads: int, intermediate: int, architecture: str, hidden_act: str = "gelu"):
     return transformers.ElectraConfig(
         vocab_size=len(VOCAB), embedding_size=32, hidden_size=hidden, num_hidden_layers=2,
         num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=64,
-        hidden_act="gelu", architectures=[architecture])
+        hidden_act=hidden_act, architectures=[architecture])
 
 
-def _perturb(model):
+def _perturb(model, dense_noise: float = 0.05):
     # Fresh HF LayerNorms are 1/0 and biases 0: noise makes every tensor carry information to lose.
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (dense_noise if "dense.weight" in name else 0.05))
 
 
 def _save(model, folder):
@@ -51,12 +51,15 @@ def _save(model, folder):
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """(discriminator folder, generator folder): the generator's embeddings are the discriminator's."""
-    root = tmp_path_factory.mktemp("hf_electra")
+    return _make_pair(tmp_path_factory.mktemp("hf_electra"))
+
+
+def _make_pair(root, hidden_act: str = "gelu", dense_noise: float = 0.05):
     torch.manual_seed(0)
-    disc = transformers.ElectraForPreTraining(_config(64, 4, 128, "ElectraForPreTraining"))
-    gen = transformers.ElectraForMaskedLM(_config(32, 2, 64, "ElectraForMaskedLM"))
-    _perturb(disc)
-    _perturb(gen)
+    disc = transformers.ElectraForPreTraining(_config(64, 4, 128, "ElectraForPreTraining", hidden_act))
+    gen = transformers.ElectraForMaskedLM(_config(32, 2, 64, "ElectraForMaskedLM", hidden_act))
+    _perturb(disc, dense_noise)
+    _perturb(gen, dense_noise)
     shared = {k: v for k, v in disc.state_dict().items() if k.startswith("electra.embeddings.")}
     gen.load_state_dict({**gen.state_dict(), **shared})
     return _save(disc, root / "disc"), _save(gen, root / "gen")
@@ -92,6 +95,22 @@ def test_round_trip_bitwise(hf_pair, imported, tmp_path, model):
     result = convert_to_hf.convert(workdir, out, model=model, verify=True)
     assert result["ok"]
     _assert_bitwise(out, _expected(hf_pair[model == "generator"], model))
+
+
+def test_tanh_gelu_towers_verify(tmp_path):
+    """Towers with GELU's tanh approximation (gelu_new): the layers and the discriminator head compute the tanh
+    form, the generator head the exact one (transformers' ElectraGeneratorPredictions ignores hidden_act);
+    both exports match torch, with MLP/head pre-activations large enough for the two forms to differ."""
+    disc_dir, gen_dir = _make_pair(tmp_path, hidden_act="gelu_new", dense_noise=0.3)
+    workdir = str(tmp_path / "w")
+    import_from_hf.import_hf(disc_dir, workdir, generator_dir=gen_dir)
+    _, meta = load_params(workdir)
+    assert meta["model"]["hidden_act"] == meta["generator"]["hidden_act"] == "gelu_tanh"
+    for model in ("discriminator", "generator"):
+        out = tmp_path / model
+        result = convert_to_hf.convert(workdir, str(out), model=model, verify=True)
+        assert result["ok"], (model, result)
+        assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
 
 
 def test_checkpoint_reads_back(hf_pair, imported):

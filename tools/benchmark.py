@@ -23,7 +23,7 @@ Other modes:
   --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B, timed alternately
                     (A B A B ...), reported as the ratio of medians; e.g. --ab attention=einsum,dot_product,
                     --ab dtype=float32,bfloat16, --ab remat=none,full, --ab last_layer=all,predictions,
-                    --ab scan_unroll=1,12,
+                    --ab scan_unroll=1,12, --ab hidden_act=gelu,gelu_tanh,
                     --ab accum=1,2
   --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
   --peers           after each config runs shared/bench/peer_throughput.py on it (needs its venv: bash
@@ -53,7 +53,7 @@ DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
 PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
 AB_KEYS = ("attention", "dtype", "remat", "last_layer", "scan_unroll", "accum", "attention_dropout",
-           "hidden_dropout")
+           "hidden_dropout", "hidden_act")
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -98,6 +98,7 @@ def model_configs(size: str, seq_len: int, overrides: dict):
                         max_position_embeddings=max(m.max_position_embeddings, seq_len),
                         **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
                            "attention": m.attention, "last_layer": m.last_layer, "scan_unroll": m.scan_unroll,
+                           "hidden_act": m.hidden_act,
                            **{k: v for k, v in overrides.items() if k != "accum"}})
     return cfg
 

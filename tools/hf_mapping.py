@@ -262,6 +262,12 @@ def unused_names(tensors: dict, model: str = "mlm") -> list[str]:
     return sorted(n for n in tensors if _ignored(n, spec) or n in spec.tied)
 
 
+# Our model.hidden_act -> transformers' name (gelu_pytorch_tanh: the tanh approximation, torch's fast kernel),
+# and the transformers names we import (gelu_new computes the same tanh approximation).
+HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
 def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
     """A transformers BertConfig or ElectraConfig (as a config.json dict) for our EncoderConfig of the
     exported model (for ELECTRA: that tower's); `special_ids` needs "pad"."""
@@ -276,7 +282,7 @@ def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.intermediate_size,
-        "hidden_act": "gelu",  # exact erf GELU, as our layers compute it
+        "hidden_act": HF_ACTIVATION[cfg.hidden_act],
         "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -302,8 +308,10 @@ def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert
         refuse(f"model_type={hf_config.get('model_type')!r} (only {' or '.join(map(repr, model_types))})")
     if hf_config.get("position_embedding_type", "absolute") != "absolute":
         refuse(f"position_embedding_type={hf_config['position_embedding_type']!r} (only 'absolute')")
-    if hf_config.get("hidden_act", "gelu") != "gelu":
-        refuse(f"hidden_act={hf_config['hidden_act']!r} (only 'gelu', the exact erf GELU)")
+    hidden_act = FROM_HF_ACTIVATION.get(hf_config.get("hidden_act", "gelu"))
+    if hidden_act is None:
+        refuse(f"hidden_act={hf_config['hidden_act']!r} (only the exact 'gelu' or its tanh approximation "
+               f"{' / '.join(map(repr, list(FROM_HF_ACTIVATION)[1:]))})")
     for flag in ("is_decoder", "add_cross_attention"):
         if hf_config.get(flag):
             refuse(f"{flag}=true (only bidirectional encoders)")
@@ -330,6 +338,7 @@ def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert
             "attention_dropout": float(hf_config.get("attention_probs_dropout_prob", 0.1)),
             "layer_norm_eps": float(hf_config.get("layer_norm_eps", 1e-12)),
             "initializer_range": float(hf_config.get("initializer_range", 0.02)),
+            "hidden_act": hidden_act,
         }
     except KeyError as e:
         refuse(f"config.json lacks {e.args[0]!r}")

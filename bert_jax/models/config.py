@@ -37,6 +37,9 @@ class EncoderConfig:
     # grow with depth); >= num_layers unrolls it, so XLA keeps each layer's saved activations as their own
     # buffers instead of copying them in and out of stacked [L, ...] ones.
     scan_unroll: int = 1
+    # The MLP's activation (and the heads' where Hugging Face uses the config's): gelu is BERT's exact (erf)
+    # GELU; gelu_tanh its tanh approximation (Hugging Face's gelu_new / gelu_pytorch_tanh, as in GPT-2).
+    hidden_act: str = "gelu"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -52,6 +55,8 @@ class EncoderConfig:
             raise ValueError(f"model.last_layer={self.last_layer!r}: choose predictions or all")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.hidden_act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"model.hidden_act={self.hidden_act!r}: choose gelu or gelu_tanh")
         if self.scan_unroll < 1:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
         if self.attention == "cudnn" and self.dtype != "bfloat16":

@@ -21,7 +21,7 @@ from flax import nnx
 from bert_jax.models.config import EncoderConfig
 from bert_jax.models.encoder import Embeddings, LayerStack, split_dropout_key
 from bert_jax.models.heads import MlmHead
-from bert_jax.models.layers import Dense
+from bert_jax.models.layers import Dense, gelu
 
 
 def generator_config(disc: EncoderConfig, fraction: float, num_layers: int = -1) -> EncoderConfig:
@@ -58,9 +58,10 @@ class DiscriminatorHead(nnx.Module):
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
         self.dense = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), cfg, rngs)
         self.prediction = Dense(cfg.hidden_size, 1, ("mlp", None), cfg, rngs)
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(self.dense(h), approximate=False)
+        h = gelu(self.dense(h), self.hidden_act)
         return self.prediction(h)[..., 0].astype(jnp.float32)
 
 
@@ -69,7 +70,7 @@ class GeneratorTower(LayerStack):
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
-        self.mlm_head = MlmHead(cfg, rngs)
+        self.mlm_head = MlmHead(cfg, rngs, hidden_act="gelu")  # Hugging Face's generator head: exact GELU
 
 
 class DiscriminatorTower(LayerStack):

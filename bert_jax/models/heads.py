@@ -6,21 +6,24 @@ from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
 from bert_jax.models.encoder import BertEncoder
-from bert_jax.models.layers import Dense, LayerNorm, add_bias, matmul, param
+from bert_jax.models.layers import Dense, LayerNorm, add_bias, gelu, matmul, param
 
 
 class MlmHead(nnx.Module):
     """BERT's MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias.
-    The dense maps hidden -> embedding width (equal for BERT; ELECTRA's generator_predictions where not)."""
+    The dense maps hidden -> embedding width (equal for BERT; ELECTRA's generator_predictions where not).
+    `hidden_act`: the GELU's form, by default the config's (BERT's head); ELECTRA's generator head is always
+    the exact one, as in Hugging Face."""
 
-    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs, hidden_act: str | None = None):
         self.transform = Dense(cfg.hidden_size, cfg.embed_dim, ("embed", "mlp"), cfg, rngs)
         self.norm = LayerNorm(cfg.embed_dim, cfg, rngs, name="mlp")
         self.bias = param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",))
+        self.hidden_act = hidden_act or cfg.hidden_act
 
     def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
         """h [..., H], word_embeddings [V, E] -> logits [..., V] in float32."""
-        h = self.norm(jax.nn.gelu(self.transform(h), approximate=False))
+        h = self.norm(gelu(self.transform(h), self.hidden_act))
         logits = matmul(h, word_embeddings.astype(h.dtype).T)
         return add_bias(logits.astype(jnp.float32), self.bias[...])
 

@@ -76,6 +76,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x * jnp.asarray(65536 / (65536 - drop), x.dtype), jnp.zeros_like(x))
 
 
+def gelu(x: jax.Array, hidden_act: str) -> jax.Array:
+    """GELU by its config name: "gelu" is the exact (erf) form, "gelu_tanh" the tanh approximation."""
+    return jax.nn.gelu(x, approximate=hidden_act == "gelu_tanh")
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias over the last axis; kernel [in, out] with logical names (in_name, out_name)."""
 
@@ -205,5 +210,5 @@ class EncoderLayer(nnx.Module):
         if positions is not None:
             x = gather_positions(x, positions)
         x = self.attention_norm(x + dropout(attn, rate, k_h1))
-        h = jax.nn.gelu(self.intermediate(x), approximate=False)  # BERT's exact (erf) GELU
+        h = gelu(self.intermediate(x), self.cfg.hidden_act)
         return self.output_norm(x + dropout(self.output(h), rate, k_h2))
