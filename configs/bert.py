@@ -3,7 +3,7 @@
 SIZE is one of tiny (the CPU demo), mini, small, medium, base, large. The optimisation settings of
 base/large follow the BERT paper's phase-1 recipe (lr 1e-4, 10k warmup, linear decay, batch 256, seq 128).
 `SIZE,gpu` adds the GPU preset (`common.apply_preset`: bf16, cuDNN attention without attention dropout, the
-layer scan unrolled), e.g. `--config configs/bert.py:base,gpu`.
+layer scan unrolled, the tanh GELU), e.g. `--config configs/bert.py:base,gpu`.
 """
 
 from configs import common

@@ -33,8 +33,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.embedding_size = -1
     m.num_heads = heads  # attention heads; must divide hidden_size
     m.intermediate_size = mlp  # width of each layer's MLP (GELU)
-    # the MLP's activation (and the heads', where Hugging Face uses the config's): gelu (BERT's exact erf GELU)
-    # or gelu_tanh (its tanh approximation; exported as Hugging Face's gelu_pytorch_tanh)
+    # the MLP's activation (and the heads', where Hugging Face uses the config's): gelu (the exact erf GELU,
+    # Hugging Face's BERT default) or gelu_tanh (its tanh approximation, as in Google's original BERT and
+    # ELECTRA code; exported as Hugging Face's gelu_pytorch_tanh)
     m.hidden_act = "gelu"
     m.vocab_size = -1  # -1: take it from the data manifest; any other value must equal the manifest's
     m.max_position_embeddings = 512  # learned positions; data.seq_len may not exceed it

@@ -37,8 +37,9 @@ class EncoderConfig:
     # grow with depth); >= num_layers unrolls it, so XLA keeps each layer's saved activations as their own
     # buffers instead of copying them in and out of stacked [L, ...] ones.
     scan_unroll: int = 1
-    # The MLP's activation (and the heads' where Hugging Face uses the config's): gelu is BERT's exact (erf)
-    # GELU; gelu_tanh its tanh approximation (Hugging Face's gelu_new / gelu_pytorch_tanh, as in GPT-2).
+    # The MLP's activation (and the heads' where Hugging Face uses the config's): gelu is the exact (erf) GELU
+    # of Hugging Face's BertConfig; gelu_tanh its tanh approximation, which Google's original BERT and ELECTRA
+    # code computes (Hugging Face's gelu_new / gelu_pytorch_tanh).
     hidden_act: str = "gelu"
 
     def __post_init__(self):
