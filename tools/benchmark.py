@@ -16,7 +16,8 @@ dense bf16: 989.4).
 On a GPU (--backend gpu): the same, plus the device's peak memory, and the mean step time of the timed steps
 run back to back with one synchronisation at the end (as training runs: no host sync per step). For the
 fastest GPU step measured (the `SIZE,gpu` preset's settings): --model dtype=bfloat16 --model attention=cudnn
---model attention_dropout=0 --model scan_unroll=<layers> (cuDNN's fused attention has no dropout).
+--model attention_dropout=0 --model scan_unroll=<layers> --model hidden_act=gelu_tanh (cuDNN's fused
+attention has no dropout).
 
 Other modes:
   --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
