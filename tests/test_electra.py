@@ -183,6 +183,7 @@ def _run_steps(accum, batches):
     return jax.device_get(state.params), out
 
 
+@pytest.mark.slow  # ~40 s; the MLM twin in test_train_step stays in the quick subset
 def test_gradient_accumulation_equals_large_batch():
     """One sampling key per row: a row draws the same replacements inside a micro-batch as in the batch."""
     batches = [_batch(seed=0), _batch(seed=1)]

@@ -143,7 +143,7 @@ def test_last_layer_at_predictions_gives_the_same_loss_and_gradients(layers, att
         np.testing.assert_allclose(g_pred, g_all, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("unroll", [2, 4])
+@pytest.mark.parametrize("unroll", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_scan_unroll_computes_the_same(unroll):
     """model.scan_unroll (layers per iteration of the scan; 4 = all of them) changes only how XLA lays out the
     loop: the same hidden states with dropout (each layer keeps its own key), the same loss and gradients
