@@ -32,15 +32,7 @@ class ConfigError(ValueError):
 
 def _model_config(config: ConfigDict, vocab_size: int):
     from bert_jax.models import EncoderConfig
-    m = config.model
-    return EncoderConfig(
-        vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        embedding_size=None if m.embedding_size == -1 else m.embedding_size,
-        intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
-        type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
-        initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
-        last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act)
+    return EncoderConfig.from_section(config.model, vocab_size)
 
 
 def _optim_config(config: ConfigDict):

@@ -91,17 +91,14 @@ def matmul_peak(sizes=None, dtype="float32") -> dict:
 def model_configs(size: str, seq_len: int, overrides: dict):
     """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with the recipes'
     dtype, remat, attention and last_layer unless `overrides` says otherwise."""
+    import dataclasses
     from bert_jax.models import EncoderConfig
     from configs import common
     m = common.model_config(size)
-    cfg = EncoderConfig(vocab_size=VOCAB_SIZE, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                        num_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                        max_position_embeddings=max(m.max_position_embeddings, seq_len),
-                        **{"hidden_dropout": 0.1, "attention_dropout": 0.1, "dtype": m.dtype, "remat": m.remat,
-                           "attention": m.attention, "last_layer": m.last_layer, "scan_unroll": m.scan_unroll,
-                           "hidden_act": m.hidden_act,
-                           **{k: v for k, v in overrides.items() if k != "accum"}})
-    return cfg
+    m.max_position_embeddings = max(m.max_position_embeddings, seq_len)
+    m.hidden_dropout = m.attention_dropout = 0.1
+    return dataclasses.replace(EncoderConfig.from_section(m, VOCAB_SIZE),
+                               **{k: v for k, v in overrides.items() if k != "accum"})
 
 
 def build_step(spec: dict, overrides: dict, abstract: bool = False):

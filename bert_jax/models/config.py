@@ -67,6 +67,18 @@ class EncoderConfig:
             raise ValueError(f"model.attention='cudnn' has no attention dropout: set model.attention_dropout=0 "
                              f"(not {self.attention_dropout}), or training would run the einsum path")
 
+    @classmethod
+    def from_section(cls, m, vocab_size: int) -> "EncoderConfig":
+        """From the `model` section of a config (configs/common.py's keys; embedding_size -1: the hidden size)."""
+        return cls(
+            vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+            embedding_size=None if m.embedding_size == -1 else m.embedding_size,
+            intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
+            type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
+            attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
+            initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
+            last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
