@@ -14,7 +14,7 @@ from flax import nnx
 
 from bert_jax import flops, masking, objectives, optim, prefetch, sharding, train_state, train_step
 from bert_jax.models import BertForMaskedLM, EncoderConfig
-from bert_jax.models.layers import SelfAttention
+from bert_jax.models.layers import SelfAttention, even_lengths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +71,16 @@ def test_benchmark_bad_arguments_fail_with_one_line(args, message):
     assert p.stderr.strip().startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_worker_error_names_the_exception():
+    """A failed config reports its exception's line, not the note JAX prints after a filtered traceback."""
+    from tools.benchmark import error_line
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\njax.errors.JaxRuntimeError: "
+              "NOT_FOUND: no kernel\n--------------------\nFor simplicity, JAX has removed its internal frames "
+              "from the traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off to include these.")
+    assert error_line(stderr) == "jax.errors.JaxRuntimeError: NOT_FOUND: no kernel"
+    assert error_line("killed\n") == "killed" and error_line("") == "no output"
+
+
 def _attention_pair(fused="dot_product", **kw):
     kw = dict(vocab_size=50, hidden_size=32, num_heads=4, intermediate_size=64, **kw)
     with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
@@ -86,28 +96,32 @@ def _rel_err(u, v, floor=0.0):
 
 
 @pytest.mark.parametrize("fused", ["dot_product", "cudnn"])
-@pytest.mark.parametrize("bias_shape", ["keys", "full", "full_at_positions"])
+@pytest.mark.parametrize("bias_shape", ["keys", "full", "full_at_positions", "odd_lengths"])
 def test_fused_attention_equals_einsum(fused, bias_shape):
     """attention=dot_product (XLA) and, on a GPU, attention=cudnn compute what the einsum path does, values and
-    gradients (cudnn in bfloat16, its only dtype here); on a CPU, cudnn is refused by name."""
+    gradients (cudnn in bfloat16, its only dtype here); on a CPU, cudnn is refused by name. odd_lengths: 15
+    keys and 3 queries (cuDNN's training kernels with a bias take even lengths only: `even_lengths` pads)."""
     dtype = "bfloat16" if fused == "cudnn" else "float32"
     if fused == "cudnn" and jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU; this backend is 'cpu'"):
             _attention_pair(fused, dtype=dtype, attention_dropout=0.0)
         return
     a, b = _attention_pair(fused, dtype=dtype, attention_dropout=0.0)
-    x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 32)).astype(dtype)
-    mask = np.ones((3, 16), bool)
+    seq = 15 if bias_shape == "odd_lengths" else 16
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, seq, 32)).astype(dtype)
+    mask = np.ones((3, seq), bool)
     mask[1, 10:] = False
     positions = None
     if bias_shape == "keys":  # [B, 1, 1, S]: padding
         bias = jnp.where(mask[:, None, None, :], 0.0, -1e9)
     else:  # [B, 1, S, S]: e.g. per-document blocks
-        doc = np.repeat(np.arange(2), 8)
+        doc = np.repeat(np.arange(2), 8)[:seq]
         bias = jnp.where((doc[:, None] == doc[None, :])[None, None] & mask[:, None, None, :], 0.0, -1e9)
-        bias = jnp.broadcast_to(bias, (3, 1, 16, 16))
+        bias = jnp.broadcast_to(bias, (3, 1, seq, seq))
         if bias_shape == "full_at_positions":  # the last layer's queries at the masked positions only
             positions = jnp.array([[0, 3, 9, 15], [1, 2, 8, 8], [5, 6, 7, 14]], jnp.int32)
+        if bias_shape == "odd_lengths":
+            positions = jnp.array([[0, 3, 14], [1, 2, 8], [5, 6, 7]], jnp.int32)
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
     with jax.default_matmul_precision("float32"):  # a GPU's default for f32 is TF32 (~1e-3)
         assert _rel_err(a(x, bias, None, positions), b(x, bias, None, positions)) < tol
@@ -117,6 +131,27 @@ def test_fused_attention_equals_einsum(fused, bias_shape):
     floor = 1e-2 * max(np.linalg.norm(np.asarray(u, np.float64)) for u in jax.tree.leaves(ga))
     for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
         assert _rel_err(u, v, floor) < 5 * tol, jax.tree_util.keystr(path)
+
+
+def test_even_lengths_pads_without_changing_attention():
+    """The padding cuDNN's kernels need (odd query and key lengths made even) leaves the attention of the real
+    queries and its gradients unchanged: checked through XLA's implementation, on any backend."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in
+               enumerate([(2, 3, 4, 8), (2, 5, 4, 8), (2, 5, 4, 8)]))
+    bias = jnp.where(jnp.arange(5)[None, None, None, :] < jnp.array([5, 3])[:, None, None, None], 0.0, -1e9)
+
+    def attend(q, k, v, pad):
+        qq, kk, vv, bb = even_lengths(q, k, v, bias) if pad else (q, k, v, bias)
+        return jax.nn.dot_product_attention(qq, kk, vv, bias=bb)[:, :3]
+
+    qp, kp, vp, bp = even_lengths(q, k, v, bias)
+    assert qp.shape == (2, 4, 4, 8) and kp.shape == vp.shape == (2, 6, 4, 8) and bp.shape == (2, 1, 4, 6)
+    np.testing.assert_allclose(attend(q, k, v, True), attend(q, k, v, False), atol=1e-6)
+    loss = lambda pad: lambda *qkv: jnp.sum(jnp.sin(attend(*qkv, pad)))  # noqa: E731
+    for g_pad, g in zip(jax.grad(loss(True), (0, 1, 2))(q, k, v), jax.grad(loss(False), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_pad, g, atol=1e-6)
+    even = [q[:, :2], k[:, :4], v[:, :4]]
+    assert all(a is b for a, b in zip(even_lengths(*even, bias[..., :4])[:3], even))  # nothing to pad
 
 
 def test_cudnn_attention_needs_bfloat16_and_no_attention_dropout():

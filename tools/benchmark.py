@@ -37,6 +37,7 @@ The last stdout line is one JSON object with every figure.
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -260,8 +261,17 @@ def spawn(spec: dict, timeout: float) -> dict:
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT_JSON "):
             return json.loads(line[len("RESULT_JSON "):])
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"worker exit {p.returncode}: {tail}"}
+    return {"error": f"worker exit {p.returncode}: {error_line(p.stderr)}"}
+
+
+def error_line(stderr: str) -> str:
+    """The line of a worker's stderr that says what failed: the last `SomeError: ...` line (a traceback's
+    last line is often a note, e.g. JAX's about its filtered frames), else the last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    for line in reversed(lines):
+        if re.match(r"[\w.]*(Error|Exception|Exit)\b", line):
+            return line.strip()
+    return lines[-1]
 
 
 def log(msg: str) -> None:

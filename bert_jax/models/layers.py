@@ -177,16 +177,32 @@ class SelfAttention(nnx.Module):
 
     def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array) -> jax.Array:
         """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none), written by XLA or, for
-        attention='cudnn', by cuDNN's fused kernel (which wants the bias with a row per query)."""
-        dt = x.dtype
-        bias = bias.astype(dt)
-        implementation = None
+        attention='cudnn', by cuDNN's fused kernel (which wants even lengths and a bias row per query)."""
+        q, k, v, bias = self.query(x_q), self.key(x), self.value(x), bias.astype(x.dtype)
+        implementation, num_queries = None, q.shape[1]
         if self.cfg.attention == "cudnn":
             implementation = "cudnn"
-            bias = jnp.broadcast_to(bias, (bias.shape[0], 1, x_q.shape[1], x.shape[1]))
-        ctx = jax.nn.dot_product_attention(self.query(x_q), self.key(x), self.value(x), bias=bias,
-                                           scale=self.cfg.head_dim ** -0.5, implementation=implementation)
-        return self.output(ctx)
+            q, k, v, bias = even_lengths(q, k, v, bias)
+        ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.cfg.head_dim ** -0.5,
+                                           implementation=implementation)
+        return self.output(ctx[:, :num_queries])
+
+
+def even_lengths(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array):
+    """q [B, T, N, D], k/v [B, S, N, D], bias broadcastable to [B, 1, T, S] -> the same with T and S padded to
+    even lengths and the bias broadcast to a row per query, as cuDNN's fused attention wants it: its training
+    kernels with a bias refuse odd lengths (e.g. the last layer's queries at 77 prediction slots at seq 512).
+    A padded query row is dropped by the caller; a padded key gets the bias -1e9, so no query attends it."""
+    T, S = q.shape[1], k.shape[1]
+    bias = jnp.broadcast_to(bias, (bias.shape[0], 1, T, S))
+    pad_t, pad_s = T % 2, S % 2
+    if pad_t:
+        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    if pad_s:
+        k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (k, v))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=-1e9)
+    return q, k, v, bias
 
 
 class EncoderLayer(nnx.Module):
