@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the performance issue, in one run on one GPU (about 7 minutes on an H100):
+# The GPU figures of the performance issue, in one run on one GPU (about 8 minutes on an H100):
 #   1. cuDNN's fused attention computes what the einsum path does (values and gradients, bfloat16);
 #   2. BERT-base and BERT-large, seq 128, batch 256, with the settings of the `SIZE,gpu` preset (bf16, cuDNN
 #      attention without attention dropout, the layer scan unrolled, GELU's tanh approximation): tokens/s,
@@ -7,7 +7,7 @@
 #      MFU against the measured bf16 matmul peak and the datasheet's dense bf16 peak (PEAK_TFLOPS, default an
 #      H100 SXM's 989.4); on base also an A/B of the exact GELU against the tanh one;
 #   3. BERT-base as the CPU recipes run it, only in bf16 (einsum attention with attention dropout 0.1);
-#   4. BERT-base with the preset at batch 512.
+#   4. BERT-base with the preset at batch 512, and at seq 512 (batch 64).
 # The preset's other means were each measured by an A/B (docs/BENCHMARKS.md), e.g. --ab scan_unroll=1,12.
 # Usage: OUT=/some/dir bash tools/gpu_benchmark.sh   (logs and the benchmarks' JSON lines land in $OUT)
 set -u
@@ -34,3 +34,4 @@ PRESET=(--model attention=cudnn --model attention_dropout=0 --model scan_unroll=
 bench base_large_preset_b256 --configs base,large --batch-size 256 "${PRESET[@]}" --ab hidden_act=gelu,gelu_tanh
 bench base_einsum_b256 --configs base --batch-size 256
 bench base_preset_b512 --configs base --batch-size 512 "${PRESET[@]}"
+bench base_preset_s512 --configs base --batch-size 64 --seq-len 512 "${PRESET[@]}"
