@@ -29,7 +29,10 @@ import numpy as np
 
 from tools import hf_mapping
 
-TOLERANCE = 1e-4
+# Verification passes when torch's outputs differ from ours by at most TOLERANCE x the outputs' largest magnitude
+# (at least 1): float32 rounding grows with the values, so a trained model with logits of ~20 differs by
+# ~1e-4 through two layers with nothing wrong, while a real mismatch (e.g. the other GELU form) is ~1e-2.
+TOLERANCE = 5e-5
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # objective recorded in the checkpoint meta -> the --model values it can export.
 EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
@@ -204,15 +207,15 @@ def verify_folder(out: str, cfg, params: dict, tokenizer, texts: list[str] | Non
     # Only real tokens count: outputs at padding positions are meaningless (and differ by ~1e-5 more,
     # from the two ways of masking).
     real = batch["attention_mask"] > 0
-    figures = {
-        "max_abs_diff_logits": float(np.abs(res.logits.numpy() - logits_ours)[real].max()),
-        "max_abs_diff_hidden": float(np.abs(res.hidden_states[-1].numpy() - h_ours)[real].max()),
-        "tokenizer_ids_match": tokenizer_match,
-        "texts": len(texts),
-        "tokens": int(batch["attention_mask"].sum()),
-    }
-    figures["ok"] = bool(tokenizer_match and figures["max_abs_diff_logits"] <= TOLERANCE
-                         and figures["max_abs_diff_hidden"] <= TOLERANCE)
+    figures = {"tokenizer_ids_match": tokenizer_match, "texts": len(texts),
+               "tokens": int(batch["attention_mask"].sum())}
+    ok = tokenizer_match
+    for name, theirs, ours in (("logits", res.logits.numpy(), logits_ours),
+                               ("hidden", res.hidden_states[-1].numpy(), h_ours)):
+        figures[f"max_abs_diff_{name}"] = float(np.abs(theirs - ours)[real].max())
+        figures[f"tolerance_{name}"] = TOLERANCE * max(1.0, float(np.abs(ours[real]).max()))
+        ok = ok and figures[f"max_abs_diff_{name}"] <= figures[f"tolerance_{name}"]
+    figures["ok"] = bool(ok)
     return figures
 
 
@@ -261,9 +264,11 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
         summary.update(figures)
         if not figures["ok"]:
             print(json.dumps(summary))
-            raise ConversionError(f"verification failed: logits diff {figures['max_abs_diff_logits']:.3g}, "
-                                  f"hidden diff {figures['max_abs_diff_hidden']:.3g} (tolerance {TOLERANCE}), "
-                                  f"tokenizer ids match: {figures['tokenizer_ids_match']}")
+            f = figures
+            raise ConversionError(f"verification failed: logits diff {f['max_abs_diff_logits']:.3g} (tolerance "
+                                  f"{f['tolerance_logits']:.3g}), hidden diff {f['max_abs_diff_hidden']:.3g} "
+                                  f"(tolerance {f['tolerance_hidden']:.3g}), "
+                                  f"tokenizer ids match: {f['tokenizer_ids_match']}")
     bar.close()
     return summary
 
