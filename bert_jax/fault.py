@@ -170,6 +170,10 @@ class NanGuard:
 # Model fields that fix the parameters' shapes (dropout rates, dtype or remat may change on resume).
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "embedding_size", "intermediate_size",
               "max_position_embeddings", "type_vocab_size")
+# Model fields that change the function the weights compute, with their value in checkpoints that predate
+# them: a resume with another value would go on training other math from those weights without a word (e.g.
+# a CPU run resumed with the `SIZE,gpu` preset, whose GELU is the tanh form).
+FUNCTION_KEYS = {"hidden_act": "gelu", "layer_norm_eps": None}
 
 
 def resume_mismatch(step: int, meta: dict, directory: str, *, model: dict, objective: str, vocab_hash: str,
@@ -189,4 +193,11 @@ def resume_mismatch(step: int, meta: dict, directory: str, *, model: dict, objec
             if key in saved and saved[key] != wanted.get(key):
                 return (f"{where} has {name}.{key}={saved[key]}, the config gives {wanted.get(key)}; resume with "
                         f"the checkpoint's model shape or use a new workdir (nothing was overwritten)")
+    saved = meta.get("model") or {}
+    for key, old in FUNCTION_KEYS.items():
+        value = saved.get(key, old)
+        if value is not None and value != model.get(key):
+            return (f"{where} was trained with model.{key}={value!r}, the config gives {model.get(key)!r}; resume "
+                    f"with --config.model.{key}={value}, or start a new workdir from it with init_from (nothing "
+                    f"was overwritten)")
     return None

@@ -264,11 +264,34 @@ def test_nan_guard_stops_run_and_keeps_good_checkpoints(docstring_shards, tmp_pa
     with pytest.raises(training.ConfigError, match=r"has model\.hidden_size=32, the config gives 64") as e:
         training.train_and_evaluate(_config(docstring_shards, model__hidden_size=64, train__steps=10), workdir)
     assert "\n" not in str(e.value)
+    with pytest.raises(training.ConfigError, match=r"was trained with model\.hidden_act='gelu', the config gives "
+                                                   r"'gelu_tanh'; resume with --config\.model\.hidden_act=gelu"):
+        training.train_and_evaluate(_config(docstring_shards, model__hidden_act="gelu_tanh", train__steps=10),
+                                    workdir)
     after = {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s))) for s in _steps(workdir)}
     assert after == before
     with fault.WorkdirLock(workdir):
         with pytest.raises(fault.FaultError, match="is in use by a running training process"):
             training.train_and_evaluate(config, workdir)
+
+
+def test_resume_refuses_another_function_of_the_same_weights():
+    """Shapes match, but the activation or the LayerNorm epsilon differ: the resume is refused in one line.
+    Checkpoints that predate hidden_act computed the exact GELU."""
+    model = {"hidden_size": 32, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+
+    def reason(saved, **changes):
+        meta = {"vocab_hash": "v", "objective": "mlm", "model": saved}
+        return fault.resume_mismatch(5, meta, "ckpts", model={**model, **changes}, objective="mlm", vocab_hash="v")
+
+    assert reason(dict(model)) is None
+    assert reason({"hidden_size": 32, "layer_norm_eps": 1e-12}) is None  # an old checkpoint, exact GELU
+    msg = reason({"hidden_size": 32, "layer_norm_eps": 1e-12}, hidden_act="gelu_tanh")
+    assert msg == ("the checkpoint at step 5 in ckpts was trained with model.hidden_act='gelu', the config gives "
+                   "'gelu_tanh'; resume with --config.model.hidden_act=gelu, or start a new workdir from it with "
+                   "init_from (nothing was overwritten)")
+    assert "model.layer_norm_eps=1e-12, the config gives 1e-05" in reason(dict(model), layer_norm_eps=1e-5)
+    assert reason(dict(model), hidden_dropout=0.0, dtype="bfloat16") is None  # may change on resume
 
 
 def test_unwritable_or_full_workdir_is_reported_before_training(docstring_shards, tmp_path):
