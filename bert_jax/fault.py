@@ -194,8 +194,8 @@ def resume_mismatch(step: int, meta: dict, directory: str, *, model: dict, objec
                 return (f"{where} has {name}.{key}={saved[key]}, the config gives {wanted.get(key)}; resume with "
                         f"the checkpoint's model shape or use a new workdir (nothing was overwritten)")
     saved = meta.get("model") or {}
-    for key, old in FUNCTION_KEYS.items():
-        value = saved.get(key, old)
+    for key, default in FUNCTION_KEYS.items():
+        value = saved.get(key, default)
         if value is not None and value != model.get(key):
             return (f"{where} was trained with model.{key}={value!r}, the config gives {model.get(key)!r}; resume "
                     f"with --config.model.{key}={value}, or start a new workdir from it with init_from (nothing "
