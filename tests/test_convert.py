@@ -205,20 +205,33 @@ def test_minilm_round_trip_bitwise(minilm):
         assert back[name].dtype == original[name].dtype and np.array_equal(back[name], original[name]), name
 
 
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
+
+
+def _tiny_hf_bert(hidden_act="gelu"):
+    """A random transformers BertForMaskedLM over TINY_VOCAB (2 layers, hidden 48; seed torch first)."""
+    config = transformers.BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=48, num_hidden_layers=2,
+                                     num_attention_heads=3, intermediate_size=96, max_position_embeddings=32,
+                                     hidden_act=hidden_act)
+    return transformers.BertForMaskedLM(config)
+
+
+def _save_hf_folder(model, src):
+    """`model` and a WordPiece vocab.txt of TINY_VOCAB in `src`: a folder tools.import_from_hf reads."""
+    model.save_pretrained(src)
+    (src / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
+
+
 def test_random_hf_round_trip_bitwise(tmp_path):
     """A random transformers BertForMaskedLM -> import -> export: identical safetensors, also from .bin."""
     from safetensors.numpy import load_file
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                     intermediate_size=96, max_position_embeddings=32, hidden_act="gelu")
-    model = transformers.BertForMaskedLM(config)
+    model = _tiny_hf_bert()
     with torch.no_grad():  # non-trivial biases / LayerNorms
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     src = tmp_path / "src"
-    model.save_pretrained(src)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
-    (src / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
+    _save_hf_folder(model, src)
     original = load_file(str(src / "model.safetensors"))
 
     summary = import_from_hf.import_hf(str(src), str(tmp_path / "w"))
@@ -234,8 +247,8 @@ def test_random_hf_round_trip_bitwise(tmp_path):
     (bin_dir / "config.json").write_text((src / "config.json").read_text())
     torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
     params = hf_mapping.from_hf(hf_mapping.normalize_names(import_from_hf.read_weights(str(bin_dir))),
-                                EncoderConfig(**hf_mapping.encoder_config_kwargs(config.to_dict())))
-    again = hf_mapping.to_hf(params, EncoderConfig(**hf_mapping.encoder_config_kwargs(config.to_dict())))
+                                EncoderConfig(**hf_mapping.encoder_config_kwargs(model.config.to_dict())))
+    again = hf_mapping.to_hf(params, EncoderConfig(**hf_mapping.encoder_config_kwargs(model.config.to_dict())))
     assert all(np.array_equal(again[k], original[k]) for k in original)
 
 
@@ -244,16 +257,12 @@ def test_tanh_gelu_imports_exports_and_verifies(tmp_path):
     exports as gelu_pytorch_tanh and matches torch; read with the exact GELU it would not (the MLP weights
     are large enough that the two forms differ by more than the tolerance)."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                     intermediate_size=96, max_position_embeddings=32, hidden_act="gelu_new")
-    model = transformers.BertForMaskedLM(config)
+    model = _tiny_hf_bert("gelu_new")
     with torch.no_grad():
         for name, p in model.named_parameters():  # MLP / head pre-activations of order 1-3
             p.add_(torch.randn_like(p) * (0.4 if "dense.weight" in name else 0.05))
     src = tmp_path / "src"
-    model.save_pretrained(src)
-    (src / "vocab.txt").write_text("".join(t + "\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-                                           + [f"w{i}" for i in range(115)]))
+    _save_hf_folder(model, src)
     import_from_hf.import_hf(str(src), str(tmp_path / "w"))
     params, meta = load_params(str(tmp_path / "w"))
     assert meta["model"]["hidden_act"] == "gelu_tanh"
@@ -273,17 +282,13 @@ def test_verification_tolerance_follows_the_outputs_scale(tmp_path):
     """A correct export of a model with large outputs (logits of several hundred, as training grows them)
     verifies: float32 rounding differs by more than 1e-4 there, so the tolerance scales with the outputs."""
     torch.manual_seed(1)
-    config = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                     intermediate_size=96, max_position_embeddings=32)
-    model = transformers.BertForMaskedLM(config)
+    model = _tiny_hf_bert()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm.weight" in name or "word_embeddings" in name:  # (the decoder is tied to the latter)
                 p.mul_(30.0 if "LayerNorm" in name else 60.0)
     src = tmp_path / "src"
-    model.save_pretrained(src)
-    (src / "vocab.txt").write_text("".join(t + "\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-                                           + [f"w{i}" for i in range(115)]))
+    _save_hf_folder(model, src)
     import_from_hf.import_hf(str(src), str(tmp_path / "w"))
     result = convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "out"), verify=True)
     print({k: v for k, v in result.items() if "diff" in k or "tolerance" in k})
