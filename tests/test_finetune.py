@@ -2,11 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tools import finetune_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = ["alpha", "beta", "gamma", "delta", "red", "blue", "green", "file", "list", "value", "returns", "the"]
 
@@ -148,3 +152,46 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000)
     assert done == runs
     assert downstream.summarise(done)["scratch/few"]["accuracy"] == 50.0
+
+
+@pytest.mark.slow  # ~5-8 min: the real task and corpus extracted, two pretraining runs, eight fine-tunes
+def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp_path):
+    """The documented experiment at its smoke-test budgets (`--quick`), fine-tuning two at a time (`--jobs 2`):
+    the real docstring_origin task, MLM and ELECTRA pretrained at equal FLOPs, exported, the four models
+    fine-tuned with few and all labels, the page and its plot written; run again, nothing runs twice."""
+    from tools import downstream
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tools.downstream", "--out", str(out), "--quick", "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    table = summary["table"]
+    assert sorted(table) == sorted(f"{m}/{n}" for m, _ in downstream.MODELS for n in ("few", "all"))
+    for cell in table.values():
+        assert cell["seeds"] == 1 and 0.0 <= cell["accuracy"] <= 100.0, table
+    assert table["mlm/few"]["num_train"] == downstream.QUICK["few"]
+    assert table["minilm/all"]["num_train"] == downstream.QUICK["max_train"]
+
+    info = json.loads((out / "pretraining.json").read_text())
+    assert info["mlm"]["steps"] == downstream.QUICK["mlm_steps"]
+    assert abs(info["electra"]["train_flops"] - info["mlm"]["train_flops"]) <= info["electra"]["step_flops"] / 2
+    for name in ("mlm", "electra"):
+        assert (out / f"hf_{name}" / "config.json").exists()
+
+    page = (out / "RESULTS.md").read_text()
+    assert "QUICK MODE" in page and "| (c) ELECTRA discriminator (ours) |" in page
+    assert (out / "pretraining_curves.png").stat().st_size > 10_000
+    runs = (out / "results.jsonl").read_text().splitlines()
+    assert len(runs) == 8
+    # Each run went through its own `python -m tools.finetune_hf` process, whose log ends with its result.
+    logs = sorted(p.name for p in (out / "finetune_logs").glob("*.log"))
+    assert logs == sorted(f"{m}-{n}-0.log" for m, _ in downstream.MODELS for n in ("few", "all"))
+    assert json.loads((out / "finetune_logs" / "mlm-few-0.log").read_text().strip().splitlines()[-1]) in (
+        {k: v for k, v in json.loads(r).items() if k not in ("name", "labels")} for r in runs)
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "fine-tuning " not in again.stdout and "pretraining mlm" not in again.stdout
+    assert (out / "results.jsonl").read_text().splitlines() == runs
+    assert json.loads(again.stdout.strip().splitlines()[-1])["table"] == table

