@@ -201,7 +201,7 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logs = os.path.join(out, "finetune_logs")
     os.makedirs(logs, exist_ok=True)
-    lock = threading.Lock()
+    lock, failed = threading.Lock(), threading.Event()
 
     def run_one(job):
         name, labels, seed = job
@@ -211,17 +211,24 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
             args += [f"--{key.replace('_', '-')}", str(k[key])]
         args += ["--random-init"] if k["random_init"] else []
         log_path = os.path.join(logs, f"{name}-{labels}-{seed}.log")
+        if failed.is_set():  # a run failed: start no other (the running ones finish and are kept)
+            return
         with lock:
             log(f"fine-tuning {name} with {sizes[labels]} labels, seed {seed} ({threads} thread(s); {log_path})")
-        run_cmd(args, log_path, {"OMP_NUM_THREADS": str(threads)})
+        try:
+            run_cmd(args, log_path, {"OMP_NUM_THREADS": str(threads)})
+        except BaseException:
+            failed.set()
+            raise
         with open(log_path, encoding="utf-8") as f:
             result = json.loads(f.read().strip().splitlines()[-1])
         with lock:
             record(name, labels, result)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(run_one, job) for job in todo]:
-            future.result()
+        futures = [pool.submit(run_one, job) for job in todo]
+    for future in futures:  # all have ended: the first failure, if any, is the error
+        future.result()
     return done
 
 
