@@ -154,7 +154,6 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     assert downstream.summarise(done)["scratch/few"]["accuracy"] == 50.0
 
 
-
 def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log(tmp_path):
     """With --jobs, a fine-tune process that fails starts no further ones and ends the run with one line
     naming its log (here: no task folder, so the two first runs, the reference's, fail at once)."""
@@ -168,6 +167,7 @@ def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log
     assert logs == ["minilm-all-0.log", "minilm-few-0.log"]  # the longest first; nothing after the failure
     assert "error: no " in (tmp_path / "finetune_logs" / "minilm-all-0.log").read_text()
     assert not (tmp_path / "results.jsonl").exists()
+
 
 @pytest.mark.slow  # ~5-8 min: the real task and corpus extracted, two pretraining runs, eight fine-tunes
 def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp_path):
