@@ -204,6 +204,8 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     lock, failed = threading.Lock(), threading.Event()
 
     def run_one(job):
+        if failed.is_set():  # a run failed: start no other (the running ones finish and are kept)
+            return
         name, labels, seed = job
         k = kwargs(name, labels, seed)
         args = ["-m", "tools.finetune_hf", "--model", dirs[name], "--task", task_dir]
@@ -211,8 +213,6 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
             args += [f"--{key.replace('_', '-')}", str(k[key])]
         args += ["--random-init"] if k["random_init"] else []
         log_path = os.path.join(logs, f"{name}-{labels}-{seed}.log")
-        if failed.is_set():  # a run failed: start no other (the running ones finish and are kept)
-            return
         with lock:
             log(f"fine-tuning {name} with {sizes[labels]} labels, seed {seed} ({threads} thread(s); {log_path})")
         try:
