@@ -12,13 +12,21 @@ bits, one of them position-weighted; exact, so independent of the mesh), checked
 moving the bad ones aside (never deleting them).
 """
 
+import dataclasses
+import hashlib
 import os
 import shutil
 import time
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from bert_jax import workdir as workdir_lib
+from bert_jax.workdir import CheckpointMeta
 
 
 class CorruptCheckpointError(ValueError):
@@ -45,15 +53,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> bool:
-        """Starts writing `state` and the JSON `meta` (plus the state's fingerprint) for `step`; returns at once
-        when saving asynchronously (after one small reduction over the state)."""
-        meta = {**meta, "fingerprint": fingerprint(state)}
+    def save(self, step: int, state: Any, meta: CheckpointMeta) -> bool:
+        """Starts writing `state` and `meta` (plus the state's fingerprint) for `step`; returns at once when
+        saving asynchronously (after one small reduction over the state). The one writer of checkpoints:
+        training and tools.import_from_hf both save through it."""
+        meta = dataclasses.replace(meta, fingerprint=fingerprint(state))
         return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())), force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """-> (state laid out as `abstract_state` says, meta dict)."""
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, CheckpointMeta]:
+        """-> (state laid out as `abstract_state` says, its meta)."""
         if step not in self.all_steps():
             raise ValueError(f"checkpoint step {step} not found in {self.directory}; "
                              f"available: {self.all_steps()}")
@@ -62,12 +71,13 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise many types for unreadable files  # noqa: BLE001
             raise CorruptCheckpointError(f"unreadable ({_first_line(e)})") from None
-        state, meta = restored["state"], dict(restored["meta"])
+        state, meta = restored["state"], CheckpointMeta.from_json(dict(restored["meta"]))
         verify_fingerprint(state, meta)
         return state, meta
 
-    def restore_newest_good(self, abstract_state: Any, check_meta: Callable[[int, dict], None] | None = None,
-                            log: Callable[[str], None] = print) -> tuple[Any, dict, int] | None:
+    def restore_newest_good(self, abstract_state: Any,
+                            check_meta: Callable[[int, CheckpointMeta], None] | None = None,
+                            log: Callable[[str], None] = print) -> tuple[Any, CheckpointMeta, int] | None:
         """-> (state, meta, step) of the newest checkpoint that restores and matches its fingerprint, or None
         when there is none. Each bad one is reported in one line and moved to `<directory>-bad/`.
         `check_meta(step, meta)` runs on the newest checkpoint's meta before anything is restored (it raises
@@ -94,23 +104,19 @@ class Checkpointer:
     def quarantine(self, step: int) -> str:
         """Moves checkpoint `step` out of the manager's folder (to `<directory>-bad/<step>-<time>`): kept for
         a post-mortem, and no longer in the way of a new save of the same step."""
-        import jax  # pylint: disable=import-outside-toplevel
         target = os.path.join(self.directory + "-bad", f"{step}-{int(time.time())}")
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
             multihost_utils.sync_global_devices(f"quarantine {step}")
         self._manager.reload()
         return target
 
-    def restore_untyped(self, step: int) -> tuple[dict, dict]:
+    def restore_untyped(self, step: int) -> tuple[dict, CheckpointMeta]:
         """-> (the saved state as a plain nested dict of arrays on one local device, meta), with no target
         but the checkpoint's own metadata: for tools that need the parameters (conversion, init_from)
         without rebuilding the optimizer, in a process whose devices need not match the saving run's."""
-        import jax  # pylint: disable=import-outside-toplevel
-
         if step not in self.all_steps():
             raise ValueError(f"checkpoint step {step} not found in {self.directory}; "
                              f"available: {self.all_steps()}")
@@ -144,9 +150,9 @@ class Checkpointer:
         with ocp.StandardCheckpointer() as reader:
             return reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
 
-    def restore_meta(self, step: int) -> dict:
+    def restore_meta(self, step: int) -> CheckpointMeta:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return CheckpointMeta.from_json(dict(restored["meta"]))
 
     def wait(self):
         """Blocks until the pending asynchronous save is on disk."""
@@ -159,7 +165,6 @@ class Checkpointer:
 
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file (the data manifest, recorded in every checkpoint's meta)."""
-    import hashlib  # pylint: disable=import-outside-toplevel
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -171,9 +176,6 @@ def _first_line(e: Exception) -> str:
 
 def _leaf_sums(x):
     """Two uint32 sums (wrapping) of the bits of one array: plain and weighted by 1 + the flat index."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
     size = np.dtype(x.dtype).itemsize
     if size not in (1, 2, 4):  # 64-bit leaves: fold the two halves
         x = jax.lax.bitcast_convert_type(x, jnp.uint32).sum(axis=-1, dtype=jnp.uint32)
@@ -190,16 +192,14 @@ def _leaf_sums(x):
     return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * (index + 1)).sum(dtype=jnp.uint32)])
 
 
-_FINGERPRINT_FN = None
+@jax.jit  # traced once per tree structure
+def _tree_sums(tree):
+    return jax.tree.map(_leaf_sums, tree)
 
 
 def fingerprint(state: Any) -> dict[str, list[int]]:
     """{leaf path: [sum, weighted sum]} of the state's bits; the same on any mesh (integer sums are exact)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    global _FINGERPRINT_FN  # pylint: disable=global-statement
-    if _FINGERPRINT_FN is None:  # jitted once per process; retraced per tree structure by jax itself
-        _FINGERPRINT_FN = jax.jit(lambda tree: jax.tree.map(_leaf_sums, tree))
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_FINGERPRINT_FN(state)))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_tree_sums(state)))[0]
     return {_path_name(p): [int(v) for v in np.asarray(x)] for p, x in leaves}
 
 
@@ -215,10 +215,10 @@ def _path_name(path) -> str:
     return "/".join(parts)
 
 
-def verify_fingerprint(state: Any, meta: dict, prefix: str = "") -> None:
+def verify_fingerprint(state: Any, meta: CheckpointMeta, prefix: str = "") -> None:
     """Raises CorruptCheckpointError naming the first leaf whose fingerprint differs (no-op for checkpoints
     saved without one). `prefix` limits the check to the leaves under it (e.g. "params/")."""
-    saved = {k: v for k, v in meta.get("fingerprint", {}).items() if k.startswith(prefix)}
+    saved = {k: v for k, v in (meta.fingerprint or {}).items() if k.startswith(prefix)}
     if not saved:
         return
     now = {k: v for k, v in fingerprint(state).items() if k.startswith(prefix)}
@@ -227,12 +227,10 @@ def verify_fingerprint(state: Any, meta: dict, prefix: str = "") -> None:
             raise CorruptCheckpointError(f"{name or 'the state'} differs from the fingerprint saved with it")
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, CheckpointMeta]:
     """(params as a nested dict of numpy arrays, meta) of checkpoint `step` (default: the newest) in
     `workdir/checkpoints` (or `workdir` itself when it is the checkpoints folder)."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    directory = os.path.join(workdir, "checkpoints")
+    directory = workdir_lib.checkpoints(workdir)
     if not os.path.isdir(directory):
         directory = workdir
     if not os.path.isdir(directory):

@@ -77,16 +77,6 @@ def initialize() -> dict | None:
     kwargs = resolve(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if kwargs is None:
         return None
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel  (this module is imported by jax-free CLIs: tools.plan)
     jax.distributed.initialize(**kwargs)
     return kwargs
-
-
-def eval_batch_count(manifest: dict, split: str, host_batch: int, process_count: int, cap: int) -> int:
-    """Evaluation batches per step that EVERY host can read: the same number on all hosts, computed from the
-    manifest alone, so no host waits in a collective for a host whose shards ran out.
-
-    Host p reads shards[p::process_count] (data_pipeline.dataset); each host yields host_batch rows per batch."""
-    shards = manifest["splits"][split]["shards"]
-    per_host = [sum(s["rows"] for s in shards[p::process_count]) // host_batch for p in range(process_count)]
-    return max(0, min(cap, *per_host)) if per_host else 0

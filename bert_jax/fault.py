@@ -12,6 +12,13 @@ import os
 import shutil
 import signal
 
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+
+from bert_jax import workdir as workdir_lib
+from bert_jax.models.config import EncoderConfig
+from bert_jax.workdir import CheckpointMeta
+
 
 class FaultError(RuntimeError):
     """A condition that stops the run with a one-line message (the CLI prints `error: ...`)."""
@@ -50,7 +57,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, process_index: int = 0):
-        self.path = os.path.join(workdir, f"lock-{process_index}")
+        self.path = workdir_lib.lock(workdir, process_index)
         self._fd = None
 
     def acquire(self) -> "WorkdirLock":
@@ -99,8 +106,7 @@ class PreemptionWatch:
         self._distributed = False
 
     def __enter__(self):
-        from jax._src import distributed  # pylint: disable=import-outside-toplevel
-        self._distributed = distributed.global_state.preemption_sync_manager is not None
+        self._distributed = jax_distributed.global_state.preemption_sync_manager is not None
         handlers = {signal.SIGINT: self._forward} if self._distributed else {s: self._flag for s in self.SIGNALS}
         for sig, handler in handlers.items():
             self._previous[sig] = signal.signal(sig, handler)
@@ -123,7 +129,6 @@ class PreemptionWatch:
     def should_stop(self, step: int) -> bool:
         """True at the step where this run (all its processes) should save and stop."""
         if self._distributed:
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signal_name = self.signal_name or "SIGTERM"
                 return True
@@ -170,34 +175,33 @@ class NanGuard:
 # Model fields that fix the parameters' shapes (dropout rates, dtype or remat may change on resume).
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "embedding_size", "intermediate_size",
               "max_position_embeddings", "type_vocab_size")
-# Model fields that change the function the weights compute, with their value in checkpoints that predate
-# them: a resume with another value would go on training other math from those weights without a word (e.g.
-# a CPU run resumed with the `SIZE,gpu` preset, whose GELU is the tanh form).
-FUNCTION_KEYS = {"hidden_act": "gelu", "layer_norm_eps": None}
+# Model fields that change the function the weights compute: a resume with another value would go on training
+# other math from those weights without a word (e.g. a CPU run resumed with the `SIZE,gpu` preset, whose GELU
+# is the tanh form). Checkpoints that predate a field read as its EncoderConfig default (bert_jax.workdir).
+FUNCTION_KEYS = ("hidden_act", "layer_norm_eps")
 
 
-def resume_mismatch(step: int, meta: dict, directory: str, *, model: dict, objective: str, vocab_hash: str,
-                    generator: dict | None = None) -> str | None:
+def resume_mismatch(step: int, meta: CheckpointMeta, directory: str, *, model: EncoderConfig, objective: str,
+                    vocab_hash: str | None, generator: EncoderConfig | None = None) -> str | None:
     """The one-line reason why checkpoint `step` (its `meta`) cannot be resumed by this config, or None."""
     where = f"the checkpoint at step {step} in {directory}"
-    if meta.get("vocab_hash") != vocab_hash:
+    if meta.vocab_hash != vocab_hash:
         return f"{where} was trained with another vocabulary (vocab_hash differs from the data manifest's)"
-    if meta.get("objective", objective) != objective:
-        return (f"{where} has objective.name={meta['objective']!r}, the config says {objective!r}; "
+    if meta.objective != objective:
+        return (f"{where} has objective.name={meta.objective!r}, the config says {objective!r}; "
                 f"use a new workdir (or init_from) to change it")
-    towers = [("model", meta.get("model") or {}, model)]
-    if generator is not None:
-        towers.append(("generator", meta.get("generator") or {}, generator))
+    towers = [("model", meta.model, model)]
+    if generator is not None and meta.generator is not None:
+        towers.append(("generator", meta.generator, generator))
     for name, saved, wanted in towers:
         for key in SHAPE_KEYS:
-            if key in saved and saved[key] != wanted.get(key):
-                return (f"{where} has {name}.{key}={saved[key]}, the config gives {wanted.get(key)}; resume with "
-                        f"the checkpoint's model shape or use a new workdir (nothing was overwritten)")
-    saved = meta.get("model") or {}
-    for key, default in FUNCTION_KEYS.items():
-        value = saved.get(key, default)
-        if value is not None and value != model.get(key):
-            return (f"{where} was trained with model.{key}={value!r}, the config gives {model.get(key)!r}; resume "
+            if getattr(saved, key) != getattr(wanted, key):
+                return (f"{where} has {name}.{key}={getattr(saved, key)}, the config gives {getattr(wanted, key)}; "
+                        f"resume with the checkpoint's model shape or use a new workdir (nothing was overwritten)")
+    for key in FUNCTION_KEYS:
+        value, wanted = getattr(meta.model, key), getattr(model, key)
+        if value != wanted:
+            return (f"{where} was trained with model.{key}={value!r}, the config gives {wanted!r}; resume "
                     f"with --config.model.{key}={value}, or start a new workdir from it with init_from (nothing "
                     f"was overwritten)")
     return None

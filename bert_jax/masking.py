@@ -49,7 +49,7 @@ class MaskingSpec:
     mask_token_rate: float = flax.struct.field(pytree_node=False, default=0.8)
     random_token_rate: float = flax.struct.field(pytree_node=False, default=0.1)
     # Whole-word masking: a bool [vocab_size] table (True where a token begins a word) as bytes, which keeps
-    # the spec hashable; None: token-level masking. Build it with `word_start_table`.
+    # the spec hashable; None: token-level masking. Built once by `data_pipeline.tokenization.word_start_table`.
     word_starts: bytes | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
@@ -63,11 +63,6 @@ class MaskingSpec:
         if self.word_starts is not None and len(self.word_starts) != self.vocab_size:
             raise ValueError(f"the word-start table has {len(self.word_starts)} entries for a vocabulary of "
                              f"{self.vocab_size}")
-
-
-def word_start_table(mask) -> bytes:
-    """bool [vocab_size] (e.g. Tokenizer.word_start_mask()) -> the `MaskingSpec.word_starts` value."""
-    return np.asarray(mask, dtype=bool).tobytes()
 
 
 def maskable(input_ids: jax.Array, spec: MaskingSpec) -> jax.Array:

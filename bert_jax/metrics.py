@@ -15,7 +15,11 @@ import time
 import jax
 import numpy as np
 
-TENSORBOARD_DIR = "tensorboard"
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from bert_jax import flops
+from bert_jax import workdir as workdir_lib
 
 # Peak dense matmul TFLOP/s per chip in bfloat16 (vendor figures), for `train.peak_tflops_per_device=-1`.
 # Matched against `jax.devices()[0].device_kind` by substring, first match wins; CPUs are not listed
@@ -49,23 +53,18 @@ def peak_flops_per_device(peak_tflops: float, device_kind: str) -> float:
     return 0.0
 
 
-def step_flops(model_cfg, extra_meta: dict, batch: int, seq_len: int, predictions: int) -> float:
-    """Matmul FLOPs of one training step (bert_jax.flops); ELECTRA's generator comes from `extra_meta`."""
-    from bert_jax import flops
-    from bert_jax.models import EncoderConfig
-    generator = EncoderConfig(**extra_meta["generator"]) if "generator" in extra_meta else None
-    return float(flops.train_step_flops(model_cfg, batch, seq_len, predictions, generator=generator))
+def step_flops(model_cfg, generator_cfg, batch: int, seq_len: int, predictions: int) -> float:
+    """Matmul FLOPs of one training step (bert_jax.flops); `generator_cfg`: ELECTRA's generator, else None."""
+    return float(flops.train_step_flops(model_cfg, batch, seq_len, predictions, generator=generator_cfg))
 
 
 class TensorBoardWriter:
     """Scalars as TensorBoard event files, through tensorboard's own writer (no TF summary ops)."""
 
     def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
         self._writer = EventFileWriter(logdir, flush_secs=10)
 
     def scalars(self, step: int, values: dict, wall_time: float):
-        from tensorboard.compat.proto import event_pb2, summary_pb2
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                              for k, v in values.items() if isinstance(v, (int, float))])
         self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
@@ -83,9 +82,9 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, stream=None, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir_lib.metrics(workdir)
         self.stream = stream
-        self.tb = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR)) if enabled and tensorboard else None
+        self.tb = TensorBoardWriter(workdir_lib.tensorboard(workdir)) if enabled and tensorboard else None
 
     def _out(self):
         return self.stream or sys.stdout  # looked up at each write, so a redirected stdout is honoured
@@ -191,11 +190,11 @@ class RunClock:
         return time.perf_counter() - self.t_start
 
 
-def start_lines(config, mesh, n_params: int, bytes_per_device: int, flops_per_step: float,
+def start_lines(config_text: str, mesh, n_params: int, bytes_per_device: int, flops_per_step: float,
                 peak_flops_device: float) -> list[str]:
     """What a run prints before its first step: the resolved config, the mesh, sizes and the MFU basis."""
     devices = jax.devices()
-    lines = ["resolved config:", *("  " + line for line in str(config).rstrip().splitlines()),
+    lines = ["resolved config:", *("  " + line for line in config_text.rstrip().splitlines()),
              f"mesh {dict(mesh.shape)} on {len(devices)} {devices[0].platform} device(s) "
              f"({devices[0].device_kind}), {jax.process_count()} process(es)",
              f"{n_params:,} parameters, {bytes_per_device / 2**20:.1f} MiB of parameters per device; "
@@ -217,5 +216,5 @@ def summary_lines(workdir: str, objective: str, steps_run: int, final_step: int,
             f"({final_step * tokens_per_step:,} in all) in {format_duration(seconds)}",
             f"final eval: {evals}" if evals else "final eval: none in this run",
             f"checkpoint: {os.path.join(checkpoint_dir, str(final_step))}",
-            f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; tensorboard --logdir {workdir}",
+            f"metrics: {workdir_lib.metrics(workdir)}; tensorboard --logdir {workdir}",
             f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {workdir}/hf{model}"]

@@ -5,11 +5,7 @@ TensorBoard's Profile tab (`tensorboard --logdir W`, needs the tensorboard-plugi
 https://ui.perfetto.dev. Keep the range short: a trace of a few steps is already tens of MB on accelerators.
 """
 
-import os
-
 import jax
-
-PROFILE_DIR = "profile"
 
 
 def parse_steps(spec) -> tuple[int, int] | None:
@@ -32,9 +28,9 @@ class StepProfiler:
     """Starts the trace before step `first` and stops it after step `last` (waiting for that step's results,
     so the trace holds the device work); a no-op when no steps are given."""
 
-    def __init__(self, workdir: str, spec):
+    def __init__(self, logdir: str, spec):
         self.steps = parse_steps(spec)
-        self.logdir = os.path.join(workdir, PROFILE_DIR)
+        self.logdir = logdir
         self.active = False
 
     def before(self, step: int):

@@ -32,7 +32,6 @@ cheap; TF is kept off any GPU, which belongs to JAX.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import struct
@@ -40,14 +39,17 @@ from typing import Iterator
 
 import numpy as np
 
+from data_pipeline import manifest as manifest_lib
+from data_pipeline import records
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import Manifest
 
-FORMAT = "bert_jax.pretokenized.v1"
-_REQUIRED_KEYS = ("seq_len", "vocab_size", "dtype", "special_ids", "splits")
 _BAD_RECORD = "bad record length in shard "
 
 
 def _tf():
+    """TensorFlow, imported here rather than at module level: `import data_pipeline.dataset` stays cheap (the
+    planner, validate and tests use it without TF), and TF is configured to stay off the GPU before first use."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     try:  # the accelerators belong to JAX; tensorflow-cpu has none, a full TF install might
@@ -55,36 +57,6 @@ def _tf():
     except (RuntimeError, ValueError):  # already initialised: too late to hide, and harmless for tf.data
         pass
     return tf
-
-
-def load_manifest(data_dir: str) -> dict:
-    """The parsed `data_dir/manifest.json`, after checking its format and that every listed shard exists.
-
-    Raises DataError (one line, naming the path) when anything is missing or malformed.
-    """
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data directory {data_dir!r} does not exist")
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{data_dir!r} has no manifest.json (not a pretokenized dataset, or unfinished)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path}: format is {found!r}, expected {FORMAT!r}")
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise DataError(f"{path}: missing keys {missing}")
-    if manifest["dtype"] not in ("uint16", "int32"):
-        raise DataError(f"{path}: dtype {manifest['dtype']!r} is neither 'uint16' nor 'int32'")
-    for split, info in manifest["splits"].items():
-        for shard in info.get("shards", []):
-            if not os.path.isfile(os.path.join(data_dir, shard["file"])):
-                raise DataError(f"{path}: shard {shard['file']!r} of split {split!r} is missing")
-    return manifest
 
 
 @dataclasses.dataclass
@@ -147,7 +119,7 @@ def _shard_ok(path: str, rows: int) -> str | None:
         return f"cannot be read ({e.strerror})"
     if len(head) < 8:
         return f"is truncated ({size} bytes)"
-    record = struct.unpack("<Q", head)[0] + 16  # length, its CRC, the data, the data's CRC
+    record = struct.unpack("<Q", head)[0] + records.HEADER_BYTES + records.FOOTER_BYTES
     if size != rows * record:
         return f"has {size} bytes, expected {rows} records of {record} = {rows * record} (truncated or corrupt)"
     return None
@@ -194,38 +166,39 @@ def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStat
             return
 
 
-def check_shards(data_dir: str, manifest: dict, split: str, process_index: int = 0, process_count: int = 1):
+def check_shards(data_dir: str, manifest: Manifest, split: str, process_index: int = 0,
+                 process_count: int = 1) -> None:
     """Raises DataError naming the first of this process's shards whose size does not match its manifest row
     count (truncated or corrupt). Reads 8 bytes per shard: run it before any compile or long work."""
-    for shard in manifest["splits"][split]["shards"][process_index::process_count]:
-        path = os.path.join(data_dir, shard["file"])
-        reason = _shard_ok(path, int(shard["rows"]))
+    for shard in manifest.split(split).shards[process_index::process_count]:
+        path = os.path.join(data_dir, shard.file)
+        reason = _shard_ok(path, shard.rows)
         if reason:
             raise DataError(f"shard {path} {reason} (set data.skip_corrupt_shards to skip it)")
 
 
-def make_plan(manifest: dict, data_dir: str, split: str, batch_size: int, *, shuffle: bool = True,
+def make_plan(manifest: Manifest, data_dir: str, split: str, batch_size: int, *, shuffle: bool = True,
               repeat: bool = True, seed: int = 0, process_index: int = 0, process_count: int = 1,
               drop_remainder: bool = True, window_shards: int = 1, skip_corrupt_shards: bool = False) -> Plan:
     """The stream layout of one process (no data read); raises DataError for impossible requests."""
-    if split not in manifest["splits"]:
-        raise DataError(f"{data_dir}: no split {split!r} (has {sorted(manifest['splits'])})")
+    if split not in manifest.splits:
+        raise DataError(f"{data_dir}: no split {split!r} (has {sorted(manifest.splits)})")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if window_shards < 1:
         raise DataError(f"data.window_shards must be >= 1, got {window_shards}")
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is not in [0, {process_count})")
-    all_shards = manifest["splits"][split]["shards"]
+    all_shards = manifest.splits[split].shards
     shards = all_shards[process_index::process_count]
     if not shards:
         raise DataError(f"{data_dir}: split {split!r} has {len(all_shards)} shards, "
                         f"fewer than the {process_count} processes (re-run pretokenize with --num-shards)")
-    rows = [int(s["rows"]) for s in shards]
+    rows = [s.rows for s in shards]
     if sum(rows) == 0:
         raise DataError(f"{data_dir}: split {split!r} has no rows for process {process_index}")
     # Every process must yield the same number of batches: the epoch is cut to the smallest host's.
-    per_host = [sum(int(s["rows"]) for s in all_shards[h::process_count]) for h in range(process_count)]
+    per_host = [manifest.splits[split].host_rows(h, process_count) for h in range(process_count)]
     fewest = min(per_host)
     if repeat or drop_remainder:
         if fewest < batch_size:
@@ -234,7 +207,7 @@ def make_plan(manifest: dict, data_dir: str, split: str, batch_size: int, *, shu
         rows_per_epoch = fewest // batch_size * batch_size
     else:  # one pass over everything, the last batch smaller (evaluation of a whole split on one host)
         rows_per_epoch = sum(rows)
-    return Plan(files=[os.path.join(data_dir, s["file"]) for s in shards], rows=rows, batch_size=batch_size,
+    return Plan(files=[os.path.join(data_dir, s.file) for s in shards], rows=rows, batch_size=batch_size,
                 rows_per_epoch=rows_per_epoch, window_shards=min(window_shards, len(shards)), seed=seed,
                 process_index=process_index, shuffle=shuffle, skip_corrupt=skip_corrupt_shards)
 
@@ -253,7 +226,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
     `record_counter`: an int64 tf.Variable incremented per record read from disk (tests, benchmarks).
     The returned dataset carries `.stream_stats` (a StreamStats) and `.plan`; iterate it with `as_numpy`.
     """
-    manifest = load_manifest(data_dir)
+    manifest = manifest_lib.load(data_dir)
     plan = make_plan(manifest, data_dir, split, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
                      process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
                      window_shards=window_shards, skip_corrupt_shards=skip_corrupt_shards)
@@ -263,10 +236,6 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
     else:  # known (and counted) from the start; a shard that goes bad later is caught when planned
         stats.skipped_shards = [p for p, n in zip(plan.files, plan.rows) if _shard_ok(p, n)]
     tf = _tf()
-    seq_len = int(manifest["seq_len"])
-    pad_id = int(manifest["special_ids"]["pad"])
-    raw_dtype = tf.uint16 if manifest["dtype"] == "uint16" else tf.int32
-    row_bytes = seq_len * (2 if manifest["dtype"] == "uint16" else 4)
     cycle = plan.window_shards
 
     def read_file(path):
@@ -292,6 +261,21 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
                           tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
     ds = ds.flat_map(window)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_batch_parser(tf, manifest, batch_size, drop_remainder), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    ds.stream_stats, ds.plan = stats, plan
+    return ds
+
+
+def _batch_parser(tf, manifest: Manifest, batch_size: int, drop_remainder: bool):
+    """parse(serialized records [b], their shard paths [b]) -> the batch dict of `make_dataset`."""
+    seq_len, pad_id = manifest.seq_len, manifest.special_ids.pad
+    raw_dtype = tf.uint16 if manifest.dtype == "uint16" else tf.int32
+    row_bytes = seq_len * (2 if manifest.dtype == "uint16" else 4)
 
     def parse(serialized, paths):
         features = tf.io.parse_example(serialized, {"input_ids": tf.io.FixedLenFeature([], tf.string)})
@@ -309,13 +293,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
                 "attention_mask": tf.cast(tf.not_equal(ids, pad_id), tf.int32),
                 "token_type_ids": tf.zeros_like(ids)}
 
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    ds.stream_stats, ds.plan = stats, plan
-    return ds
+    return parse
 
 
 def _find_bad_shard(stats: StreamStats | None, plan: Plan | None) -> str | None:
@@ -367,23 +345,3 @@ def _raise_data_error(e, stats: StreamStats | None, plan: Plan | None):
         what = str(e).split("}}")[-1].split("[Op:")[0].strip()
         raise DataError(f"shard {path or '(one of this process shards)'} is corrupt or truncated: {what}") from None
     raise e
-
-
-def resume_batches(meta: dict | None, step: int) -> int:
-    """Batches the stream had consumed at a checkpoint (its meta["data"], written from `Plan.position`);
-    `step` for checkpoints that predate it, 0 for a fresh run (meta None)."""
-    if meta is None:
-        return 0
-    return int((meta.get("data") or {}).get("batches_consumed", step))
-
-
-def word_start_table(data_dir: str, manifest: dict) -> bytes:
-    """The tokenizer's word-start mask (bool [vocab_size], True where a token begins a word) as bytes, the
-    form bert_jax.masking.MaskingSpec takes; from the tokenizer folder the manifest names."""
-    from data_pipeline.tokenization import Tokenizer  # pylint: disable=import-outside-toplevel
-    tok_dir = os.path.join(data_dir, manifest["tokenizer"]["dir"])
-    mask = np.asarray(Tokenizer.load(tok_dir).word_start_mask(), dtype=bool)
-    if mask.shape != (int(manifest["vocab_size"]),):
-        raise DataError(f"{tok_dir}: the tokenizer has {mask.size} tokens, the manifest says "
-                        f"vocab_size={manifest['vocab_size']}")
-    return mask.tobytes()

@@ -251,13 +251,12 @@ def test_dropout_rate_and_scale(width):
 
 
 def test_attention_switch_reaches_the_model_config():
-    from bert_jax import training
     from configs import bert
     config = bert.get_config("tiny")
-    assert training._model_config(config, 100).attention == "einsum"  # pylint: disable=protected-access
+    assert EncoderConfig.from_section(config.model, 100).attention == "einsum"
     config.unlock()
     config.model.attention = "dot_product"
-    assert training._model_config(config, 100).attention == "dot_product"  # pylint: disable=protected-access
+    assert EncoderConfig.from_section(config.model, 100).attention == "dot_product"
 
 
 @pytest.mark.parametrize("file, size, layers", [("bert", "base", 12), ("electra", "small", 12), ("bert", "large", 24)])
@@ -265,10 +264,9 @@ def test_gpu_preset(file, size, layers):
     """`SIZE,gpu`: bf16, cuDNN attention (no attention dropout), the scan unrolled, tanh GELU; nothing else
     changes."""
     import importlib  # pylint: disable=import-outside-toplevel
-    from bert_jax import training
     recipe = importlib.import_module(f"configs.{file}")
     plain, gpu = recipe.get_config(size), recipe.get_config(f"{size},gpu")
-    cfg = training._model_config(gpu, 30522)  # pylint: disable=protected-access
+    cfg = EncoderConfig.from_section(gpu.model, 30522)
     assert (cfg.dtype, cfg.attention, cfg.attention_dropout, cfg.scan_unroll, cfg.hidden_act) == (
         "bfloat16", "cudnn", 0.0, layers, "gelu_tanh")
     assert cfg.hidden_dropout == plain.model.hidden_dropout == 0.1
@@ -276,7 +274,7 @@ def test_gpu_preset(file, size, layers):
     for key in ("dtype", "attention", "attention_dropout", "scan_unroll", "hidden_act"):
         del plain_dict["model"][key], gpu_dict["model"][key]
     assert plain_dict == gpu_dict
-    assert training._model_config(plain, 30522).attention == "einsum"  # pylint: disable=protected-access
+    assert EncoderConfig.from_section(plain.model, 30522).attention == "einsum"
     with pytest.raises(ValueError, match="unknown preset 'tpu'"):
         recipe.get_config(f"{size},tpu")
 

@@ -15,10 +15,15 @@ from flax import nnx
 
 from bert_jax import checkpointing, optim, sharding, train_state
 from bert_jax.models import BertForMaskedLM, EncoderConfig
+from bert_jax.workdir import CheckpointMeta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = EncoderConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                     max_position_embeddings=32)
+
+
+def _meta(step: int, **fields) -> CheckpointMeta:
+    return CheckpointMeta(step=step, objective="mlm", model=CFG, **fields)
 
 
 def _state(mesh):
@@ -31,7 +36,7 @@ def _state(mesh):
 def test_save_sharded_restore_elsewhere(tmp_path):
     _, state = _state(sharding.make_mesh(data=1, fsdp=8, tensor=1))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=True)
-    ckpt.save(7, state, {"step": 7, "note": "x"})
+    ckpt.save(7, state, _meta(7, vocab_hash="x"))
     ckpt.close()
     expected = jax.tree.map(np.asarray, jax.device_get(state.params))
 
@@ -50,7 +55,7 @@ def test_save_sharded_restore_elsewhere(tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
     restored, meta = ckpt.restore(7, layout1.abstract)
     ckpt.close()
-    assert meta["note"] == "x" and int(restored.step) == 0
+    assert meta.vocab_hash == "x" and meta.model == CFG and int(restored.step) == 0
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored.params)):
         np.testing.assert_array_equal(a, b)
         assert len(b.sharding.device_set) == 1
@@ -60,7 +65,7 @@ def test_save_sharded_restore_elsewhere(tmp_path):
     code = ("import numpy as np; from bert_jax import checkpointing; "
             f"p, m = checkpointing.load_params({str(tmp_path)!r}); "
             f"assert np.array_equal(p['encoder']['embeddings']['word'], np.load({str(tmp_path / 'word.npy')!r})); "
-            "print('ok', m['step'])")
+            "print('ok', m.step)")
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "ok 7" in out.stdout, out.stderr[-2000:]
@@ -70,7 +75,7 @@ def test_keep_last_k_plus_every_mth(tmp_path):
     _, state = _state(sharding.make_mesh(devices=jax.devices()[:1]))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "c"), max_to_keep=2, keep_every=4, async_save=True)
     for step in range(1, 11):
-        ckpt.save(step, state, {"step": step})
+        ckpt.save(step, state, _meta(step))
     ckpt.close()
     assert sorted(int(s) for s in os.listdir(tmp_path / "c") if s.isdigit()) == [4, 8, 9, 10]
 
@@ -90,7 +95,7 @@ def test_corrupt_checkpoints_are_reported_and_passed_over(tmp_path):
     for step in (1, 2, 3, 4, 5):  # five different states
         state = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x * 1.5, state.params))
         saved[step] = jax.device_get(state.params)
-        ckpt.save(step, state, {"step": step})
+        ckpt.save(step, state, _meta(step))
     ckpt.close()
 
     # 5: the arrays of another save under its record (orbax reads them without complaint; the fingerprint
@@ -114,7 +119,7 @@ def test_corrupt_checkpoints_are_reported_and_passed_over(tmp_path):
     lines = []
     ckpt = checkpointing.Checkpointer(directory)
     restored, meta, step = ckpt.restore_newest_good(layout.abstract, check_meta=lambda s, m: None, log=lines.append)
-    assert step == 1 and meta["step"] == 1 and ckpt.all_steps() == [1]
+    assert step == 1 and meta.step == 1 and ckpt.all_steps() == [1]
     ckpt.close()
     for a, b in zip(jax.tree.leaves(saved[1]), jax.tree.leaves(restored.params)):
         np.testing.assert_array_equal(a, b)
@@ -131,7 +136,7 @@ def test_inspect_checkpoint_cli(tmp_path, capsys):
     _, state = _state(sharding.make_mesh(data=2, fsdp=4, tensor=1))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=5)
     for step in (3, 6):
-        ckpt.save(step, state, {"step": step, "data": {"batches_consumed": step}, "objective": "mlm"})
+        ckpt.save(step, state, _meta(step, data={"batches_consumed": step}))
     ckpt.close()
     assert inspect_checkpoint.main([str(tmp_path), "--step", "3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

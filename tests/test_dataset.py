@@ -1,5 +1,6 @@
 """Tests for data_pipeline.dataset: text -> shards -> batches, determinism, resume, per-process shards."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError
-from data_pipeline.dataset import as_numpy, load_manifest, make_dataset
+from data_pipeline.dataset import as_numpy, make_dataset
+from data_pipeline.manifest import Split, load as load_manifest, write as write_manifest
 from data_pipeline.packing import pack_documents
-from data_pipeline.pretokenize import _write_shards, pretokenize
+from data_pipeline.pretokenize import pretokenize
+from tests.helpers import write_shards
 from data_pipeline.sources import docstring_documents
 from data_pipeline.tokenization import Tokenizer
 
@@ -99,7 +102,7 @@ def test_processes_get_disjoint_shards(data):
         parts.append(np.concatenate([b["input_ids"] for b in as_numpy(ds)]))
     # Shards are contiguous runs of the packed rows; unshuffled, process i reads shards i, i + 2 in order.
     # (Rows are compared by position, not content: real docstrings pack into a few identical rows.)
-    shard_rows = np.split(rows, np.cumsum([s["rows"] for s in load_manifest(out)["splits"]["train"]["shards"]])[:-1])
+    shard_rows = np.split(rows, np.cumsum([s.rows for s in load_manifest(out).splits["train"].shards])[:-1])
     np.testing.assert_array_equal(parts[0], np.concatenate([shard_rows[0], shard_rows[2]]))
     np.testing.assert_array_equal(parts[1], np.concatenate([shard_rows[1], shard_rows[3]]))
     with pytest.raises(DataError, match="fewer than the 5 processes"):
@@ -139,11 +142,9 @@ def test_int32_rows_for_large_vocabularies(data, tmp_path):
     out, rows = data
     big = rows.copy()
     big[:, 1] = 70_000 + np.arange(len(rows))  # ids beyond uint16
-    manifest = load_manifest(out)
-    manifest["dtype"] = "int32"
-    manifest["splits"] = {"train": {"rows": len(big), "shards": _write_shards(big, "train", str(tmp_path), 2,
-                                                                              "int32", 0)}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    shards = tuple(write_shards(big, "train", str(tmp_path), 2, "int32", 0))
+    write_manifest(str(tmp_path), dataclasses.replace(load_manifest(out), dtype="int32",
+                                                      splits={"train": Split(rows=len(big), shards=shards)}))
     ds = make_dataset(str(tmp_path), "train", 10, shuffle=False, repeat=False, drop_remainder=False)
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in as_numpy(ds)]), big)
 
@@ -154,8 +155,8 @@ def _ids(ds, n=None):
 
 def test_every_host_yields_the_same_batches_and_epochs_reshuffle(data):
     out, _ = data
-    shards = load_manifest(out)["splits"]["train"]["shards"]
-    per_host = [sum(s["rows"] for s in shards[h::3]) for h in range(3)]  # host 0 holds 2 shards, others 1
+    shards = load_manifest(out).splits["train"].shards
+    per_host = [sum(s.rows for s in shards[h::3]) for h in range(3)]  # host 0 holds 2 shards, others 1
     assert per_host[0] > max(per_host[1:])
     counts = [len(batches(make_dataset(out, "train", 8, repeat=False, process_index=h, process_count=3)))
               for h in range(3)]
@@ -227,9 +228,9 @@ def test_truncated_shard_is_named_or_skipped_and_counted(data, tmp_path):
     rows = _ids(ds, 2 * ds.plan.batches_per_epoch)  # two full epochs: topped up from the other shards
     assert ds.stream_stats.skipped_shards == [os.path.join(bad, "train-00001-of-00004.tfrecord")]
     everything = _ids(make_dataset(out, "train", 1, shuffle=False, repeat=False))
-    shards = load_manifest(out)["splits"]["train"]["shards"]
-    lo = shards[0]["rows"]
-    kept = Counter(map(bytes, everything)) - Counter(map(bytes, everything[lo:lo + shards[1]["rows"]]))
+    shards = load_manifest(out).splits["train"].shards
+    lo = shards[0].rows
+    kept = Counter(map(bytes, everything)) - Counter(map(bytes, everything[lo:lo + shards[1].rows]))
     assert all(kept[r] for r in map(bytes, rows))  # no row that only the skipped shard holds
     assert len(rows) == 2 * ds.plan.rows_per_epoch
 
@@ -242,9 +243,6 @@ def test_corrupt_record_or_wrong_length_names_the_shard(data, tmp_path):
     # Records of another length than the manifest's rows (here: uint16 rows read as int32): named, not reshaped.
     wrong = tmp_path / "wrong"
     shutil.copytree(out, wrong)
-    manifest = load_manifest(str(wrong))
-    manifest["dtype"] = "int32"
-    (wrong / "manifest.json").write_text(json.dumps(manifest))
-    (wrong / "manifest.json").write_text(json.dumps({**manifest, "seq_len": SEQ // 4}))
+    write_manifest(str(wrong), dataclasses.replace(load_manifest(str(wrong)), dtype="int32", seq_len=SEQ // 4))
     with pytest.raises(DataError, match=r"shard \S+train-0000\d-of-00004.tfrecord holds a record of the wrong"):
         batches(make_dataset(str(wrong), "train", 8, shuffle=False, repeat=False))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bert_jax import losses, masking, objectives, optim, sharding, train_state, train_step, training
+from bert_jax import losses, masking, objectives, optim, sharding, train_state, train_step, trainer
+from bert_jax.errors import ConfigError
 from bert_jax.models import ElectraForPretraining, EncoderConfig, generator_config
 from configs import electra as electra_configs
 
@@ -234,15 +235,15 @@ def test_mlm_refuses_another_embedding_size(data_dir, tmp_path):
         c.data.dir = data_dir
         c.data.seq_len = 64
         c.model.embedding_size = 64
-    with pytest.raises(training.ConfigError, match="embedding_size=64 differs from model.hidden_size=128"):
-        training.train_and_evaluate(c, str(tmp_path / "w"))
+    with pytest.raises(ConfigError, match="embedding_size=64 differs from model.hidden_size=128"):
+        trainer.train_and_evaluate(c, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
 @pytest.mark.slow
 def test_tiny_electra_learns(data_dir, tmp_path):
     workdir = str(tmp_path / "w")
-    training.train_and_evaluate(_config(data_dir, steps=40), workdir)
+    trainer.train_and_evaluate(_config(data_dir, steps=40), workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     train = [r for r in records if "train/loss" in r]
@@ -272,7 +273,7 @@ def test_tiny_electra_learns(data_dir, tmp_path):
 
     from bert_jax import checkpointing
     params, meta = checkpointing.load_params(workdir)
-    assert meta["objective"] == "electra"
-    gen, disc = EncoderConfig(**meta["generator"]), EncoderConfig(**meta["model"])
+    assert meta.objective == "electra"
+    gen, disc = meta.generator, meta.model
     assert (disc.hidden_size, disc.embed_dim, gen.hidden_size, gen.embed_dim) == (128, 64, 64, 64)
     assert set(params) == {"embeddings", "generator", "discriminator"}

@@ -17,7 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpointing, fault, optim, sharding, train_state, train_step, training
+from bert_jax import checkpointing, fault, optim, sharding, train_state, train_step, trainer
+from bert_jax.errors import ConfigError
+from bert_jax.models import EncoderConfig
+from bert_jax.workdir import CheckpointMeta
 from configs import bert as bert_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +99,7 @@ def _steps(workdir):
 def _assert_params_equal(workdir_a, workdir_b):
     params_a, meta_a = checkpointing.load_params(workdir_a)
     params_b, meta_b = checkpointing.load_params(workdir_b)
-    assert meta_a["step"] == meta_b["step"] == STEPS
+    assert meta_a.step == meta_b.step == STEPS
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(a, b)
 
@@ -149,8 +152,8 @@ def test_sigterm_sigint_save_and_resume_exactly(cli, tmp_path):
     assert [r["train/loss"] for r in records] == [cli["losses"][s] for s in range(1, STEPS + 1)]
     _assert_params_equal(workdir, cli["reference"])
     meta = checkpointing.load_params(workdir)[1]
-    assert meta["data"]["batches_consumed"] == STEPS and meta["config"]["train"]["steps"] == STEPS
-    assert meta["vocab_hash"] and len(meta["manifest_sha256"]) == 64 and meta["fingerprint"]
+    assert meta.data["batches_consumed"] == STEPS and meta.config["train"]["steps"] == STEPS
+    assert meta.vocab_hash and len(meta.manifest_sha256) == 64 and meta.fingerprint
 
 
 # ---------------------------------------------------------------------------------------------- crashes
@@ -248,7 +251,7 @@ def test_nan_guard_stops_run_and_keeps_good_checkpoints(docstring_shards, tmp_pa
     workdir = str(tmp_path / "w")
     config = _config(docstring_shards, optim__learning_rate=1e30, train__max_nan_skips=3, train__steps=10)
     with pytest.raises(fault.FaultError, match=r"non-finite loss or gradients at 3 consecutive steps \(up to step 4\)"):
-        training.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir)
     records = _records(workdir)
     assert [r["train/skipped"] for r in records] == [0.0, 1.0, 1.0, 1.0]
     assert [r["train/skipped_total"] for r in records] == [0, 1, 2, 3]
@@ -261,28 +264,30 @@ def test_nan_guard_stops_run_and_keeps_good_checkpoints(docstring_shards, tmp_pa
     # The same workdir, resumed with a config of another model shape: one line naming the key; nothing is
     # written or removed. A held lock on the workdir refuses the run.
     before = {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s))) for s in _steps(workdir)}
-    with pytest.raises(training.ConfigError, match=r"has model\.hidden_size=32, the config gives 64") as e:
-        training.train_and_evaluate(_config(docstring_shards, model__hidden_size=64, train__steps=10), workdir)
+    with pytest.raises(ConfigError, match=r"has model\.hidden_size=32, the config gives 64") as e:
+        trainer.train_and_evaluate(_config(docstring_shards, model__hidden_size=64, train__steps=10), workdir)
     assert "\n" not in str(e.value)
-    with pytest.raises(training.ConfigError, match=r"was trained with model\.hidden_act='gelu', the config gives "
+    with pytest.raises(ConfigError, match=r"was trained with model\.hidden_act='gelu', the config gives "
                                                    r"'gelu_tanh'; resume with --config\.model\.hidden_act=gelu"):
-        training.train_and_evaluate(_config(docstring_shards, model__hidden_act="gelu_tanh", train__steps=10),
+        trainer.train_and_evaluate(_config(docstring_shards, model__hidden_act="gelu_tanh", train__steps=10),
                                     workdir)
     after = {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s))) for s in _steps(workdir)}
     assert after == before
     with fault.WorkdirLock(workdir):
         with pytest.raises(fault.FaultError, match="is in use by a running training process"):
-            training.train_and_evaluate(config, workdir)
+            trainer.train_and_evaluate(config, workdir)
 
 
 def test_resume_refuses_another_function_of_the_same_weights():
     """Shapes match, but the activation or the LayerNorm epsilon differ: the resume is refused in one line.
     Checkpoints that predate hidden_act computed the exact GELU."""
-    model = {"hidden_size": 32, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    model = {"vocab_size": 100, "hidden_size": 32, "num_heads": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
 
     def reason(saved, **changes):
-        meta = {"vocab_hash": "v", "objective": "mlm", "model": saved}
-        return fault.resume_mismatch(5, meta, "ckpts", model={**model, **changes}, objective="mlm", vocab_hash="v")
+        meta = CheckpointMeta.from_json({"step": 5, "vocab_hash": "v", "objective": "mlm",
+                                         "model": {"vocab_size": 100, "num_heads": 2, **saved}})
+        return fault.resume_mismatch(5, meta, "ckpts", model=EncoderConfig(**{**model, **changes}), objective="mlm",
+                                     vocab_hash="v")
 
     assert reason(dict(model)) is None
     assert reason({"hidden_size": 32, "layer_norm_eps": 1e-12}) is None  # an old checkpoint, exact GELU
@@ -299,7 +304,7 @@ def test_unwritable_or_full_workdir_is_reported_before_training(docstring_shards
     blocker.write_text("x")
     for workdir in (str(blocker / "w"), "/proc/bert_jax_workdir"):
         with pytest.raises(fault.FaultError, match=f"workdir {workdir} is not writable"):
-            training.train_and_evaluate(_config(docstring_shards), workdir)
+            trainer.train_and_evaluate(_config(docstring_shards), workdir)
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(fault.FaultError, match=r"MiB free, less than the .* MiB that one checkpoint needs"):
         fault.check_workdir(str(tmp_path / "w"), need_bytes=free + 2**40)

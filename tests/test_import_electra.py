@@ -1,6 +1,6 @@
-"""tools.import_from_hf on Hugging Face ELECTRA folders: a random ElectraForPreTraining (+ ElectraForMaskedLM
-sharing its embeddings) -> our ElectraForPretraining checkpoint -> each tower exported back, bitwise; the
-fresh-generator and fresh-head paths; the one-line refusals."""
+"""bert_jax.hf_import (and its CLI tools.import_from_hf) on Hugging Face ELECTRA folders: a random
+ElectraForPreTraining (+ ElectraForMaskedLM sharing its embeddings) -> our ElectraForPretraining checkpoint ->
+each tower exported back, bitwise; the fresh-generator and fresh-head paths; the one-line refusals."""
 
 import json
 
@@ -12,8 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from bert_jax import hf_import  # noqa: E402
 from bert_jax.checkpointing import load_params  # noqa: E402
-from tools import convert_to_hf, hf_mapping, import_from_hf  # noqa: E402
+from bert_jax.hf_export import ConversionError  # noqa: E402
+from bert_jax.models import hf_mapping  # noqa: E402
+from tools import convert_to_hf, import_from_hf  # noqa: E402
 
 # ~25 s on 2 CPU cores (two torch models, three imports, four verified exports).
 pytestmark = pytest.mark.slow
@@ -69,7 +72,7 @@ def _make_pair(root, hidden_act: str = "gelu", dense_noise: float = 0.05):
 def imported(hf_pair, tmp_path_factory):
     disc_dir, gen_dir = hf_pair
     workdir = str(tmp_path_factory.mktemp("w"))
-    summary = import_from_hf.import_hf(disc_dir, workdir, generator_dir=gen_dir)
+    summary = hf_import.import_hf(disc_dir, workdir, generator_dir=gen_dir)
     return workdir, summary
 
 
@@ -103,9 +106,9 @@ def test_tanh_gelu_towers_verify(tmp_path):
     both exports match torch, with MLP/head pre-activations large enough for the two forms to differ."""
     disc_dir, gen_dir = _make_pair(tmp_path, hidden_act="gelu_new", dense_noise=0.3)
     workdir = str(tmp_path / "w")
-    import_from_hf.import_hf(disc_dir, workdir, generator_dir=gen_dir)
+    hf_import.import_hf(disc_dir, workdir, generator_dir=gen_dir)
     _, meta = load_params(workdir)
-    assert meta["model"]["hidden_act"] == meta["generator"]["hidden_act"] == "gelu_tanh"
+    assert meta.model.hidden_act == meta.generator.hidden_act == "gelu_tanh"
     for model in ("discriminator", "generator"):
         out = tmp_path / model
         result = convert_to_hf.convert(workdir, str(out), model=model, verify=True)
@@ -117,10 +120,11 @@ def test_checkpoint_reads_back(hf_pair, imported):
     workdir, _ = imported
     params, meta = load_params(workdir)
     assert set(params) == {"embeddings", "generator", "discriminator"}
-    assert meta["objective"] == "electra" and meta["step"] == 0
-    assert meta["model"]["hidden_size"] == 64 and meta["model"]["embedding_size"] == 32
-    assert meta["generator"]["hidden_size"] == 32 and meta["generator"]["num_heads"] == 2
-    assert meta["imported_from"].endswith("disc") and meta["generator_imported_from"].endswith("gen")
+    assert meta.objective == "electra" and meta.step == 0
+    assert meta.model.hidden_size == 64 and meta.model.embedding_size == 32
+    assert meta.generator.hidden_size == 32 and meta.generator.num_heads == 2
+    assert meta.imported_from == {"hf": hf_pair[0], "generator": hf_pair[1], "initialised": []}
+    assert meta.vocab_hash and meta.data is None
     assert "embeddings_project" in params["discriminator"] and "embeddings_project" not in params["generator"]
     with open(f"{workdir}/tokenizer/vocab.txt", encoding="utf-8") as f:
         assert f.read().split() == VOCAB
@@ -134,18 +138,20 @@ def test_untied_embeddings_refused(hf_pair, tmp_path):
     other.mkdir()
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     (other / "config.json").write_text(open(f"{gen_dir}/config.json", encoding="utf-8").read())
-    with pytest.raises(SystemExit, match=r"embeddings differ from the discriminator's \(embeddings/position\)"):
-        import_from_hf.import_hf(disc_dir, str(tmp_path / "w"), generator_dir=str(other))
+    with pytest.raises(ConversionError,
+                       match=r"embeddings differ from the discriminator's \(embeddings/position\)"):
+        hf_import.import_hf(disc_dir, str(tmp_path / "w"), generator_dir=str(other))
     assert not (tmp_path / "w" / "checkpoints").exists() or not list((tmp_path / "w" / "checkpoints").iterdir())
 
 
 def test_fresh_generator(hf_pair, tmp_path, capsys):
     disc_dir, _ = hf_pair
     workdir = str(tmp_path / "w")
-    summary = import_from_hf.import_hf(disc_dir, workdir, generator_fraction=0.5)
+    summary = hf_import.import_hf(disc_dir, workdir, generator_fraction=0.5)
     assert summary["generator_initialised"] and "starts freshly initialised" in capsys.readouterr().out
     _, meta = load_params(workdir)
-    assert meta["generator"]["hidden_size"] == 32 and meta["generator"]["embedding_size"] == 32
+    assert meta.generator.hidden_size == 32 and meta.generator.embedding_size == 32
+    assert meta.imported_from["generator"] is None and meta.imported_from["initialised"] == ["generator"]
     convert_to_hf.convert(workdir, str(tmp_path / "d"), model="discriminator")
     _assert_bitwise(str(tmp_path / "d"), _expected(disc_dir, "discriminator"))
     assert convert_to_hf.convert(workdir, str(tmp_path / "g"), model="generator", verify=True)["ok"]
@@ -161,19 +167,19 @@ def test_bare_electra_model_gets_fresh_head(hf_pair, tmp_path, capsys):
     save_file(bare, str(src / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads(open(f"{disc_dir}/config.json", encoding="utf-8").read())
     (src / "config.json").write_text(json.dumps({**config, "architectures": ["ElectraModel"]}))
-    summary = import_from_hf.import_hf(str(src), str(tmp_path / "w"))
+    summary = hf_import.import_hf(str(src), str(tmp_path / "w"))
     assert summary["discriminator_head_initialised"] and "no discriminator head" in capsys.readouterr().out
     params, meta = load_params(str(tmp_path / "w"))
-    assert meta["discriminator_head_initialised"]
+    assert meta.imported_from["initialised"] == ["discriminator_head", "generator"]
     assert params["discriminator"]["head"]["dense"]["kernel"].shape == (64, 64)
 
 
 def test_refusals(hf_pair, tmp_path):
     disc_dir, gen_dir = hf_pair
-    with pytest.raises(SystemExit, match="is an ElectraForMaskedLM"):
-        import_from_hf.import_hf(gen_dir, str(tmp_path / "w"))
-    with pytest.raises(SystemExit, match=r"generator_fraction=0 must lie in"):
-        import_from_hf.import_hf(disc_dir, str(tmp_path / "w"), generator_fraction=0)
+    with pytest.raises(ConversionError, match="is an ElectraForMaskedLM"):
+        hf_import.import_hf(gen_dir, str(tmp_path / "w"))
+    with pytest.raises(ConversionError, match=r"generator_fraction=0 must lie in"):
+        hf_import.import_hf(disc_dir, str(tmp_path / "w"), generator_fraction=0)
     config = json.loads(open(f"{disc_dir}/config.json", encoding="utf-8").read())
     # Outside the ELECTRA path the BERT importer still refuses model_type electra.
     with pytest.raises(ValueError, match=r"model_type='electra' \(only 'bert'\)"):
@@ -183,8 +189,11 @@ def test_refusals(hf_pair, tmp_path):
     relative = tmp_path / "rel"
     relative.mkdir()
     (relative / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
-    with pytest.raises(SystemExit, match="cannot import this model: hidden_act='relu'"):
-        import_from_hf.import_hf(str(relative), str(tmp_path / "w"))
+    with pytest.raises(ConversionError, match="cannot import this model: hidden_act='relu'"):
+        hf_import.import_hf(str(relative), str(tmp_path / "w"))
+    with pytest.raises(SystemExit) as e:  # the CLI: one line
+        import_from_hf.main(["--hf", str(relative), "--out", str(tmp_path / "w")])
+    assert e.value.code.startswith("error: ") and "cannot import this model: hidden_act='relu'" in e.value.code
 
 
 def test_cli(hf_pair, tmp_path, capsys):

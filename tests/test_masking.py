@@ -99,7 +99,7 @@ def test_bad_rates_are_refused():
 # Whole-word masking: ids 5..299 begin a word, 300..499 continue one ("##" pieces).
 WORD_STARTS = np.arange(500) < 300
 WWM = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.15,
-                          max_predictions=128, word_starts=masking.word_start_table(WORD_STARTS))
+                          max_predictions=128, word_starts=WORD_STARTS.tobytes())
 
 
 def _words(row):
@@ -156,11 +156,11 @@ def test_whole_word_masking_rate_and_whole_words():
 def test_whole_word_masking_respects_the_cap_without_cutting_words():
     ids, _ = _rows(n=128, seed=3)
     spec = masking.MaskingSpec(vocab_size=500, mask_id=4, pad_id=0, special_ids=SPECIALS, mask_rate=0.5,
-                               max_predictions=10, word_starts=masking.word_start_table(WORD_STARTS))
+                               max_predictions=10, word_starts=WORD_STARTS.tobytes())
     out = jax.jit(masking.mask_tokens, static_argnums=2)(jax.random.PRNGKey(6), ids, spec)
     assert out.positions.shape == (128, 10)
     counts = _check_whole_words(ids, out)
     assert counts[:, 0].max() == 10 and (counts[:, 0] >= 8).all()
     with pytest.raises(ValueError, match="word-start table"):
         masking.MaskingSpec(vocab_size=400, mask_id=4, pad_id=0, special_ids=SPECIALS,
-                            word_starts=masking.word_start_table(WORD_STARTS))
+                            word_starts=WORD_STARTS.tobytes())

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpointing, distributed, train_state, training
+from bert_jax import builder, checkpointing, distributed, input_pipeline, train_state
+from data_pipeline import manifest as manifest_lib
+from data_pipeline.manifest import Manifest, Shard, SpecialIds, Split
 from configs import bert as bert_configs
 from data_pipeline import dataset as data_lib, pretokenize, sources
 
@@ -46,24 +48,26 @@ def test_resolve_flags_and_cluster_detection():
 
 
 def test_eval_batch_count_is_the_same_on_every_host():
-    manifest = {"splits": {"validation": {"shards": [{"rows": 50}, {"rows": 20}, {"rows": 35}]}}}
+    shards = tuple(Shard(f"validation-{i}", rows) for i, rows in enumerate((50, 20, 35)))
+    manifest = Manifest(seq_len=8, vocab_size=100, dtype="uint16", special_ids=SpecialIds(0, 1, 2, 3, 4),
+                        splits={"validation": Split(rows=105, shards=shards)})
     # Host 0 reads shards 0 and 2 (85 rows), host 1 shard 1 (20 rows): 5 batches of 4 at most on every host.
-    assert distributed.eval_batch_count(manifest, "validation", 4, 2, 100) == 5
-    assert distributed.eval_batch_count(manifest, "validation", 4, 2, 3) == 3
-    assert distributed.eval_batch_count(manifest, "validation", 4, 1, 100) == 26
-    assert distributed.eval_batch_count(manifest, "validation", 30, 2, 100) == 0
+    assert input_pipeline.eval_batch_count(manifest, "validation", 4, 2, 100) == 5
+    assert input_pipeline.eval_batch_count(manifest, "validation", 4, 2, 3) == 3
+    assert input_pipeline.eval_batch_count(manifest, "validation", 4, 1, 100) == 26
+    assert input_pipeline.eval_batch_count(manifest, "validation", 30, 2, 100) == 0
 
 
 @pytest.fixture(scope="module")
 def two_shard_data(docstring_shards, tmp_path_factory):
     """Two shards per split (one per process), reusing the session corpus's WordPiece vocabulary."""
-    manifest = data_lib.load_manifest(docstring_shards)
+    manifest = manifest_lib.load(docstring_shards)
     corpus = tmp_path_factory.mktemp("mh_corpus") / "docs.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
         for d in sources.docstring_documents(include_site_packages=False, max_documents=800):
             f.write(json.dumps({"text": d}) + "\n")
     out = str(tmp_path_factory.mktemp("mh_data") / "shards")
-    vocab = os.path.join(docstring_shards, manifest["tokenizer"]["dir"])
+    vocab = os.path.join(docstring_shards, manifest.tokenizer.dir)
     pretokenize.pretokenize(str(corpus), out, vocab=vocab, seq_len=64, validation_fraction=0.2, num_shards=2)
     return out
 
@@ -124,8 +128,8 @@ def _reference_run(data_dir):
         for key, value in OVERRIDES.items():
             section, name = key.split(".")
             config[section][name] = value
-    manifest = data_lib.load_manifest(data_dir)
-    run = training.build_run(config, manifest, training.check_config(config, manifest, 4, 1),
+    manifest = manifest_lib.load(data_dir)
+    run = builder.build_run(config, manifest, builder.check_config(config, manifest, 4, 1),
                              devices=jax.devices()[:4])
     state = train_state.create_state(run.model_fn, run.tx, run.mesh, run.layout, config.train.seed, run.rules)
     step_fn = run.call(run.step)
@@ -166,7 +170,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_on_one_de
 
     # The checkpoint (written by both processes through orbax) restores in this single process on one device.
     restored, meta = checkpointing.load_params(workdir)
-    assert meta["step"] == STEPS
+    assert meta.step == STEPS
     leaves, worst = jax.tree_util.tree_flatten_with_path(params)[0], 0.0
     assert len(leaves) == len(jax.tree.leaves(restored))
     for (path, ref), got in zip(leaves, jax.tree.leaves(restored)):

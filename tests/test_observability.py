@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from bert_jax import metrics, profiling, training
+from bert_jax import metrics, profiling, trainer, workdir as workdir_lib
+from bert_jax.errors import ConfigError
+from bert_jax.models import EncoderConfig
 from configs import bert as bert_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +53,7 @@ def _run(docstring_shards, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("obs") / "run")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        training.train_and_evaluate(_config(docstring_shards, peak_tflops_per_device=0.001, profile_steps="3,4"),
+        trainer.train_and_evaluate(_config(docstring_shards, peak_tflops_per_device=0.001, profile_steps="3,4"),
                                     workdir)
     return workdir, out.getvalue()
 
@@ -92,14 +94,14 @@ def _step_flops(workdir):
     from bert_jax import flops
     with open(os.path.join(workdir, "data_manifest.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
-    return flops.train_step_flops(training._model_config(_config(""), vocab_size), 16, 64, 20)
+    return flops.train_step_flops(EncoderConfig.from_section(_config("").model, vocab_size), 16, 64, 20)
 
 
 @pytest.mark.slow
 def test_tensorboard_events_equal_metrics_jsonl(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     workdir, _ = run
-    acc = EventAccumulator(os.path.join(workdir, metrics.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    acc = EventAccumulator(workdir_lib.tensorboard(workdir), size_guidance={"scalars": 0})
     acc.Reload()
     records = _records(workdir)
     expected = {}
@@ -117,9 +119,9 @@ def test_tensorboard_events_equal_metrics_jsonl(run):
 @pytest.mark.slow
 def test_profile_trace_written(run):
     workdir, _ = run
-    traces = glob.glob(os.path.join(workdir, profiling.PROFILE_DIR, "plugins", "profile", "*", "*.xplane.pb"))
+    traces = glob.glob(os.path.join(workdir_lib.profile(workdir), "plugins", "profile", "*", "*.xplane.pb"))
     assert traces and all(os.path.getsize(t) > 1000 for t in traces)
-    assert glob.glob(os.path.join(workdir, profiling.PROFILE_DIR, "plugins", "profile", "*", "*.trace.json.gz"))
+    assert glob.glob(os.path.join(workdir_lib.profile(workdir), "plugins", "profile", "*", "*.trace.json.gz"))
 
 
 @pytest.mark.slow
@@ -166,8 +168,8 @@ def test_profile_steps_parsing():
 
 
 def test_bad_profile_steps_is_a_config_error(docstring_shards, tmp_path):
-    with pytest.raises(training.ConfigError, match=r"train.profile_steps='9,3'"):
-        training.train_and_evaluate(_config(docstring_shards, profile_steps="9,3"), str(tmp_path / "w"))
+    with pytest.raises(ConfigError, match=r"train.profile_steps='9,3'"):
+        trainer.train_and_evaluate(_config(docstring_shards, profile_steps="9,3"), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
 
 

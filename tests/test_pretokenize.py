@@ -1,5 +1,6 @@
 """Tests for data_pipeline.pretokenize (function and CLI) and data_pipeline.validate."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError
+from data_pipeline import manifest as manifest_lib
 from data_pipeline import validate
 from data_pipeline.packing import pack_documents
 from data_pipeline.pretokenize import pretokenize
-from data_pipeline.sources import docstring_documents, split_of
+from data_pipeline.sources import docstring_documents
+from data_pipeline.splitting import split_of
 from data_pipeline.tokenization import Tokenizer, train_wordpiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,23 +54,25 @@ def built(corpus, tmp_path_factory):
 
 def test_manifest_matches_files(built):
     _, out, manifest = built
-    assert manifest == json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["format"] == "bert_jax.pretokenized.v1"
-    assert (manifest["seq_len"], manifest["vocab_size"], manifest["dtype"]) == (64, 1000, "uint16")
-    assert manifest["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-    assert Tokenizer.load(os.path.join(out, "tokenizer")).vocab_hash == manifest["vocab_hash"]
-    for split, info in manifest["splits"].items():
-        assert [s["file"] for s in info["shards"]] == [f"{split}-{i:05d}-of-00003.tfrecord" for i in range(3)]
+    on_disk = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest.to_json() == on_disk and manifest_lib.load(out) == manifest
+    assert on_disk["format"] == "bert_jax.pretokenized.v1"
+    assert (manifest.seq_len, manifest.vocab_size, manifest.dtype) == (64, 1000, "uint16")
+    assert on_disk["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert manifest.special_ids == manifest_lib.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+    assert Tokenizer.load(os.path.join(out, "tokenizer")).vocab_hash == manifest.vocab_hash
+    for split, info in manifest.splits.items():
+        assert [s.file for s in info.shards] == [f"{split}-{i:05d}-of-00003.tfrecord" for i in range(3)]
         total_rows = total_tokens = 0
-        for shard in info["shards"]:
-            path = os.path.join(out, shard["file"])
+        for shard in info.shards:
+            path = os.path.join(out, shard.file)
             rows = read_rows(path)
-            assert len(rows) == shard["rows"] > 0
-            assert sum(int(np.count_nonzero(r)) for r in rows) == shard["tokens"]
-            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+            assert len(rows) == shard.rows > 0
+            assert sum(int(np.count_nonzero(r)) for r in rows) == shard.tokens
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard.sha256
             total_rows += len(rows)
-            total_tokens += shard["tokens"]
-        assert (info["rows"], info["tokens"]) == (total_rows, total_tokens)
+            total_tokens += shard.tokens
+        assert (info.rows, info.tokens) == (total_rows, total_tokens)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     assert validate.check(out) == []
 
@@ -77,9 +82,9 @@ def test_rows_equal_packing_of_the_split(built, corpus):
     tok = Tokenizer.load(os.path.join(out, "tokenizer"))
     for split in ("train", "validation"):
         docs = [d for d in corpus if split_of(d, 0.1) == split]
-        assert manifest["splits"][split]["documents"] == len(docs)
+        assert manifest.splits[split].documents == len(docs)
         expected = list(pack_documents(tok.encode_batch(docs), 64, tok.cls_id, tok.sep_id, tok.pad_id))
-        got = [r for s in manifest["splits"][split]["shards"] for r in read_rows(os.path.join(out, s["file"]))]
+        got = [r for s in manifest.splits[split].shards for r in read_rows(os.path.join(out, s.file))]
         assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
@@ -93,7 +98,7 @@ def test_tokenizer_trained_on_train_split_only(tmp_path):
                            validation_fraction=0.5, txt_mode="line")
     tok = Tokenizer.load(str(tmp_path / "out" / "tokenizer"))
     assert tok.token_to_id("plain") is not None and tok.token_to_id("zyxwq") is None
-    assert manifest["splits"]["validation"]["documents"] == len(held_out)
+    assert manifest.splits["validation"].documents == len(held_out)
     everything = Tokenizer.load(train_wordpiece(held_out + train, 200, str(tmp_path / "all")))
     assert everything.token_to_id("zyxwq") is not None  # so the check above can fail
     # --tokenizer-train-documents: only the first N train documents teach the vocabulary.
@@ -114,7 +119,7 @@ def test_overwrite_protection_and_determinism(built, tmp_path):
     # (Training itself is not bit-reproducible: see the note in data_pipeline/tokenization.py.)
     again = pretokenize(src, str(tmp_path / "again"), vocab=os.path.join(out, "tokenizer"), seq_len=64,
                         validation_fraction=0.1, num_shards=3)
-    strip = lambda m: {k: v for k, v in m.items() if k != "args"}  # noqa: E731  (args: vocab file vs size)
+    strip = lambda m: dataclasses.replace(m, args=None)  # noqa: E731  (args: vocab file vs size)
     assert strip(again) == strip(manifest)
     # The same arguments again: a no-op that returns the manifest and touches nothing.
     before = {n: os.path.getmtime(tmp_path / "again" / n) for n in os.listdir(tmp_path / "again")}
@@ -126,7 +131,7 @@ def test_overwrite_protection_and_determinism(built, tmp_path):
                       overwrite=True)
     assert sorted(n for n in os.listdir(tmp_path / "again") if n.endswith(".tfrecord")) == [
         "train-00000-of-00001.tfrecord", "validation-00000-of-00001.tfrecord"]
-    assert one["splits"]["validation"]["rows"] == 0  # an empty split is written, with zero rows
+    assert one.splits["validation"].rows == 0  # an empty split is written, with zero rows
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -160,9 +165,9 @@ def test_cli_text_file_and_validate(tmp_path):
     r = run_cli("data_pipeline.pretokenize", "--source", str(tmp_path / "in.txt"), "--out", str(out),
                 "--vocab-size", "200", "--seq-len", "32", "--validation-fraction", "0.1")
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == 200
-    assert manifest["seq_len"] == 32 and manifest["lowercase"] is True
+    manifest = manifest_lib.load(str(out))
+    assert manifest.splits["train"].documents + manifest.splits["validation"].documents == 200
+    assert manifest.seq_len == 32 and manifest.lowercase is True
     assert "train:" in r.stdout
 
     r = run_cli("data_pipeline.pretokenize", "--source", str(tmp_path / "in.txt"), "--out", str(out))
@@ -170,7 +175,7 @@ def test_cli_text_file_and_validate(tmp_path):
 
     r = run_cli("data_pipeline.validate", str(out))
     assert r.returncode == 0 and r.stdout.strip() == "OK"
-    shard = out / manifest["splits"]["train"]["shards"][0]["file"]
+    shard = out / manifest.splits["train"].shards[0].file
     shard.write_bytes(shard.read_bytes()[:-3])
     r = run_cli("data_pipeline.validate", str(out))
     assert r.returncode == 1 and shard.name in r.stdout and "sha256" in r.stdout
@@ -185,11 +190,11 @@ def test_cli_jsonl_with_existing_vocab(tmp_path):
     r = run_cli("data_pipeline.pretokenize", "--source", str(tmp_path / "in.jsonl"), "--text-field", "body",
                 "--out", str(out), "--vocab", vocab, "--seq-len", "16", "--num-shards", "2")
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["vocab_size"] == 30522 and manifest["special_ids"]["cls"] == 101
-    assert len(manifest["special_token_ids"]) > 900  # [unusedN] included
-    assert len(manifest["splits"]["train"]["shards"]) == 2
-    first = read_rows(str(out / manifest["splits"]["train"]["shards"][0]["file"]))[0]
+    manifest = manifest_lib.load(str(out))
+    assert manifest.vocab_size == 30522 and manifest.special_ids.cls == 101
+    assert len(manifest.special_token_ids) > 900  # [unusedN] included
+    assert len(manifest.splits["train"].shards) == 2
+    first = read_rows(str(out / manifest.splits["train"].shards[0].file))[0]
     assert first[0] == 101 and 7592 in first  # "hello" in the real BERT vocab
 
     r = run_cli("data_pipeline.pretokenize", "--source", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o2"))
@@ -225,18 +230,18 @@ def test_small_shards_workers_and_packing(built, corpus, tmp_path):
                                                                                                "tokenizer"])
     tok = Tokenizer.load(vocab)
     docs = split_docs(corpus, 0.1)
-    for split, info in one["splits"].items():
-        assert len(info["shards"]) > 3 and sum(s["documents"] for s in info["shards"]) == len(docs[split])
+    for split, info in one.splits.items():
+        assert len(info.shards) > 3 and sum(s.documents for s in info.shards) == len(docs[split])
         start = 0
-        for i, shard in enumerate(info["shards"]):
-            group = docs[split][start:start + shard["documents"]]
-            start += shard["documents"]
+        for i, shard in enumerate(info.shards):
+            group = docs[split][start:start + shard.documents]
+            start += shard.documents
             expected = list(pack_documents(tok.encode_batch(group), 32, tok.cls_id, tok.sep_id, tok.pad_id))
-            got = read_rows(os.path.join(tmp_path / "w1", shard["file"]))
-            assert len(got) == len(expected) == shard["rows"]
+            got = read_rows(os.path.join(tmp_path / "w1", shard.file))
+            assert len(got) == len(expected) == shard.rows
             assert all(np.array_equal(a, b) for a, b in zip(got, expected))
-            if i < len(info["shards"]) - 1:  # full parts: at least shard_rows, plus at most one document's rows
-                assert 40 <= shard["rows"] <= 40 + max(len(x) for x in tok.encode_batch(group)) // 30 + 2
+            if i < len(info.shards) - 1:  # full parts: at least shard_rows, plus at most one document's rows
+                assert 40 <= shard.rows <= 40 + max(len(x) for x in tok.encode_batch(group)) // 30 + 2
     assert validate.check(str(tmp_path / "w1")) == []
 
 
@@ -275,11 +280,11 @@ def test_killed_run_resumes_to_identical_shards(built, corpus, tmp_path):
     proc.kill()  # SIGKILL: no cleanup code runs
     proc.wait()
     assert parts >= 3 and not (tmp_path / "run" / "manifest.json").exists()
-    assert len(reference["splits"]["train"]["shards"]) > parts + 2  # it really was killed mid-run
+    assert len(reference.splits["train"].shards) > parts + 2  # it really was killed mid-run
     r = run_cli("data_pipeline.pretokenize", *args)
     assert r.returncode == 0, r.stderr
     assert "resuming: train" in r.stderr
-    assert json.load(open(tmp_path / "run" / "manifest.json")) == reference
+    assert json.load(open(tmp_path / "run" / "manifest.json")) == reference.to_json()
     assert shard_bytes(tmp_path / "run") == shard_bytes(tmp_path / "ref")
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tmp_path / "ref"))  # no leftovers
 
@@ -320,10 +325,10 @@ SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def test_int32_storage_above_65536_tokens(int32_dataset):
     tmp, out, manifest = int32_dataset
-    assert manifest["dtype"] == "int32" and manifest["vocab_size"] == 70005
+    assert manifest.dtype == "int32" and manifest.vocab_size == 70005
     tok = Tokenizer.load(str(tmp / "vocab.txt"))
     docs = (tmp / "in.txt").read_text().splitlines()
-    rows = [r for s in manifest["splits"]["train"]["shards"] for r in read_rows(os.path.join(out, s["file"]), "<i4")]
+    rows = [r for s in manifest.splits["train"].shards for r in read_rows(os.path.join(out, s.file), "<i4")]
     stream = np.concatenate([r[(r != tok.cls_id) & (r != tok.sep_id) & (r != tok.pad_id)] for r in rows])
     expected = np.concatenate(tok.encode_batch(docs))
     assert np.array_equal(stream, expected) and expected.max() > 65535
@@ -336,7 +341,7 @@ def test_validate_reports_each_problem_on_one_line(int32_dataset, tmp_path):
     _, out, manifest = int32_dataset
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    shards = [s["file"] for s in manifest["splits"]["train"]["shards"]]
+    shards = [s.file for s in manifest.splits["train"].shards]
     assert len(shards) >= 4
     data = bytearray((bad / shards[0]).read_bytes())
     data[len(data) // 2] ^= 0xFF  # one corrupted byte inside an id
@@ -357,14 +362,15 @@ def test_validate_reports_each_problem_on_one_line(int32_dataset, tmp_path):
 
     with tf.io.TFRecordWriter(str(bad / shards[3])) as w:
         w.write(bytes.fromhex("0a0f0a0d0a09696e7075745f6964731200"))  # input_ids present but empty
-    entry = next(s for s in manifest["splits"]["train"]["shards"] if s["file"] == shards[3])
-    m = json.load(open(bad / "manifest.json"))
-    for s in m["splits"]["train"]["shards"]:
-        if s["file"] == shards[3]:
-            s["sha256"] = hashlib.sha256((bad / shards[3]).read_bytes()).hexdigest()
-    json.dump(m, open(bad / "manifest.json", "w"))
+    entry = next(s for s in manifest.splits["train"].shards if s.file == shards[3])
+    m = manifest_lib.read(str(bad / "manifest.json"))
+    digest = hashlib.sha256((bad / shards[3]).read_bytes()).hexdigest()
+    train = m.splits["train"]
+    train = dataclasses.replace(train, shards=tuple(dataclasses.replace(s, sha256=digest) if s.file == shards[3]
+                                                    else s for s in train.shards))
+    manifest_lib.write(str(bad), dataclasses.replace(m, splits={**m.splits, "train": train}))
     problems = [p for p in validate.check(str(bad)) if shards[3] in p]
-    assert entry["rows"] > 1 and len(problems) == 1 and "expected 32 int32 ids" in problems[0]
+    assert entry.rows > 1 and len(problems) == 1 and "expected 32 int32 ids" in problems[0]
 
 
 def peak_rss_mb(*cli_args):
@@ -394,7 +400,7 @@ def test_peak_memory_is_flat_in_corpus_size(built, corpus, tmp_path):
         peaks[size] = peak_rss_mb("--source", str(src), "--out", str(tmp_path / f"out{size}"), "--vocab",
                                   os.path.join(out, "tokenizer"), "--seq-len", "32", "--shard-rows", "100",
                                   "--validation-fraction", "0.05", "--workers", "2")
-    manifest = json.load(open(tmp_path / "out4000000" / "manifest.json"))
-    assert len(manifest["splits"]["train"]["shards"]) > 200
+    manifest = manifest_lib.load(str(tmp_path / "out4000000"))
+    assert len(manifest.splits["train"].shards) > 200
     print(f"peak RSS: {peaks}")
     assert peaks[4_000_000] - peaks[400_000] < 5, peaks

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError, validate
+from data_pipeline import manifest as manifest_lib
+from data_pipeline.dataset import as_numpy, make_dataset
 from data_pipeline.packing import pack_documents
-from data_pipeline.sources import docstring_documents, split_of
+from data_pipeline.sources import docstring_documents
+from data_pipeline.splitting import split_of
 from data_pipeline.tokenization import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +38,7 @@ def test_layout_ids_and_roundtrip(trained, docs, tmp_path):
 
     kind, out = trained
     tok = Tokenizer.load(out)  # a folder with spm.model loads as SentencePiece
-    assert isinstance(tok, SentencePieceTokenizer) and tok.kind == kind
+    assert isinstance(tok, SentencePieceTokenizer) and isinstance(tok, Tokenizer) and tok.kind == kind
     assert sorted(os.listdir(out)) == sorted(tok.files)
     assert tok.vocab_size == 600
     assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
@@ -105,27 +108,28 @@ def test_cli_trains_and_loads_sentencepiece(docs, tmp_path):
     r = run_cli("--source", str(src), "--out", str(out), "--tokenizer", "sentencepiece-bpe", "--vocab-size", "500",
                 "--seq-len", "48", "--validation-fraction", "0.1", "--cased", "--workers", "2")
     assert r.returncode == 0, r.stderr
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["tokenizer"]["type"] == "sentencepiece-bpe" and manifest["lowercase"] is False
-    assert manifest["vocab_size"] == 500 and manifest["dtype"] == "uint16"
-    assert manifest["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    manifest = manifest_lib.load(str(out))
+    assert manifest.tokenizer.type == "sentencepiece-bpe" and manifest.lowercase is False
+    assert manifest.vocab_size == 500 and manifest.dtype == "uint16"
+    assert manifest.special_ids.to_json() == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     model = out / "tokenizer" / "spm.model"
-    assert manifest["vocab_hash"] == hashlib.sha256(model.read_bytes()).hexdigest()
-    assert manifest["tokenizer"]["sha256"]["spm.model"] == manifest["vocab_hash"]
+    assert manifest.vocab_hash == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest.tokenizer.sha256["spm.model"] == manifest.vocab_hash
     assert validate.check(str(out)) == []
-    # The rows are sentencepiece's own ids, packed.
+    # The rows are sentencepiece's own ids, packed (read back in file order by the reader training uses).
     sp = spm.SentencePieceProcessor(model_file=str(model))
     train = [d for d in docs if split_of(d, 0.1) == "train"]
     expected = list(pack_documents([sp.encode(d) for d in train], 48, 2, 3, 0))
-    got = list(validate.read_shard_rows(str(out / manifest["splits"]["train"]["shards"][0]["file"]), "uint16"))
+    ds = make_dataset(str(out), "train", 16, shuffle=False, repeat=False, drop_remainder=False)
+    got = [r for b in as_numpy(ds) for r in b["input_ids"]]
     assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
     # An existing .model: the kind and case come from the model; a mismatching --tokenizer is refused.
     r = run_cli("--source", str(src), "--out", str(tmp_path / "o2"), "--vocab", str(model), "--seq-len", "48",
                 "--validation-fraction", "0.1", "--workers", "1")
     assert r.returncode == 0, r.stderr
-    again = json.load(open(tmp_path / "o2" / "manifest.json"))
-    assert again["splits"] == manifest["splits"] and again["vocab_hash"] == manifest["vocab_hash"]
+    again = manifest_lib.load(str(tmp_path / "o2"))
+    assert again.splits == manifest.splits and again.vocab_hash == manifest.vocab_hash
     r = run_cli("--source", str(src), "--out", str(tmp_path / "o3"), "--vocab", str(model), "--tokenizer", "wordpiece")
     assert r.returncode == 1 and r.stderr.startswith("error: --tokenizer wordpiece does not match")
     assert not (tmp_path / "o3").exists()

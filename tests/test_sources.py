@@ -1,4 +1,5 @@
-"""Tests for data_pipeline.sources: the docstring corpus, split_of, and text/JSONL file readers."""
+"""Tests for data_pipeline.sources and data_pipeline.docstrings (the docstring corpus),
+data_pipeline.splitting (split_of), and the text/JSONL file readers."""
 
 import gzip
 import inspect
@@ -7,8 +8,9 @@ import os
 
 import pytest
 
-from data_pipeline import DataError, sources
-from data_pipeline.sources import docstring_documents, file_documents, iter_documents, split_of
+from data_pipeline import DataError, docstrings, sources
+from data_pipeline.sources import docstring_documents, file_documents, iter_documents
+from data_pipeline.splitting import split_of
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_stdlib_corpus_is_clean_and_deterministic(stdlib_docs):
 
 
 def test_stdlib_test_directories_are_skipped():
-    files = sources._python_files(sources._roots(False)[0])
+    files = docstrings.python_files(docstrings.roots(False)[0])
     assert os.path.join("json", "decoder.py") in files
     assert files == sorted(files)
     parts = {p for f in files for p in f.split(os.sep)[:-1]}
@@ -60,7 +62,7 @@ def fake_roots(tmp_path, monkeypatch):
     _write(site / "pkg" / "__init__.py", '"""Package docstring of pkg, long enough."""\n'
                                          'def h():\n    """Alpha module docstring, long enough."""\n')
     _write(site / "other.py", '"""Docstring of the other module, long enough."""\n')
-    monkeypatch.setattr(sources, "_roots", lambda include: [str(std), str(site)] if include else [str(std)])
+    monkeypatch.setattr(docstrings, "roots", lambda include: [str(std), str(site)] if include else [str(std)])
     return std, site
 
 
@@ -90,7 +92,7 @@ def test_cache_is_written_and_reused(fake_roots, tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("the corpus was rebuilt instead of read from the cache")
 
-    monkeypatch.setattr(sources, "_build_docstring_corpus", fail)
+    monkeypatch.setattr(docstrings, "python_files", fail)  # building the corpus lists the roots' files
     assert docstring_documents(cache_dir=str(cache)) == first
     assert docstring_documents(cache_dir=str(cache), max_documents=2) == first[:2]
     with pytest.raises(AssertionError):  # other arguments -> other cache key

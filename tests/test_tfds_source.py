@@ -1,14 +1,15 @@
 """TFDS sources through the real pretokenize entry point, on tensorflow-datasets' own mock data (no download)."""
 
-import json
-import os
 
 import numpy as np
 import pytest
 
 from data_pipeline import DataError, pretokenize, validate
+from data_pipeline import manifest as manifest_lib
+from data_pipeline.dataset import as_numpy, make_dataset
 from data_pipeline.packing import pack_documents
-from data_pipeline.sources import iter_documents, split_of
+from data_pipeline.sources import iter_documents
+from data_pipeline.splitting import split_of
 from data_pipeline.tokenization import Tokenizer
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -46,15 +47,17 @@ def test_pretokenize_cli_on_mock_wikipedia(tmp_path, capsys):
     with mock(60):
         assert pretokenize.main(args) == 0
         texts = [ex["text"].decode() for ex in tfds.as_numpy(tfds.load("wikipedia/20230601.en", split="train"))]
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["source"] == "tfds:wikipedia/20230601.en"
-    assert manifest["args"]["tfds_split"] == "train" and manifest["args"]["tfds_data_dir"] == str(tmp_path)
+    manifest = manifest_lib.load(str(out))
+    assert manifest.source == "tfds:wikipedia/20230601.en"
+    assert manifest.args["tfds_split"] == "train" and manifest.args["tfds_data_dir"] == str(tmp_path)
     tok = Tokenizer.load(str(out / "tokenizer"))
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.splits.items():
         docs = [t for t in texts if t.strip() and split_of(t, 0.2) == split]
-        assert info["documents"] == len(docs) > 5
+        assert info.documents == len(docs) > 5
         expected = list(pack_documents(tok.encode_batch(docs), 32, tok.cls_id, tok.sep_id, tok.pad_id))
-        got = [r for s in info["shards"] for r in validate.read_shard_rows(os.path.join(out, s["file"]), "uint16")]
+        # The shards read back in file order by the reader training uses.
+        ds = make_dataset(str(out), split, 16, shuffle=False, repeat=False, drop_remainder=False)
+        got = [r for b in as_numpy(ds) for r in b["input_ids"]]
         assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
     assert validate.check(str(out)) == []
     assert "train:" in capsys.readouterr().out

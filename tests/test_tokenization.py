@@ -1,14 +1,19 @@
 """Tests for data_pipeline.tokenization: a real BERT vocab against transformers, and trained vocabs."""
 
+import dataclasses
 import hashlib
 import itertools
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 from data_pipeline import DataError
+from data_pipeline import manifest as manifest_lib
 from data_pipeline.sources import docstring_documents
-from data_pipeline.tokenization import SPECIAL_TOKENS, Tokenizer, train_wordpiece
+from data_pipeline.tokenization import SPECIAL_TOKENS, Tokenizer, WordPieceTokenizer, train_wordpiece, \
+    word_start_table
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,7 @@ def test_real_vocab_special_ids(real_vocab_dir):
 
 def test_trained_vocab_layout_and_roundtrip(trained, docs, tmp_path):
     tok = Tokenizer.load(trained)
+    assert isinstance(tok, WordPieceTokenizer) and isinstance(tok, Tokenizer) and tok.kind == "wordpiece"
     assert tok.vocab_size == 2000
     assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
@@ -138,3 +144,25 @@ def test_load_tokenizer_json_equals_vocab_txt(real_vocab_dir, trained, docs, tmp
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {}}}')
     with pytest.raises(DataError, match=r"tokenizer.json: not a WordPiece tokenizer.json \(model type 'BPE'\)"):
         Tokenizer.load(str(tmp_path / "tokenizer.json"))
+
+
+def test_tokenizer_is_the_abstract_interface():
+    with pytest.raises(TypeError, match="abstract"):
+        Tokenizer()  # pylint: disable=abstract-class-instantiated
+
+
+def test_word_start_table(trained, tmp_path):
+    """The dataset's whole-word-masking table: the tokenizer's word-start mask as bytes, checked against the
+    manifest's vocab_size."""
+    shutil.copytree(trained, tmp_path / "tok")
+    ids = manifest_lib.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+    manifest = dataclasses.replace(manifest_lib.synthetic(16, 2000, ids),
+                                   tokenizer=manifest_lib.TokenizerFiles(type="wordpiece", dir="tok"))
+    table = word_start_table(str(tmp_path), manifest)
+    mask = np.frombuffer(table, dtype=bool)
+    tok = Tokenizer.load(trained)
+    assert mask.shape == (2000,) and table == tok.word_start_mask().tobytes()
+    assert all(mask[i] == (not tok.id_to_token(i).startswith("##")) for i in range(2000))
+    assert 0 < mask.sum() < 2000
+    with pytest.raises(DataError, match="the tokenizer has 2000 tokens, the manifest says vocab_size=3000"):
+        word_start_table(str(tmp_path), dataclasses.replace(manifest, vocab_size=3000))

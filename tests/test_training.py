@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpointing, training
+from bert_jax import checkpointing, trainer
+from bert_jax.errors import ConfigError
 from configs import bert as bert_configs
 from data_pipeline.errors import DataError
 
@@ -57,7 +58,7 @@ def _train_losses(workdir):
 def test_train_loss_falls_then_resume_equals_uninterrupted(data_dir, tmp_path):
     # Uninterrupted: 30 steps.
     full = str(tmp_path / "full")
-    training.train_and_evaluate(_config(data_dir, train__steps=30), full)
+    trainer.train_and_evaluate(_config(data_dir, train__steps=30), full)
     records = _records(full)
     losses = _train_losses(full)
     assert sorted(losses) == list(range(1, 31))
@@ -77,17 +78,17 @@ def test_train_loss_falls_then_resume_equals_uninterrupted(data_dir, tmp_path):
     for step in ("20", "30"):
         shutil.rmtree(os.path.join(part, "checkpoints", step))
     os.remove(os.path.join(part, "metrics.jsonl"))
-    training.train_and_evaluate(_config(data_dir, train__steps=30), part)
+    trainer.train_and_evaluate(_config(data_dir, train__steps=30), part)
     resumed = _train_losses(part)
     assert sorted(resumed) == list(range(11, 31))
     np.testing.assert_array_equal([resumed[s] for s in range(11, 31)], [losses[s] for s in range(11, 31)])
     p_full, meta = checkpointing.load_params(full)
     p_part, _ = checkpointing.load_params(part)
-    assert meta["step"] == 30 and meta["data"]["batches_consumed"] == 30
+    assert meta.step == 30 and meta.data["batches_consumed"] == 30
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_part)):
         np.testing.assert_array_equal(a, b)
     # Running it again at the end is a no-op.
-    training.train_and_evaluate(_config(data_dir, train__steps=30), part)
+    trainer.train_and_evaluate(_config(data_dir, train__steps=30), part)
     assert len(_train_losses(part)) == 20
 
 
@@ -101,8 +102,8 @@ def test_train_loss_falls_then_resume_equals_uninterrupted(data_dir, tmp_path):
 ])
 def test_config_errors_before_any_work(data_dir, tmp_path, overrides, message):
     workdir = str(tmp_path / "w")
-    with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        training.train_and_evaluate(_config(data_dir, **overrides), workdir)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        trainer.train_and_evaluate(_config(data_dir, **overrides), workdir)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
@@ -112,7 +113,7 @@ def test_missing_or_empty_data_dir(tmp_path, make_dir):
     if make_dir == "empty":
         path.mkdir()
     with pytest.raises(DataError, match=str(path)):
-        training.train_and_evaluate(_config(str(path)), str(tmp_path / "w"))
+        trainer.train_and_evaluate(_config(str(path)), str(tmp_path / "w"))
 
 
 def _cli(*args):

@@ -1,8 +1,8 @@
 """Training throughput and MFU of the real training step: `python -m tools.benchmark --configs mini,small,medium`.
 
-What is timed is exactly what `bert_jax.training` runs: `train_step.make_train_step` with the real objective
-(MLM or ELECTRA, masking on device), AdamW with clipping from `bert_jax.optim`, dropout 0.1, the state donated.
-The inputs are synthetic (random token ids, [CLS] ... [SEP], no padding; vocabulary 30522, as the peer
+What is timed is exactly what `bert_jax.training` runs: the step that `bert_jax.builder.build_run` builds from
+`configs/bert.py:SIZE` (objective MLM or ELECTRA with masking on device, document attention, the recipe's
+optimizer settings, the state donated), at dropout 0.1, on a synthetic manifest (nothing is read). The inputs are synthetic (random token ids, [CLS] ... [SEP], no padding; vocabulary 30522, as the peer
 benchmark in shared/bench uses), placed on the device before timing, so no data loading is measured. Each
 step is timed to `block_until_ready` after `--warmup` untimed steps (the first compiles); the figure is the
 median. Every config runs in its own subprocess, so its peak RSS is its own.
@@ -38,213 +38,18 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB_SIZE = 30522  # bert-base-uncased's, as the peers use
-CLS_ID, SEP_ID, MASK_ID, PAD_ID, UNK_ID = 101, 102, 103, 0, 100
-FIRST_NORMAL_ID = 999
-MATMUL_SIZES = {2048: 12, 4096: 5}  # size: repetitions
-GPU_MATMUL_SIZES = {8192: 10}
+from tools.benchmark_worker import ROOT, model_configs
+
 GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on small
 DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
 PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
 AB_KEYS = ("attention", "dtype", "remat", "last_layer", "scan_unroll", "accum", "attention_dropout",
            "hidden_dropout", "hidden_act")
-
-
-# ----------------------------------------------------------------------------------------------- workers
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def matmul_peak(sizes=None, dtype="float32") -> dict:
-    """Best GFLOP/s of a jitted square matmul (random operands of `dtype`) per size; the peak is the best of
-    all. On a GPU each repetition times 10 products back to back (one launch is ~1 ms there)."""
-    import jax
-    import jax.numpy as jnp
-    gpu = jax.default_backend() == "gpu"
-    sizes = sizes or (GPU_MATMUL_SIZES if gpu else MATMUL_SIZES)
-    inner = 10 if gpu else 1
-    out = {}
-    for n, reps in sizes.items():
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-        f = jax.jit(lambda x, y: x @ y)
-        f(a, b).block_until_ready()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                c = f(a, b)
-            c.block_until_ready()
-            best = min(best, (time.perf_counter() - t0) / inner)
-        out[str(n)] = 2 * n ** 3 / best / 1e9
-    return {"peak_gflops": max(out.values()), "per_size_gflops": out, "dtype": dtype,
-            "device": str(jax.devices()[0].device_kind)}
-
-
-def model_configs(size: str, seq_len: int, overrides: dict):
-    """The EncoderConfig of a row of configs.common.SIZES at vocabulary 30522, dropout 0.1, with the recipes'
-    dtype, remat, attention and last_layer unless `overrides` says otherwise."""
-    import dataclasses
-    from bert_jax.models import EncoderConfig
-    from configs import common
-    m = common.model_config(size)
-    m.max_position_embeddings = max(m.max_position_embeddings, seq_len)
-    m.hidden_dropout = m.attention_dropout = 0.1
-    return dataclasses.replace(EncoderConfig.from_section(m, VOCAB_SIZE),
-                               **{k: v for k, v in overrides.items() if k != "accum"})
-
-
-def build_step(spec: dict, overrides: dict, abstract: bool = False):
-    """The real jitted training step, its initial state and a few synthetic device batches (abstract: the
-    shapes of both only, nothing allocated: enough to compile)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from bert_jax import masking, objectives, optim, sharding, train_state, train_step
-    from bert_jax.models import BertForMaskedLM, ElectraForPretraining, generator_config
-
-    cfg = model_configs(spec["size"], spec["seq_len"], overrides)
-    masking_spec = masking.MaskingSpec(vocab_size=VOCAB_SIZE, mask_id=MASK_ID, pad_id=PAD_ID,
-                                       special_ids=(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
-                                       mask_rate=0.15, max_predictions=spec["max_predictions"])
-    gen_cfg = None
-    if spec["objective"] == "electra":
-        gen_cfg = generator_config(cfg, 0.25, -1)
-        objective = objectives.ElectraObjective(masking_spec)
-        model_fn = lambda: ElectraForPretraining(cfg, gen_cfg, nnx.Rngs(0))  # noqa: E731
-    else:
-        objective = objectives.MlmObjective(masking_spec)
-        model_fn = lambda: BertForMaskedLM(cfg, nnx.Rngs(0))  # noqa: E731
-    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, warmup_steps=100, total_steps=10_000))
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    layout = train_state.state_layout(model_fn, tx, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    if abstract:
-        shape = jax.ShapeDtypeStruct((spec["batch"], spec["seq_len"]), np.int32, sharding=batch_sharding)
-        step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
-                                             accum_steps=int(overrides.get("accum", 1)))
-        names = ("input_ids", "attention_mask", "token_type_ids")
-        return step_fn, layout.abstract, [{k: shape for k in names}], _flops(cfg, gen_cfg, spec)
-    state = train_state.create_state(model_fn, tx, mesh, layout, seed=0)
-    step_fn = train_step.make_train_step(layout, batch_sharding, tx=tx, objective=objective,
-                                         accum_steps=int(overrides.get("accum", 1)))
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(4):
-        ids = rng.integers(FIRST_NORMAL_ID, VOCAB_SIZE, (spec["batch"], spec["seq_len"]), dtype=np.int32)
-        ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
-        host = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        batches.append(jax.device_put(host, batch_sharding))
-    flops = _flops(cfg, gen_cfg, spec)
-    return step_fn, state, batches, flops
-
-
-def _flops(cfg, gen_cfg, spec) -> int:
-    from bert_jax import flops
-    predictions = min(spec["max_predictions"], spec["seq_len"])
-    return flops.train_step_flops(cfg, spec["batch"], spec["seq_len"], predictions, generator=gen_cfg)
-
-
-def _compile(step_fn, state, batch):
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def time_config(spec: dict) -> dict:
-    """Compile time, median step time and peak RSS of one config."""
-    import jax
-    step_fn, state, batches, flops = build_step(spec, spec.get("overrides", {}))
-    step, compile_s = _compile(step_fn, state, batches[0])
-    times, metrics = [], None
-    for i in range(spec["warmup"] + spec["steps"]):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
-    loss = float(metrics["loss"])
-    median = statistics.median(times)
-    tokens = spec["batch"] * spec["seq_len"]
-    out = {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
-           "sequences_per_s": spec["batch"] / median, "compile_s": compile_s, "flops_per_step": flops,
-           "achieved_gflops": flops / median / 1e9, "peak_rss_mib": peak_rss_mib(), "last_loss": loss}
-    if jax.default_backend() == "gpu":
-        t0 = time.perf_counter()
-        for i in range(spec["steps"]):
-            state, metrics = step(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        out["loop_step_s"] = (time.perf_counter() - t0) / spec["steps"]
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
-    return out
-
-
-def time_ab(spec: dict) -> dict:
-    """The same config with overrides A and B in one process, timed alternately; ratio = B's speed-up."""
-    import jax
-    key, values = spec["ab_key"], spec["ab_values"]
-    runs = []
-    for value in values:
-        step_fn, state, batches, _ = build_step(spec, {**spec.get("overrides", {}), key: value})
-        step, compile_s = _compile(step_fn, state, batches[0])
-        for _ in range(spec["warmup"]):
-            state, m = step(state, batches[0])
-        jax.block_until_ready(state)
-        runs.append({"step": step, "state": state, "batches": batches, "compile_s": compile_s, "times": []})
-    for i in range(spec["steps"]):
-        for r in (runs if i % 2 == 0 else runs[::-1]):
-            t0 = time.perf_counter()
-            r["state"], m = r["step"](r["state"], r["batches"][i % len(r["batches"])])
-            jax.block_until_ready((r["state"], m))
-            r["times"].append(time.perf_counter() - t0)
-    med = [statistics.median(r["times"]) for r in runs]
-    return {"key": key, "values": values, "step_s": dict(zip(map(str, values), med)),
-            "compile_s": {str(v): r["compile_s"] for v, r in zip(values, runs)},
-            "speedup_b_over_a": med[0] / med[1]}
-
-
-def time_compile(spec: dict) -> dict:
-    """Compile time of the step for each size in spec['sizes'] (one process, same settings otherwise)."""
-    out = {}
-    for size in spec["sizes"]:
-        step_fn, state, batches, _ = build_step({**spec, "size": size}, spec.get("overrides", {}), abstract=True)
-        out[size] = _compile(step_fn, state, batches[0])[1]
-        del step_fn, state, batches
-    return {"compile_s": out}
-
-
-WORKERS = {"matmul": lambda spec: matmul_peak(dtype=spec["dtype"]), "train": time_config, "ab": time_ab,
-           "compile": time_compile}
-
-
-def run_worker(spec: dict) -> None:
-    sys.path.insert(0, ROOT)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if spec.get("backend", "cpu") == "gpu":
-        import jax
-        try:
-            found = jax.default_backend()
-        except AssertionError:  # what jax raises when no platform of JAX_PLATFORMS can start
-            found = None
-        if found != "gpu":
-            sys.exit(f"no GPU visible to jax {jax.__version__} (JAX_PLATFORMS=cuda: is its CUDA plugin installed, "
-                     "a GPU visible?)")
-    if spec.get("matmul_sizes"):
-        global MATMUL_SIZES
-        MATMUL_SIZES = {int(k): v for k, v in spec["matmul_sizes"].items()}
-    result = WORKERS[spec["kind"]](spec)
-    print("RESULT_JSON " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -254,7 +59,7 @@ def spawn(spec: dict, timeout: float) -> dict:
     env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[spec.get("backend", "cpu")]
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        p = subprocess.run([sys.executable, "-m", "tools.benchmark", "--worker", json.dumps(spec)], cwd=ROOT,
+        p = subprocess.run([sys.executable, "-m", "tools.benchmark_worker", json.dumps(spec)], cwd=ROOT,
                            capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
@@ -344,7 +149,6 @@ def run_peers(args, configs: list[str]) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--configs", default="mini,small,medium",
                     help="comma list of sizes from configs/common.py SIZES (default: %(default)s); '' for none")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -428,9 +232,6 @@ def check_args(args) -> tuple[list[str], dict, list]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        run_worker(json.loads(args.worker))
-        return
     configs, overrides, abs_ = check_args(args)
     sys.path.insert(0, ROOT)
     from bert_jax import flops

@@ -25,13 +25,13 @@ def most_frequent_token_accuracy(data_dir: str) -> tuple[float, str]:
     split's maskable tokens (masked positions are drawn uniformly among those, so this is the expected
     accuracy of that constant predictor)."""
     import numpy as np
-    from data_pipeline import dataset, tokenization
+    from data_pipeline import dataset, manifest as manifest_lib, tokenization
 
-    manifest = dataset.load_manifest(data_dir)
-    special = np.asarray(manifest["special_token_ids"] + [manifest["special_ids"]["pad"]])
+    manifest = manifest_lib.load(data_dir)
+    special = np.asarray(list(manifest.special_token_ids) + [manifest.special_ids.pad])
 
     def counts(split):
-        total = np.zeros(manifest["vocab_size"], np.int64)
+        total = np.zeros(manifest.vocab_size, np.int64)
         ds = dataset.make_dataset(data_dir, split, 256, shuffle=False, repeat=False, drop_remainder=False)
         for batch in ds.as_numpy_iterator():
             total += np.bincount(batch["input_ids"].ravel(), minlength=len(total))
@@ -40,7 +40,7 @@ def most_frequent_token_accuracy(data_dir: str) -> tuple[float, str]:
 
     train, val = counts("train"), counts("validation")
     top = int(train.argmax())
-    tok = tokenization.Tokenizer.load(os.path.join(data_dir, manifest["tokenizer"]["dir"]))
+    tok = tokenization.Tokenizer.load(os.path.join(data_dir, manifest.tokenizer.dir))
     return float(val[top] / val.sum()), tok.id_to_token(top)
 
 
@@ -81,28 +81,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from configs import bert as bert_configs
-    from data_pipeline import pretokenize
-    from bert_jax import training
+    from data_pipeline import manifest as manifest_lib, pretokenize
+    from bert_jax import trainer, workdir as workdir_lib
 
     data_dir = os.path.join(args.workdir, "data")
     t0 = time.time()
-    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+    if os.path.exists(manifest_lib.path(data_dir)):
         print(f"[1/3] reusing the pretokenized corpus in {data_dir}")
     else:
         print("[1/3] building the docstring corpus, training WordPiece, pretokenizing ...", flush=True)
         pretokenize.pretokenize(args.source, data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len,
                                 max_documents=args.max_documents,
                                 cache_dir=os.path.join(args.workdir, "corpus_cache"))
-    manifest = json.load(open(os.path.join(data_dir, "manifest.json"), encoding="utf-8"))
-    splits = manifest["splits"]
-    print(f"      {splits['train']['documents']:,} train / {splits['validation']['documents']:,} validation "
-          f"documents -> {splits['train']['rows']:,} / {splits['validation']['rows']:,} rows of "
-          f"{manifest['seq_len']} tokens; vocab {manifest['vocab_size']} ({time.time() - t0:.0f} s)")
+    manifest = manifest_lib.load(data_dir)
+    train, val = manifest.splits["train"], manifest.splits["validation"]
+    print(f"      {train.documents:,} train / {val.documents:,} validation documents -> {train.rows:,} / "
+          f"{val.rows:,} rows of {manifest.seq_len} tokens; vocab {manifest.vocab_size} ({time.time() - t0:.0f} s)")
 
     config = bert_configs.get_config("tiny")
     with config.unlocked():
         config.data.dir = data_dir
-        config.data.seq_len = manifest["seq_len"]
+        config.data.seq_len = manifest.seq_len
         if args.steps:
             config.train.steps = args.steps
             config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, args.steps // 10))
@@ -111,11 +110,11 @@ def main(argv=None):
     t1 = time.time()
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    training.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     print(f"      trained in {time.time() - t1:.0f} s")
 
     print("[3/3] eval curve (validation split, fixed masks):")
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+    records = [json.loads(line) for line in open(workdir_lib.metrics(workdir), encoding="utf-8")]
     evals = [r for r in records if "eval/loss" in r]
     print("      step   eval/loss   eval/mlm_accuracy")
     for r in evals:

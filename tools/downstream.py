@@ -78,10 +78,10 @@ def _config(objective: str, overrides: dict):
 
 
 def step_flops(objective: str, overrides: dict, vocab_size: int) -> int:
-    from bert_jax import flops, training  # pylint: disable=import-outside-toplevel
-    from bert_jax.models import generator_config  # pylint: disable=import-outside-toplevel
+    from bert_jax import flops  # pylint: disable=import-outside-toplevel
+    from bert_jax.models import EncoderConfig, generator_config  # pylint: disable=import-outside-toplevel
     c = _config(objective, overrides)
-    cfg = training._model_config(c, vocab_size)  # pylint: disable=protected-access
+    cfg = EncoderConfig.from_section(c.model, vocab_size)
     gen = (generator_config(cfg, c.objective.generator_fraction, c.objective.generator_layers)
            if objective == "electra" else None)
     return flops.train_step_flops(cfg, c.train.batch_size, c.data.seq_len, c.objective.max_predictions, gen)
@@ -132,9 +132,10 @@ def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
 
 def eval_curves(out: str) -> dict:
     """name -> the eval records of its metrics.jsonl."""
+    from bert_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel  (as step_flops: jax)
     curves = {}
     for name in ("mlm", "electra"):
-        path = os.path.join(out, f"pretrain_{name}", "metrics.jsonl")
+        path = workdir_lib.metrics(os.path.join(out, f"pretrain_{name}"))
         with open(path, encoding="utf-8") as f:
             curves[name] = [r for r in map(json.loads, f) if "eval/loss" in r]
     return curves
@@ -281,7 +282,7 @@ def _fmt(v):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest: dict, info: dict,
+def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest, info: dict,
                   curves: dict, table: dict, results: list[dict], total_seconds: float) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     png = os.path.splitext(path)[0].replace("RESULTS", "pretraining_curves") + ".png"
@@ -301,9 +302,9 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               f"{task['examples']['test']} test documents, split by a hash of the text, at most 1,000 per package. "
               "These documents are removed from the pretraining corpus.", "",
               "## Pretraining (equal training FLOPs)", "",
-              f"Corpus: the `docstrings` source minus the task: {manifest['splits']['train']['documents']:,} "
-              f"train documents ({manifest['splits']['train']['tokens']:,} tokens), WordPiece "
-              f"{manifest['vocab_size']}, rows of {manifest['seq_len']}.", "",
+              f"Corpus: the `docstrings` source minus the task: {manifest.splits['train'].documents:,} "
+              f"train documents ({manifest.splits['train'].tokens:,} tokens), WordPiece "
+              f"{manifest.vocab_size}, rows of {manifest.seq_len}.", "",
               "| run | recipe | steps | batch | train FLOPs | wall-clock |", "|---|---|---|---|---|---|"]
     for name in ("mlm", "electra"):
         i = info[name]
@@ -394,15 +395,15 @@ def main(argv=None) -> int:
     task = tasks.write_task(task_dir, cache_dir=cache)
     # The corpus is extracted (in parallel, into the cache) before tokenizers/torch load: see sources.
     sources.docstring_documents(include_site_packages=True, cache_dir=cache)
-    from data_pipeline import pretokenize  # pylint: disable=import-outside-toplevel
+    from data_pipeline import manifest as manifest_lib, pretokenize  # pylint: disable=import-outside-toplevel
     log(f"      {task['examples']}")
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+    if not os.path.exists(manifest_lib.path(data_dir)):
         log("[2/4] pretokenizing the docstrings corpus without the task's documents")
         pretokenize.pretokenize("docstrings", data_dir, vocab_size=budget["vocab_size"], seq_len=budget["seq_len"],
                                 max_documents=budget["max_documents"], cache_dir=cache, log=lambda m: log("      " + m))
-    manifest = json.load(open(os.path.join(data_dir, "manifest.json"), encoding="utf-8"))
+    manifest = manifest_lib.load(data_dir)
     log("[3/4] pretraining MLM and ELECTRA at equal FLOPs")
-    info = pretrain(out, budget, data_dir, manifest["vocab_size"])
+    info = pretrain(out, budget, data_dir, manifest.vocab_size)
     log("[4/4] fine-tuning")
     results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs)
     table = summarise(results)

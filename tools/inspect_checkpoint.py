@@ -15,11 +15,15 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
+
+from bert_jax import checkpointing
+from bert_jax import workdir as workdir_lib
 
 
 def _directory(workdir: str) -> str:
-    directory = os.path.join(workdir, "checkpoints")
+    directory = workdir_lib.checkpoints(workdir)
     if os.path.isdir(directory):
         return directory
     if os.path.isdir(workdir):
@@ -29,8 +33,6 @@ def _directory(workdir: str) -> str:
 
 def _param_tree(metadata) -> dict:
     """{"encoder/layers/...": (shape, dtype)} of the saved parameters, from orbax's array metadata."""
-    import jax  # pylint: disable=import-outside-toplevel
-
     params = metadata["params"] if "params" in metadata else metadata
     out = {}
     for path, m in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -40,8 +42,7 @@ def _param_tree(metadata) -> dict:
 
 
 def inspect(workdir: str, step: int | None = None) -> dict:
-    from bert_jax import checkpointing  # pylint: disable=import-outside-toplevel
-
+    """The report main prints (see the module docstring); ValueError when there is no such checkpoint."""
     directory = _directory(workdir)
     ckpt = checkpointing.Checkpointer(directory, async_save=False, read_only=True)
     try:
@@ -55,10 +56,11 @@ def inspect(workdir: str, step: int | None = None) -> dict:
         meta = ckpt.restore_meta(step)
     finally:
         ckpt.close()
-    meta.pop("fingerprint", None)
+    meta_json = meta.to_json()
+    meta_json.pop("fingerprint", None)
     return {"directory": directory, "steps": [{"step": s, "bytes": b} for s, b in sorted(sizes.items())],
             "step": step, "params": {k: [list(s), d] for k, (s, d) in params.items()},
-            "num_params": int(sum(np.prod(s) for s, _ in params.values())), "meta": meta}
+            "num_params": int(sum(np.prod(s) for s, _ in params.values())), "meta": meta_json}
 
 
 def _print_report(report: dict):
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", help="training workdir (or its checkpoints folder)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to describe (default: newest)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # metadata only: never take an accelerator
+    if "JAX_PLATFORMS" not in os.environ:  # metadata only: never take an accelerator
+        jax.config.update("jax_platforms", "cpu")
     try:
         report = inspect(args.workdir, args.step)
     except (ValueError, OSError) as e:

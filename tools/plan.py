@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 
 from bert_jax import training  # noqa: E402  (defines --config; imports neither jax nor tensorflow)
+from bert_jax.errors import ConfigError  # noqa: E402
 from tools.plan_hlo import collectives, dot_flops, parse_hlo  # noqa: E402
 
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices of the planned mesh.")
@@ -73,24 +74,26 @@ def special_ids(vocab_size: int) -> dict:
     return {name: i for i, name in enumerate(("pad", "unk", "cls", "sep", "mask"))}
 
 
-def synthetic_manifest(config, vocab_size: int) -> dict:
-    """What `training.check_config` reads from a manifest, made up from the config (nothing is on disk)."""
-    ids = special_ids(vocab_size)
-    return {"seq_len": config.data.seq_len, "vocab_size": vocab_size, "special_ids": ids,
-            "special_token_ids": sorted(ids.values()),
-            "splits": {"validation": {"rows": config.train.batch_size,
-                                      "shards": [{"rows": config.train.batch_size}]}}}
+def synthetic_manifest(config, vocab_size: int):
+    """What the run's checks read from a manifest, made up from the config (nothing is on disk): one
+    validation batch, so an evaluation is possible."""
+    from data_pipeline import manifest  # pylint: disable=import-outside-toplevel
+
+    return manifest.synthetic(config.data.seq_len, vocab_size, manifest.SpecialIds(**special_ids(vocab_size)),
+                              validation_rows=config.train.batch_size)
 
 
 def check(config, num_devices: int, vocab_size: int) -> dict:
     """The training run's own checks, plus the divisibility the planner insists on (where the trainer would
-    silently replicate a dimension). Raises training.ConfigError with one line; returns derived values."""
+    silently replicate a dimension). Raises ConfigError with one line; returns derived values."""
+    from bert_jax import builder  # pylint: disable=import-outside-toplevel  (imports jax: after use_fake_devices)
+
     if num_devices < 1:
-        raise training.ConfigError(f"--devices={num_devices} must be >= 1")
+        raise ConfigError(f"--devices={num_devices} must be >= 1")
     if vocab_size < 1:
-        raise training.ConfigError(f"--vocab_size={vocab_size} must be >= 1")
-    derived = training.check_config(config, synthetic_manifest(config, vocab_size), num_devices)
-    _, fsdp, tensor = derived["mesh_shape"]
+        raise ConfigError(f"--vocab_size={vocab_size} must be >= 1")
+    derived = builder.check_config(config, synthetic_manifest(config, vocab_size), num_devices)
+    _, fsdp, tensor = derived.mesh_shape
     m = config.model
     widths = [("model.num_heads", m.num_heads, tensor, "mesh.tensor"),
               ("model.intermediate_size", m.intermediate_size, tensor, "mesh.tensor"),
@@ -104,24 +107,24 @@ def check(config, num_devices: int, vocab_size: int) -> dict:
                                                  else m.embedding_size),
                                    config.objective.generator_fraction, config.objective.generator_layers)
         except ValueError as e:
-            raise training.ConfigError(str(e)) from None
+            raise ConfigError(str(e)) from None
         widths += [("the generator's num_heads", gen.num_heads, tensor, "mesh.tensor"),
                    ("the generator's intermediate_size", gen.intermediate_size, tensor, "mesh.tensor"),
                    ("the generator's hidden_size", gen.hidden_size, fsdp, "mesh.fsdp"),
                    ("the embedding width", gen.embed_dim, fsdp, "mesh.fsdp")]
     for name, value, axis_size, axis in widths:
         if value % axis_size:
-            raise training.ConfigError(f"{name}={value} is not divisible by {axis}={axis_size}")
+            raise ConfigError(f"{name}={value} is not divisible by {axis}={axis_size}")
     return derived
 
 
 @dataclasses.dataclass
 class Setup:
-    """A training run's real pieces as the trainer builds them (`training.Run`), abstract: nothing allocated;
+    """A training run's real pieces as the trainer builds them (`builder.Run`), abstract: nothing allocated;
     plus what planning adds."""
 
     config: object
-    run: object  # training.Run
+    run: object  # builder.Run
     generator_cfg: object
     abstract_batch: dict
 
@@ -131,6 +134,8 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
     import jax
     import jax.numpy as jnp
 
+    from bert_jax import builder
+
     derived = check(config, num_devices, vocab_size)
     if config.model.attention == "cudnn":  # fake CPU devices cannot call cuDNN: XLA's form of the same math
         config = copy.deepcopy(config)
@@ -139,14 +144,12 @@ def build(config, num_devices: int, vocab_size: int = 30522, devices=None) -> Se
               "cuDNN): the same FLOPs; the S x S scores it keeps over-state memory", file=sys.stderr)
     devices = jax.devices()[:num_devices] if devices is None else devices
     if len(devices) < num_devices:
-        raise training.ConfigError(f"--devices={num_devices}, but only {len(devices)} devices exist")
-    run = training.build_run(config, synthetic_manifest(config, vocab_size), derived, devices=devices)
+        raise ConfigError(f"--devices={num_devices}, but only {len(devices)} devices exist")
+    run = builder.build_run(config, synthetic_manifest(config, vocab_size), derived, devices=devices)
     shape = (config.train.batch_size, config.data.seq_len)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
                       for k in ("input_ids", "attention_mask", "token_type_ids")}
-    gen = run.extra_meta.get("generator")
-    gen_cfg = type(run.model_cfg)(**gen) if gen else None
-    return Setup(config, run, gen_cfg, abstract_batch)
+    return Setup(config, run, run.generator_cfg, abstract_batch)
 
 
 def compile_step(setup: Setup):
@@ -231,7 +234,7 @@ def _leaves(tree):
 
 def plan(config, num_devices: int, vocab_size: int = 30522, peak_tflops: float = 989.0, hbm_gib: float = 80.0,
          link_gbps: float = 450.0, devices=None) -> dict:
-    """check -> build -> compile -> figures. Raises training.ConfigError before compiling on bad input."""
+    """check -> build -> compile -> figures. Raises ConfigError before compiling on bad input."""
     setup = build(config, num_devices, vocab_size, devices=devices)
     t0 = time.perf_counter()
     compiled = compile_step(setup)
@@ -282,7 +285,7 @@ def main(argv):
     use_fake_devices(n)  # before anything imports jax; plan() refuses bad configs before compiling
     try:
         figures = plan(config, n, _VOCAB.value, _PEAK.value, _HBM.value, _LINK.value)
-    except training.ConfigError as e:
+    except ConfigError as e:
         sys.exit(f"error: {e}")
     print(report(figures))
     print(json.dumps(figures))
@@ -297,7 +300,7 @@ def _parse_flags(argv):
         head, sep, value = arg.partition("=")
         return own.get(head, head) + sep + value
 
-    return training._parse_flags([argv[0]] + [normalise(a) for a in argv[1:]])  # pylint: disable=protected-access
+    return training.parse_flags([argv[0]] + [normalise(a) for a in argv[1:]])
 
 
 if __name__ == "__main__":

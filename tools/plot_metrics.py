@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from bert_jax import workdir as workdir_lib
+
 # name of a panel -> the metric keys it draws (the first accuracy key a run has is used).
 PANELS = (
     ("loss", ("train/loss", "eval/loss")),
@@ -20,18 +22,15 @@ PANELS = (
 )
 
 
-class PlotError(SystemExit):
-    """One user-facing line, no traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+class PlotError(ValueError):
+    """A run that cannot be plotted; main prints the one line as `error: <message>`."""
 
 
 def read_run(path: str) -> list[dict]:
     """The records of a workdir's metrics.jsonl (or of the file itself)."""
-    file = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
+    file = path if path.endswith(".jsonl") else workdir_lib.metrics(path)
     if not os.path.isfile(file):
-        raise PlotError(f"{file} does not exist: pass a training workdir (it writes metrics.jsonl)")
+        raise PlotError(f"{file} does not exist: pass a training workdir (it writes {workdir_lib.METRICS})")
     records = []
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -54,9 +53,11 @@ def series(records: list[dict], key: str) -> tuple[list, list, list]:
 
 def plot(runs: dict[str, list[dict]], out: str) -> int:
     """Draws the 2 x 4 grid to `out`; -> the number of lines drawn."""
-    import matplotlib
+    # Imported here: the file-only backend must be chosen before pyplot is imported, and importing this module
+    # (its --help, its readers) should not choose one for the whole process.
+    import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     fig, axes = plt.subplots(2, len(PANELS), figsize=(5 * len(PANELS), 8), squeeze=False)
     lines = 0
@@ -85,23 +86,32 @@ def plot(runs: dict[str, list[dict]], out: str) -> int:
     return lines
 
 
+def _plot_runs(workdirs: list[str], labels_arg: str, out: str) -> dict:
+    """Reads each run, draws them into `out`; -> the summary main prints."""
+    labels = labels_arg.split(",") if labels_arg else [
+        os.path.basename(os.path.normpath(w if not w.endswith(".jsonl") else os.path.dirname(w)) or w)
+        for w in workdirs]
+    if len(labels) != len(workdirs):
+        raise PlotError(f"--labels has {len(labels)} names for {len(workdirs)} workdirs")
+    if len(set(labels)) != len(labels):  # same folder names in different places: keep the lines apart
+        labels = [f"{label} ({i})" for i, label in enumerate(labels, 1)]
+    runs = {label: read_run(w) for label, w in zip(labels, workdirs)}
+    lines = plot(runs, out)
+    return {"out": os.path.abspath(out), "runs": len(runs), "lines": lines,
+            "records": sum(len(r) for r in runs.values())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (or metrics.jsonl files) to overlay")
     parser.add_argument("--out", default="runs.png", help="the PNG to write (default runs.png)")
     parser.add_argument("--labels", default="", help="comma-separated run names (default: the folder names)")
     args = parser.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [
-        os.path.basename(os.path.normpath(w if not w.endswith(".jsonl") else os.path.dirname(w)) or w)
-        for w in args.workdirs]
-    if len(labels) != len(args.workdirs):
-        raise PlotError(f"--labels has {len(labels)} names for {len(args.workdirs)} workdirs")
-    if len(set(labels)) != len(labels):  # same folder names in different places: keep the lines apart
-        labels = [f"{label} ({i})" for i, label in enumerate(labels, 1)]
-    runs = {label: read_run(w) for label, w in zip(labels, args.workdirs)}
-    lines = plot(runs, args.out)
-    print(json.dumps({"out": os.path.abspath(args.out), "runs": len(runs), "lines": lines,
-                      "records": sum(len(r) for r in runs.values())}))
+    try:
+        summary = _plot_runs(args.workdirs, args.labels, args.out)
+    except PlotError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(summary))
     return 0
 
 

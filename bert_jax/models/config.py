@@ -91,11 +91,3 @@ class EncoderConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
-
-    def num_params(self, with_mlm_head: bool = True) -> int:
-        """Closed-form parameter count (equals Hugging Face BertForMaskedLM's when with_mlm_head)."""
-        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        embeddings = (v + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h
-        layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
-        head = (h * h + h) + 2 * h + v if with_mlm_head else 0
-        return embeddings + self.num_layers * layer + head

@@ -2,7 +2,7 @@
 
 `Embeddings` and `LayerStack` (an optional embedding projection + the layers) are separate modules so that
 ELECTRA's two towers can share one embedding block; `BertEncoder` is both in one module, which keeps
-BERT's parameter paths (`encoder/embeddings/...`, `encoder/layers/...`) that tools/hf_mapping.py names.
+BERT's parameter paths (`encoder/embeddings/...`, `encoder/layers/...`) that bert_jax/models/hf_mapping.py names.
 
 The layers are created stacked (one parameter array with a leading `layers` axis, via nnx.vmap) and applied
 with nnx.scan: compile time does not grow with depth, and remat is one switch on the scanned body.

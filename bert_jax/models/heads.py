@@ -51,10 +51,6 @@ class BertForMaskedLM(nnx.Module):
                          segment_ids=segment_ids, position_ids=position_ids, positions=masked_positions)
         return self.mlm_head(h, self.encoder.embeddings.word[...])
 
-    def all_logits(self, input_ids, attention_mask, token_type_ids):
-        """Logits at every position [B, S, V] (deterministic): for conversion checks, not for training."""
-        return self.hidden_and_logits(input_ids, attention_mask, token_type_ids)[1]
-
     def hidden_and_logits(self, input_ids, attention_mask, token_type_ids, *, segment_ids=None, position_ids=None):
         """(last hidden states [B, S, H], logits [B, S, V]), deterministic: what an HF export must match."""
         h = self.encoder(input_ids, attention_mask, token_type_ids, segment_ids=segment_ids,

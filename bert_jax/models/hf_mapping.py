@@ -1,4 +1,6 @@
-"""The one table between our parameter tree and Hugging Face (transformers, PyTorch) tensor names.
+"""The one table between our parameter tree and Hugging Face (transformers, PyTorch) tensor names: the
+models' contract with the outside world, kept beside them (`bert_jax.hf_export` and `bert_jax.hf_import`
+apply it to checkpoints; tests/test_convert checks it against transformers numerically).
 
 Each row says: our path (slash-separated, into the nested params dict), the HF tensor name, and the
 transform between the two layouts. Rows whose HF name holds `{i}` address one layer of our *stacked*
@@ -23,6 +25,8 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+
+from bert_jax.models.config import EncoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +190,13 @@ def hf_names(row: Row, spec: ModelSpec, num_layers: int) -> list[str]:
     return [name.format(i=i) for i in range(num_layers)] if row.per_layer else [name]
 
 
-def to_hf(params: dict, cfg, model: str = "mlm") -> dict[str, np.ndarray]:
+def head_present(tensors: dict, cfg: EncoderConfig, model: str = "mlm") -> bool:
+    """Whether `tensors` (names as `normalize_names` gives them) hold any of the model's head."""
+    spec = MODELS[model]
+    return any(n in tensors for row in spec.head_rows for n in hf_names(row, spec, cfg.num_layers))
+
+
+def to_hf(params: dict, cfg: EncoderConfig, model: str = "mlm") -> dict[str, np.ndarray]:
     """Our params (nested dict; arrays of any array type) -> {HF name: C-contiguous float32 array}.
 
     The tied decoder weight is not written (transformers re-ties it from the word embeddings)."""
@@ -218,7 +228,7 @@ def normalize_names(tensors: dict, model: str = "mlm") -> dict:
     return out
 
 
-def from_hf(tensors: dict, cfg, model: str = "mlm", fallback: dict | None = None) -> dict:
+def from_hf(tensors: dict, cfg: EncoderConfig, model: str = "mlm", fallback: dict | None = None) -> dict:
     """{HF name: array} -> our params (nested dict of float32 numpy arrays); the exact inverse of `to_hf`.
 
     Names must carry the `{base}.` prefix (see `normalize_names`). Rows whose tensors are all absent take
@@ -268,9 +278,9 @@ HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
-def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
+def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict:
     """A transformers BertConfig or ElectraConfig (as a config.json dict) for our EncoderConfig of the
-    exported model (for ELECTRA: that tower's); `special_ids` needs "pad"."""
+    exported model (for ELECTRA: that tower's)."""
     spec = MODELS[model]
     sizes = {"embedding_size": cfg.embed_dim} if spec.model_type == "electra" else {}
     return {
@@ -289,7 +299,7 @@ def hf_config(cfg, special_ids: dict, model: str = "mlm") -> dict:
         "type_vocab_size": cfg.type_vocab_size,
         "initializer_range": cfg.initializer_range,
         "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": int(special_ids["pad"]),
+        "pad_token_id": int(pad_token_id),
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
         "dtype": "float32",

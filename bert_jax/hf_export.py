@@ -1,0 +1,199 @@
+"""Export: one checkpoint of ours -> the files of a Hugging Face transformers folder.
+
+    source = hf_export.load(workdir, model="mlm", step=None)   # checkpoint, tower config, tokenizer, special ids
+    summary = hf_export.write(source, out)                     # config.json, model.safetensors, tokenizer files
+
+`model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
+`discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared embeddings;
+ElectraConfig with that tower's sizes and embedding_size). The tensors come from `models.hf_mapping`; the
+MLM decoder weight is tied to the word embeddings and not written. The tokenizer files (vocab.txt,
+tokenizer.json, tokenizer_config.json, special_tokens_map.json) let `AutoTokenizer` load the folder offline.
+
+Writing needs numpy and safetensors only. Loading the folder back into transformers to compare outputs
+(`tools.convert_to_hf --verify`) needs torch, so it lives in the tool; `run_model` gives our side of that
+comparison. Bad input raises `ConversionError`, one line, which the CLIs print as `error: <message>`;
+`bert_jax.hf_import` raises it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from bert_jax import sharding
+from bert_jax import workdir as workdir_lib
+from bert_jax.checkpointing import Checkpointer, load_params
+from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
+from data_pipeline import manifest as manifest_lib
+from data_pipeline.manifest import SpecialIds
+from data_pipeline.tokenization import Tokenizer
+
+SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+# objective recorded in the checkpoint meta -> the model kinds it can export.
+EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
+# Files of a Hugging Face folder: the weights a loader may pick (ours is the first), and the tokenizer's.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class ConversionError(ValueError):
+    """Input that conversion (either way) cannot handle: a missing checkpoint, step or file, a folder that would
+    be overwritten, a model our encoder cannot represent. The message is one line naming what is at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSource:
+    """What one export reads from a workdir: the checkpoint's step and params (ELECTRA: both towers), the
+    exported `model` kind with its tower's config, and the tokenizer with the special ids the data used."""
+
+    workdir: str
+    step: int
+    model: str
+    config: EncoderConfig
+    params: dict
+    tokenizer: Tokenizer
+    special_ids: SpecialIds
+
+
+def check_request(model: str, out: str, overwrite: bool) -> None:
+    """Refuses an unknown `model` kind, and an `out` folder with files in it unless `overwrite`: checks that cost
+    nothing, made before the (slow) restore."""
+    _check_model(model)
+    _check_out(out, overwrite)
+
+
+def _check_model(model: str) -> None:
+    if model not in MODEL_CLASSES:
+        raise ConversionError(f"--model {model!r}: choose one of {list(MODEL_CLASSES)}")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace its files")
+
+
+def _checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
+    """(checkpoints folder, its committed steps); ConversionError when there is none."""
+    directory = workdir_lib.checkpoints(workdir)
+    if not os.path.isdir(directory):  # checked first: the Checkpointer would create the folder
+        raise ConversionError(f"{workdir} holds no checkpoints (no {directory} folder)")
+    # read_only: a reader must not clean up the temporary folders of a run that may be saving right now.
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    try:
+        steps = sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+    if not steps:
+        raise ConversionError(f"{directory} holds no checkpoints")
+    return directory, steps
+
+
+def load(workdir: str, model: str = "mlm", step: int | None = None) -> ExportSource:
+    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model`; ConversionError when the
+    checkpoint cannot export it or its tokenizer does not fit the model."""
+    _check_model(model)
+    directory, steps = _checkpoint_steps(workdir)
+    if step is not None and step not in steps:
+        raise ConversionError(f"step {step} not found in {directory}; available steps: {steps}")
+    params, meta = load_params(workdir, step)
+    if model not in EXPORTABLE.get(meta.objective, ()):
+        raise ConversionError(f"--model {model} is not available for this checkpoint (objective {meta.objective}); "
+                              f"available: {list(EXPORTABLE.get(meta.objective, ()))}")
+    cfg = meta.tower(model)
+    if cfg is None:
+        raise ConversionError(f"the checkpoint meta has no 'generator' entry: cannot rebuild --model {model}")
+    tokenizer = _load_tokenizer(workdir_lib.tokenizer(workdir))
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ConversionError(f"the tokenizer in {workdir_lib.tokenizer(workdir)} has {tokenizer.vocab_size} "
+                              f"tokens, the model's vocab_size is {cfg.vocab_size}")
+    return ExportSource(workdir=workdir, step=meta.step, model=model, config=cfg, params=params,
+                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer))
+
+
+def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
+    """Our tokenizer for the WordPiece vocabulary in `tokenizer_dir` (the one kind a BERT folder can carry)."""
+    vocab = os.path.join(tokenizer_dir, "vocab.txt")
+    if not os.path.isfile(vocab):
+        raise ConversionError(f"no tokenizer vocabulary at {vocab}")
+    return Tokenizer.load(tokenizer_dir)
+
+
+def _special_ids(workdir: str, tokenizer: Tokenizer) -> SpecialIds:
+    """The special-token ids: those of the data manifest the run trained on when the workdir has its copy,
+    else the tokenizer's (an imported checkpoint has no data yet)."""
+    file = workdir_lib.data_manifest(workdir)
+    if os.path.isfile(file):
+        return manifest_lib.read(file).special_ids
+    return SpecialIds(**{k: tokenizer.token_to_id(t) for k, t in SPECIAL_TOKENS.items()})
+
+
+def write(source: ExportSource, out: str, overwrite: bool = False) -> dict:
+    """Writes the Hugging Face folder `out` (config.json, model.safetensors, tokenizer files); -> a summary
+    dict (out, step, model, architecture, tensors, parameters)."""
+    _prepare_out(out, overwrite)
+    cfg = source.config
+    tensors = hf_mapping.to_hf(source.params, cfg, source.model)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_mapping.hf_config(cfg, source.special_ids.pad, source.model), f, indent=2)
+    _write_tokenizer(source.tokenizer, out, cfg.max_position_embeddings)
+    return {"out": os.path.abspath(out), "step": source.step, "model": source.model,
+            "architecture": hf_mapping.MODELS[source.model].architecture, "tensors": len(tensors),
+            "parameters": int(sum(t.size for t in tensors.values()))}
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    _check_out(out, overwrite)
+    if os.path.isdir(out):
+        # Only what we write, plus weight files a loader could prefer over ours; anything else stays.
+        for name in ("config.json",) + WEIGHT_FILES + TOKENIZER_FILES:
+            path = os.path.join(out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+
+
+def _write_tokenizer(tokenizer: Tokenizer, out: str, max_length: int) -> None:
+    """vocab.txt + tokenizer.json (ours, so ids agree by construction) and the transformers configs."""
+    tokenizer.save(out)
+    config = {
+        "tokenizer_class": "BertTokenizer",  # the tokenizers-backed class in transformers 5
+        "do_lower_case": tokenizer.lowercase,
+        "strip_accents": None,  # follows do_lower_case, as our normaliser does
+        "tokenize_chinese_chars": True,
+        "model_max_length": max_length,
+        "vocab_hash": tokenizer.vocab_hash,  # provenance: the hash our data manifests record
+        **{f"{k}_token": t for k, t in SPECIAL_TOKENS.items()},
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({f"{k}_token": t for k, t in SPECIAL_TOKENS.items()}, f, indent=2)
+
+
+def run_model(cfg: EncoderConfig, params: dict, input_ids, attention_mask, token_type_ids,
+              model: str = "mlm") -> tuple[np.ndarray, np.ndarray]:
+    """Our `model` kind, deterministic and in float32, on [B, S] int inputs -> (last hidden states [B, S, H],
+    logits: [B, S, V] for mlm and generator, [B, S] for the discriminator). For ELECTRA, `cfg` is the tower's
+    and `params` may hold both towers."""
+    # How the training ran (bf16, remat, cuDNN attention on a GPU, the scan's unroll) does not change the
+    # function: float32 and the plain paths here, on whatever machine converts.
+    cfg = dataclasses.replace(cfg, dtype="float32", remat="none", attention="einsum", scan_unroll=1)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    graphdef, abstract, _ = sharding.abstract_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)), mesh)
+
+    @jax.jit
+    def forward(p, ids, mask, types):
+        return nnx.merge(graphdef, p).hidden_and_logits(ids, mask, types)
+
+    with jax.set_mesh(mesh):
+        # A stand-alone ELECTRA tower is the same paths as in the pretraining tree, less the other tower.
+        p = jax.tree.map(jax.numpy.asarray, {k: params[k] for k in abstract})
+        h, logits = forward(p, *(np.asarray(x, np.int32) for x in (input_ids, attention_mask, token_type_ids)))
+    return np.asarray(h), np.asarray(logits)

@@ -1,0 +1,170 @@
+"""The third-party machinery behind `data_pipeline.tokenization`: the Hugging Face `tokenizers` WordPiece
+pipeline configured like BERT's, vocabulary file readers, and the WordPiece and SentencePiece trainers.
+
+The functions here return plain values (token lists, model bytes, a backend object); the `Tokenizer`
+classes that callers use are in `data_pipeline.tokenization`, which passes the special tokens in.
+
+`tokenizers` and `sentencepiece` are imported inside the functions that use them, never at module level:
+their native thread pools must not exist yet when `data_pipeline.sources` forks its extraction pool (it
+stays serial once they are loaded), and `import data_pipeline.tokenization` stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+from data_pipeline.errors import DataError
+
+
+def wordpiece_backend(vocab: dict[str, int], lowercase: bool, special_tokens: Sequence[str]):
+    """A `tokenizers.Tokenizer` for a WordPiece vocab, configured like BERT's (and like HF's BERT files).
+    `special_tokens`: [PAD], [UNK], [CLS], [SEP], [MASK] in that order."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors
+
+    unk, cls, sep = special_tokens[1], special_tokens[2], special_tokens[3]
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##",
+                                       max_input_chars_per_word=100))
+    # strip_accents=None follows `lowercase`, as in the original BERT uncased/cased models.
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    # Registered as added tokens so that a literal "[MASK]" in text maps to its id, exactly as a Hugging
+    # Face BERT tokenizer does (the equality test against transformers depends on it).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    # The post-processor only matters for users of the saved tokenizer.json (e.g. a converted HF model):
+    # `encode_batch` never adds [CLS]/[SEP]; packing does that.
+    tok.post_processor = processors.BertProcessing((sep, vocab[sep]), (cls, vocab[cls]))
+    return tok
+
+
+def read_vocab_txt(vocab_file: str) -> list[str]:
+    """The tokens of a vocab.txt, one per line (ids are line numbers); a trailing blank line is no token."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            tokens = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError:
+        raise DataError(f"{vocab_file}: not a UTF-8 text file") from None
+    while tokens and tokens[-1] == "":
+        tokens.pop()
+    return tokens
+
+
+def read_json_config(config_file: str) -> dict:
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{config_file}: invalid JSON ({e.msg})") from None
+
+
+def read_tokenizer_json(path: str) -> tuple[list[str], bool]:
+    """(tokens by id, the normaliser's lowercase flag) of a Hugging Face `tokenizer.json` with a WordPiece model."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        raise DataError(f"{path}: not a WordPiece tokenizer.json (model type "
+                        f"{model.get('type') if isinstance(model, dict) else None!r})")
+    vocab = model["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise DataError(f"{path}: WordPiece ids are not 0..{len(tokens) - 1} without gaps")
+    normalizer = spec.get("normalizer") or {}
+    return tokens, bool(normalizer.get("lowercase", True))
+
+
+def train_wordpiece_tokens(texts: Iterable[str], vocab_size: int, work_dir: str, lowercase: bool,
+                           special_tokens: Sequence[str]) -> list[str]:
+    """A trained WordPiece vocabulary: `special_tokens`, the alphabet, the "##" continuation of each alphabet
+    character, then the learned pieces. `texts` is spooled once to a file under `work_dir` (removed after)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    def train(files: list[str], size: int, specials: list[str]) -> list[str]:
+        trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                         lowercase=lowercase, wordpieces_prefix="##")
+        # min_frequency=2 keeps one-off strings (hashes, long identifiers) out of the vocabulary; 1000
+        # alphabet characters is BERT's usual cap so rare scripts fall back to [UNK] instead of eating slots.
+        trainer.train(files, vocab_size=size, min_frequency=2, show_progress=False, special_tokens=specials,
+                      limit_alphabet=1000, wordpieces_prefix="##")
+        return [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
+
+    specials = list(special_tokens)
+    os.makedirs(work_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=work_dir) as tmp:
+        spool = os.path.join(tmp, "texts.txt")
+        with open(spool, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(text)
+                f.write("\n")  # a line break is whitespace to WordPiece: documents may span lines
+        # The `tokenizers` trainer numbers the "##x" pieces in hash-map order, which changes from process to
+        # process, and breaks ties between equally frequent merges by those numbers: the same corpus gave
+        # another vocabulary (order, and at larger sizes even the set) in every run (huggingface/tokenizers
+        # #1794). A first pass with no merges finds the "##x" pieces; passing them, sorted, as fixed tokens
+        # numbers them before the corpus is read, which makes the merges deterministic.
+        continuations = sorted(t for t in train([spool], len(specials) + 1, specials) if t.startswith("##"))
+        tokens = train([spool], vocab_size, specials + continuations)
+    n_special = len(specials)
+    if tokens[:n_special] != specials or tokens[n_special:n_special + len(continuations)] != continuations:
+        raise DataError(f"trained vocabulary does not start with {tuple(specials)} and the ## pieces: "
+                        f"{tokens[:n_special + len(continuations)]}")
+    rest = tokens[n_special + len(continuations):]
+    alphabet = list(itertools.takewhile(lambda t: len(t) == 1, rest))
+    return specials + alphabet + continuations + rest[len(alphabet):]
+
+
+def sentencepiece_processor(model_bytes: bytes, source: str):
+    """(SentencePieceProcessor, model type name, lowercase) of a serialized model; DataError if it is none."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source}: not a SentencePiece model ({reason})") from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "unigram")
+    return sp, model_type, proto.normalizer_spec.name.endswith("_cf")
+
+
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """Lines of the documents, cut to SentencePiece's sentence-length limit (longer ones it would drop)."""
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                yield line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, lowercase: bool, model_type: str,
+                              max_sentences: int, special_tokens: Sequence[str]) -> bytes:
+    """The serialized SentencePiece model trained on the lines of `texts`, with [PAD], [UNK], [CLS], [SEP]
+    (`special_tokens[:4]`) as its pad, unk, bos and eos pieces at ids 0..3 and [MASK] a control symbol (4)."""
+    import sentencepiece as spm
+
+    pad, unk, cls, sep, mask = special_tokens
+    model = io.BytesIO()
+    max_len = 4192
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_sentences(texts, max_len)), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=0.9995, max_sentence_length=max_len,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            pad_id=0, pad_piece=pad, unk_id=1, unk_piece=unk, bos_id=2, bos_piece=cls,
+            eos_id=3, eos_piece=sep, control_symbols=[mask], hard_vocab_limit=False,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {str(e).splitlines()[0] if str(e) else e}") from None
+    return model.getvalue()
