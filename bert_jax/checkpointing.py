@@ -227,20 +227,36 @@ def verify_fingerprint(state: Any, meta: CheckpointMeta, prefix: str = "") -> No
             raise CorruptCheckpointError(f"{name or 'the state'} differs from the fingerprint saved with it")
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[dict, CheckpointMeta]:
-    """(params as a nested dict of numpy arrays, meta) of checkpoint `step` (default: the newest) in
-    `workdir/checkpoints` (or `workdir` itself when it is the checkpoints folder)."""
+def _read_only(workdir: str) -> Checkpointer:
+    """A read-only Checkpointer on `workdir/checkpoints` (or `workdir` itself when it is the checkpoints
+    folder); ValueError when there is none, or no checkpoint in it."""
     directory = workdir_lib.checkpoints(workdir)
     if not os.path.isdir(directory):
         directory = workdir
     if not os.path.isdir(directory):
         raise ValueError(f"no checkpoints folder in {workdir}")
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise ValueError(f"no checkpoint in {directory}")
+    return ckpt
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, CheckpointMeta]:
+    """(params as a nested dict of numpy arrays, meta) of checkpoint `step` (default: the newest) in
+    `workdir/checkpoints` (or `workdir` itself when it is the checkpoints folder)."""
+    ckpt = _read_only(workdir)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"no checkpoint in {directory}")
-        state, meta = ckpt.restore_untyped(step)
+        state, meta = ckpt.restore_untyped(ckpt.latest_step() if step is None else step)
     finally:
         ckpt.close()
     return jax.tree.map(np.asarray, state["params"]), meta
+
+
+def load_meta(workdir: str) -> CheckpointMeta:
+    """The meta of the newest checkpoint of `workdir` (no array is read)."""
+    ckpt = _read_only(workdir)
+    try:
+        return ckpt.restore_meta(ckpt.latest_step())
+    finally:
+        ckpt.close()

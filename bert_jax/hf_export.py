@@ -8,6 +8,10 @@
 ElectraConfig with that tower's sizes and embedding_size). The tensors come from `models.hf_mapping`; the
 MLM decoder weight is tied to the word embeddings and not written. The tokenizer files (vocab.txt,
 tokenizer.json, tokenizer_config.json, special_tokens_map.json) let `AutoTokenizer` load the folder offline.
+A workdir that started from an imported folder (tools.import_from_hf, directly or through init_from) also
+holds what that folder had beyond our parameters (`bert_jax.hf_extras`: the pooler, other heads, its config,
+its sentence-transformers modules): the export writes it back, so that it holds every tensor the original had,
+and a sentence-transformers folder exports as one (a bare encoder, our head beside it in HEAD_FILE).
 
 Writing needs numpy and safetensors only. Loading the folder back into transformers to compare outputs
 (`tools.convert_to_hf --verify`) needs torch, so it lives in the tool; `run_model` gives our side of that
@@ -26,7 +30,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from bert_jax import sharding
+from bert_jax import hf_extras, sharding
 from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer, load_params
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
@@ -40,6 +44,9 @@ EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
 # Files of a Hugging Face folder: the weights a loader may pick (ours is the first), and the tokenizer's.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Our trained head, beside an export laid out as a bare encoder (a sentence-transformers folder's), where no
+# loader looks: `model.load_state_dict(safetensors.torch.load_file(...), strict=False)` puts it back.
+HEAD_FILE = "{model}_head.safetensors"
 
 
 class ConversionError(ValueError):
@@ -50,7 +57,8 @@ class ConversionError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ExportSource:
     """What one export reads from a workdir: the checkpoint's step and params (ELECTRA: both towers), the
-    exported `model` kind with its tower's config, and the tokenizer with the special ids the data used."""
+    exported `model` kind with its tower's config, the tokenizer with the special ids the data used, and what
+    an imported folder held beyond our parameters (None for a workdir that did not start from one)."""
 
     workdir: str
     step: int
@@ -59,6 +67,7 @@ class ExportSource:
     params: dict
     tokenizer: Tokenizer
     special_ids: SpecialIds
+    extras: hf_extras.Extras | None = None
 
 
 def check_request(model: str, out: str, overwrite: bool) -> None:
@@ -113,7 +122,8 @@ def load(workdir: str, model: str = "mlm", step: int | None = None) -> ExportSou
         raise ConversionError(f"the tokenizer in {workdir_lib.tokenizer(workdir)} has {tokenizer.vocab_size} "
                               f"tokens, the model's vocab_size is {cfg.vocab_size}")
     return ExportSource(workdir=workdir, step=meta.step, model=model, config=cfg, params=params,
-                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer))
+                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer),
+                        extras=hf_extras.load(workdir, model))
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
@@ -134,25 +144,36 @@ def _special_ids(workdir: str, tokenizer: Tokenizer) -> SpecialIds:
 
 
 def write(source: ExportSource, out: str, overwrite: bool = False) -> dict:
-    """Writes the Hugging Face folder `out` (config.json, model.safetensors, tokenizer files); -> a summary
-    dict (out, step, model, architecture, tensors, parameters)."""
+    """Writes the Hugging Face folder `out` (config.json, model.safetensors, tokenizer files, and what an
+    imported folder held beyond our parameters); -> a summary dict (out, step, model, architecture(s),
+    tensors, parameters, the kept tensors and sentence-transformers files, the head file if any)."""
     _prepare_out(out, overwrite)
-    cfg = source.config
-    tensors = hf_mapping.to_hf(source.params, cfg, source.model)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg, extras = source.config, source.extras
+    files = hf_extras.assemble(hf_mapping.to_hf(source.params, cfg, source.model), extras, source.model)
+    save_file(files.tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    head_file = HEAD_FILE.format(model=source.model) if files.head else None
+    if head_file:
+        save_file(files.head, os.path.join(out, head_file), metadata={"format": "pt"})
+    config = hf_extras.export_config(hf_mapping.hf_config(cfg, source.special_ids.pad, source.model), extras,
+                                     files.architectures)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_mapping.hf_config(cfg, source.special_ids.pad, source.model), f, indent=2)
+        json.dump(config, f, indent=2)
     _write_tokenizer(source.tokenizer, out, cfg.max_position_embeddings)
+    st_files = hf_extras.copy_files(extras, out)
     return {"out": os.path.abspath(out), "step": source.step, "model": source.model,
-            "architecture": hf_mapping.MODELS[source.model].architecture, "tensors": len(tensors),
-            "parameters": int(sum(t.size for t in tensors.values()))}
+            "architecture": files.architectures[0], "architectures": files.architectures,
+            "tensors": len(files.tensors),
+            "parameters": int(sum(t.size for t in [*files.tensors.values(), *files.head.values()])),
+            "kept_tensors": len(extras.tensors) if extras else 0, "sentence_transformers_files": st_files,
+            "head_file": head_file}
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
     _check_out(out, overwrite)
     if os.path.isdir(out):
         # Only what we write, plus weight files a loader could prefer over ours; anything else stays.
-        for name in ("config.json",) + WEIGHT_FILES + TOKENIZER_FILES:
+        heads = tuple(HEAD_FILE.format(model=m) for m in MODEL_CLASSES)
+        for name in ("config.json",) + WEIGHT_FILES + TOKENIZER_FILES + heads:
             path = os.path.join(out, name)
             if os.path.isfile(path):
                 os.remove(path)

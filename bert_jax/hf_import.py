@@ -7,9 +7,10 @@ Reads config.json and the weights, accepts `bert.`-prefixed names (BertForMasked
 ones (`embeddings.*`, `encoder.*`, as BertModel writes them), and writes `W/checkpoints/0/` ({"params": ...} and a
 `CheckpointMeta` whose `imported_from` names the folders and the parts that started fresh) and `W/tokenizer/`
 (the folder's tokenizer files). `bert_jax.checkpointing.load_params(W)` reads it back. A folder without the MLM
-head (a bare encoder) gets a freshly initialised one, with our initialiser; the pooler and the NSP head are
-dropped. Architectures our encoder cannot represent (relative positions, another activation, a decoder) raise
-`ConversionError` (one line).
+head (a bare encoder) gets a freshly initialised one, with our initialiser. What the folder holds that we do not
+train (the pooler, an NSP or other head, buffers; its config.json; a sentence-transformers folder's modules) is
+kept in `W/hf_extras/` (`bert_jax.hf_extras`) for the export to write back. Architectures our encoder cannot
+represent (relative positions, another activation, a decoder) raise `ConversionError` (one line).
 
 ELECTRA (config.json model_type "electra"): `hf_dir` is the discriminator (ElectraForPreTraining, or a bare
 ElectraModel whose head then starts fresh) and `generator_dir` an ElectraForMaskedLM; together they become one
@@ -35,7 +36,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from bert_jax import sharding
+from bert_jax import hf_extras, sharding
 from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer
 from bert_jax.hf_export import TOKENIZER_FILES, ConversionError
@@ -143,13 +144,16 @@ def _from_hf(tensors: dict, cfg: EncoderConfig, model: str, where: str, fallback
 
 
 def _prepare_workdir(out_workdir: str, overwrite: bool) -> None:
-    """Empties the workdir's checkpoints and tokenizer when `overwrite`; refuses to clobber them otherwise."""
+    """Empties the workdir's checkpoints, tokenizer and kept extras when `overwrite`; refuses to clobber them
+    otherwise."""
     ckpt_dir, tok_dir = workdir_lib.checkpoints(out_workdir), workdir_lib.tokenizer(out_workdir)
     if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
         if not overwrite:
             raise ConversionError(f"{ckpt_dir} already exists; pass --overwrite to replace it")
         shutil.rmtree(ckpt_dir)
         shutil.rmtree(tok_dir, ignore_errors=True)
+    # No checkpoint: what an earlier, interrupted import kept belongs to no one.
+    shutil.rmtree(workdir_lib.hf_extras(out_workdir), ignore_errors=True)
 
 
 def _copy_tokenizer(hf_dir: str, tok_dir: str, log: Log) -> list[str]:
@@ -172,9 +176,25 @@ def _vocab_hash(tok_dir: str, log: Log) -> str | None:
         return None
 
 
+def _keep(folders: dict[str, tuple[str, dict]], out_workdir: str, log: Log) -> dict:
+    """Keeps what each HF folder ({model: (folder, its tensors not imported)}) holds beyond our parameters
+    (bert_jax.hf_extras); -> {"tensors": names, "files": sentence-transformers files} over all folders."""
+    kept: dict = {"tensors": [], "files": []}
+    for model, (hf_dir, tensors) in folders.items():
+        extras = {n: tensors[n] for n in hf_mapping.extra_names(tensors, model)}
+        done = hf_extras.keep(hf_dir, extras, out_workdir, model)
+        kept["tensors"] += done["tensors"]
+        kept["files"] += done["files"]
+    if kept["tensors"] or kept["files"]:
+        log(f"kept for the export in {workdir_lib.hf_extras(out_workdir)} (not trained): "
+            f"{', '.join(kept['tensors'] + kept['files'])}")
+    return kept
+
+
 def _save(hf_dir: str, out_workdir: str, params: dict, meta: CheckpointMeta, log: Log) -> list[str]:
     """Copies the tokenizer files and writes step 0 ({"params": params} + meta, with the vocabulary hash when
-    there is a vocabulary); -> the tokenizer files copied."""
+    there is a vocabulary); -> the tokenizer files copied. The extras are kept (`_keep`) before: a checkpoint
+    0 means the import is complete."""
     ckpt_dir, tok_dir = workdir_lib.checkpoints(out_workdir), workdir_lib.tokenizer(out_workdir)
     copied = _copy_tokenizer(hf_dir, tok_dir, log)
     meta = dataclasses.replace(meta, vocab_hash=_vocab_hash(tok_dir, log) if "vocab.txt" in copied else None)
@@ -195,13 +215,14 @@ def _provenance(hf_dir: str, generator_dir: str | None, initialised: dict[str, b
 
 def _report_ignored(ignored: list[str], log: Log) -> None:
     if ignored:
-        log(f"not imported (no place in our model, or tied copies): {', '.join(ignored)}")
+        log(f"not imported into our model (no place in it, or tied copies): {', '.join(ignored)}")
 
 
 def import_hf(hf_dir: str, out_workdir: str, *, overwrite: bool = False, generator_dir: str | None = None,
               generator_fraction: float = 0.25, read: ReadWeights = read_weights, log: Log = print) -> dict:
-    """Writes `out_workdir`'s checkpoint 0 and tokenizer from the HF folder `hf_dir`; -> a summary dict
-    (workdir, step, which parts started fresh, ignored tensors, tokenizer files, parameters).
+    """Writes `out_workdir`'s checkpoint 0, tokenizer and hf_extras from the HF folder `hf_dir`; -> a summary
+    dict (workdir, step, which parts started fresh, tensors not imported, those kept in hf_extras and the
+    sentence-transformers files kept, tokenizer files, parameters).
     Raises ConversionError (one line) on bad input. `generator_dir` / `generator_fraction` apply to ELECTRA
     folders only; `read` reads a folder's weights; `log` takes the notes on what was initialised or dropped."""
     if not os.path.isdir(hf_dir):
@@ -235,11 +256,12 @@ def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_di
     bar.set_description("import: save checkpoint")
     meta = CheckpointMeta(step=0, objective="mlm", model=cfg,
                           imported_from=_provenance(hf_dir, None, {"mlm_head": head_initialised}))
+    kept = _keep({"mlm": (hf_dir, tensors)}, out_workdir, log)
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
     return {"workdir": os.path.abspath(out_workdir), "step": 0, "mlm_head_initialised": head_initialised,
-            "ignored": ignored, "tokenizer_files": copied,
+            "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 
 
@@ -249,7 +271,8 @@ def _import_electra(hf_dir: str, out_workdir: str, *, overwrite: bool, generator
     _prepare_workdir(out_workdir, overwrite)
 
     bar = progress(desc="import: read weights", total=3, unit="stage")
-    params, initialised, ignored = _electra_params(hf_dir, generator_dir, disc_cfg, gen_cfg, read, log)
+    params, initialised, ignored, folders = _electra_params(hf_dir, generator_dir, disc_cfg, gen_cfg, read,
+                                                            log)
     bar.update(2)  # read and mapped
     # from_hf checks names, not shapes: a config.json that disagrees with its weights must not reach a checkpoint.
     expected, got = _electra_shapes(disc_cfg, gen_cfg), {k: v.shape for k, v in _flat(params).items()}
@@ -261,12 +284,14 @@ def _import_electra(hf_dir: str, out_workdir: str, *, overwrite: bool, generator
     bar.set_description("import: save checkpoint")
     meta = CheckpointMeta(step=0, objective="electra", model=disc_cfg, generator=gen_cfg,
                           imported_from=_provenance(hf_dir, generator_dir, initialised))
+    kept = _keep(folders, out_workdir, log)
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
     return {"workdir": os.path.abspath(out_workdir), "step": 0, "objective": "electra",
             **{f"{name}_initialised": fresh for name, fresh in initialised.items()}, "ignored": ignored,
-            "tokenizer_files": copied, "parameters": int(sum(x.size for x in _leaves(params)))}
+            "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
+            "parameters": int(sum(x.size for x in _leaves(params)))}
 
 
 def _electra_configs(hf_dir: str, generator_dir: str | None,
@@ -294,9 +319,9 @@ def _electra_configs(hf_dir: str, generator_dir: str | None,
 
 
 def _electra_params(hf_dir: str, generator_dir: str | None, disc_cfg: EncoderConfig, gen_cfg: EncoderConfig,
-                    read: ReadWeights, log: Log) -> tuple[dict, dict[str, bool], list[str]]:
+                    read: ReadWeights, log: Log) -> tuple[dict, dict[str, bool], list[str], dict]:
     """-> (the ElectraForPretraining params, {part: started fresh} for discriminator_head / generator /
-    generator_head, the HF tensors not imported)."""
+    generator_head, the HF tensors not imported, {tower: (its folder, its tensors)} for `_keep`)."""
     disc_tensors = hf_mapping.normalize_names(read(hf_dir), "discriminator")
     initialised = {"discriminator_head": not hf_mapping.head_present(disc_tensors, disc_cfg, "discriminator"),
                    "generator": generator_dir is None, "generator_head": False}
@@ -321,7 +346,10 @@ def _electra_params(hf_dir: str, generator_dir: str | None, disc_cfg: EncoderCon
                                        fresh if initialised["generator_head"] else None, log)
         ignored += hf_mapping.unused_names(gen_tensors, "generator")
     params = {"embeddings": disc["embeddings"], "generator": generator, "discriminator": disc["discriminator"]}
-    return params, initialised, ignored
+    folders = {"discriminator": (hf_dir, disc_tensors)}
+    if gen_tensors is not None:
+        folders["generator"] = (generator_dir, gen_tensors)
+    return params, initialised, ignored, folders
 
 
 def _electra_generator(tensors: dict, cfg: EncoderConfig, generator_dir: str, embeddings: dict,

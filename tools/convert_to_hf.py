@@ -12,6 +12,15 @@ tokenizer.json, tokenizer_config.json, special_tokens_map.json) so that `AutoTok
 `AutoModelForMaskedLM` and `pipeline("fill-mask")` load the folder offline. Our model has no pooler: as
 for any BertForMaskedLM checkpoint, `AutoModelForSequenceClassification` then starts the pooler and the
 classifier freshly initialised (and reports them as missing keys), and the `cls.*` MLM head goes unused.
+
+A workdir that started from an imported Hugging Face folder (tools.import_from_hf, directly or through
+`--config.init_from`) exports what that folder held beyond our parameters too (`bert_jax.hf_extras`): its
+pooler (which `AutoModel` and `AutoModelForSequenceClassification` then load), NSP or task heads, buffers and
+config.json settings, unchanged; config.json's `architectures` names the classes that hold them
+(BertForPreTraining for a BertForPreTraining folder; else BertForMaskedLM first, then the folder's own). A
+sentence-transformers folder exports as one: a bare encoder under the folder's architecture (BertModel) with
+its modules (pooling, Normalize, ...), which `SentenceTransformer(DIR)` loads offline without a warning; our
+trained MLM head, which BertModel has no place for, lies beside it in `mlm_head.safetensors`.
 The library side is `bert_jax.hf_export`; this CLI adds the verification.
 
 Writing needs only numpy and safetensors; torch and transformers are imported by `--verify` alone, which
@@ -73,7 +82,7 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
     h_ours, logits_ours = hf_export.run_model(cfg, source.params, batch["input_ids"], batch["attention_mask"],
                                               types, source.model)
 
-    model = getattr(transformers, hf_mapping.MODELS[source.model].architecture).from_pretrained(out).eval()
+    model = _load_exported(out, source.model).eval()
     with torch.no_grad():
         res = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
                     attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
@@ -91,6 +100,29 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
         ok = ok and figures[f"max_abs_diff_{name}"] <= figures[f"tolerance_{name}"]
     figures["ok"] = bool(ok)
     return figures
+
+
+def _load_exported(out: str, model: str):
+    """The exported folder in transformers' class of `model` (BertForMaskedLM, ...); where the export is a
+    bare encoder (a sentence-transformers folder's), with our head from the head file beside it."""
+    # Imported here, not at the top: exporting without --verify must work where torch is not installed.
+    import transformers  # pylint: disable=import-outside-toplevel
+    from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+
+    cls = getattr(transformers, hf_mapping.MODELS[model].architecture)
+    head = os.path.join(out, hf_export.HEAD_FILE.format(model=model))
+    if not os.path.isfile(head):
+        return cls.from_pretrained(out)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the head it reports missing is the one loaded next
+    try:
+        loaded = cls.from_pretrained(out)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    result = loaded.load_state_dict(load_file(head), strict=False)
+    if result.unexpected_keys:
+        raise ConversionError(f"{head}: tensors {model} has no place for: {result.unexpected_keys[:4]}")
+    return loaded
 
 
 def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm", verify: bool = False,

@@ -80,9 +80,12 @@ def main(argv=None):
                         help="corpus: docstrings (stdlib + installed packages), docstrings:stdlib, or files")
     args = parser.parse_args(argv)
 
+    from bert_jax import training  # first: it sets TensorFlow's environment before TensorFlow loads
+    from bert_jax import trainer, workdir as workdir_lib
     from configs import bert as bert_configs
     from data_pipeline import manifest as manifest_lib, pretokenize
-    from bert_jax import trainer, workdir as workdir_lib
+
+    training.quiet_logs()
 
     data_dir = os.path.join(args.workdir, "data")
     t0 = time.time()

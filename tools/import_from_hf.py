@@ -8,9 +8,11 @@ pytorch_model.bin read with `torch.load(weights_only=True)`), accepts `bert.`-pr
 (BertForMaskedLM, BertForPreTraining) and bare ones (`embeddings.*`, `encoder.*`, as BertModel writes
 them), and writes `W/checkpoints/0/` (state {"params": ...} + meta) and `W/tokenizer/` (the HF tokenizer
 files). `bert_jax.checkpointing.load_params(W)` reads it back. A folder without the MLM head (a bare
-encoder) gets a freshly initialised one, with our initialiser; the pooler and the NSP head are dropped.
-Architectures our encoder cannot represent (relative positions, another activation, a decoder) are
-refused with one line.
+encoder) gets a freshly initialised one, with our initialiser. What the folder holds that we do not train
+(the pooler, an NSP or task head, buffers, its config.json, a sentence-transformers folder's modules.json,
+1_Pooling/, ...) is kept in `W/hf_extras/`; training with `--config.init_from=W` carries it along and
+tools.convert_to_hf writes it back (bert_jax.hf_extras). Architectures our encoder cannot represent (relative
+positions, another activation, a decoder) are refused with one line.
 
 ELECTRA (config.json model_type "electra"): `--hf` is the discriminator (ElectraForPreTraining, or a bare
 ElectraModel whose head then starts fresh) and `--generator` an ElectraForMaskedLM; together they become one
@@ -62,6 +64,15 @@ def read_weights(hf_dir: str) -> dict:
     return hf_import.read_weights(hf_dir, read_file=_read_safetensors, read_bin=_read_bin)
 
 
+def next_commands(workdir: str, objective: str) -> list[str]:
+    """The commands that continue pretraining from `workdir`: pretokenize text with its own vocabulary, then
+    train with init_from (the model's shape comes from the checkpoint; DATA, RUN and the source are the user's)."""
+    recipe = "configs/electra.py:base" if objective == "electra" else "configs/bert.py:base"
+    return [f"python -m data_pipeline.pretokenize --source YOUR_TEXT --out DATA --vocab {workdir}/tokenizer",
+            f"python -m bert_jax.training --config {recipe} --workdir RUN --config.init_from={workdir} "
+            "--config.data.dir=DATA"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf", required=True, help="a Hugging Face BERT folder, or an ELECTRA discriminator "
@@ -71,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--generator-fraction", type=float, default=0.25,
                         help="ELECTRA without --generator: the fresh generator's width relative to the "
                         "discriminator's (default 0.25)")
-    parser.add_argument("--out", required=True, help="the workdir to write (checkpoints/0, tokenizer/)")
+    parser.add_argument("--out", required=True, help="the workdir to write (checkpoints/0, tokenizer/, hf_extras/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing W/checkpoints")
     args = parser.parse_args(argv)
     try:
@@ -79,6 +90,9 @@ def main(argv=None) -> int:
                                       generator_fraction=args.generator_fraction, read=read_weights)
     except ConversionError as e:
         sys.exit(f"error: {e}")
+    print("continue pretraining from it (your text in place of YOUR_TEXT; DATA and RUN are new folders):")
+    for command in next_commands(summary["workdir"], summary.get("objective", "mlm")):
+        print(f"  {command}")
     print(json.dumps(summary))
     return 0
 

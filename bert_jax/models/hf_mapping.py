@@ -17,6 +17,10 @@ ELECTRA: the discriminator (`ElectraForPreTraining`) and the generator (`Electra
 one at a time, each from the shared `embeddings/*` plus its own tower (`discriminator/*`, `generator/*`);
 `electra.embeddings_project.*` rows apply exactly where the tower's hidden size differs from the
 embedding width.
+
+What an imported folder holds beyond these rows (BERT's pooler and NSP head, task heads, buffers) is not ours to
+train: `extra_names` lists it, `bert_jax.hf_extras` keeps it in the workdir, and an export writes it back under
+the config.json `architectures` that `export_architectures` picks.
 """
 
 from __future__ import annotations
@@ -119,11 +123,14 @@ GENERATOR_HEAD_ROWS: tuple[Row, ...] = (
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One exportable model: HF architecture, encoder prefix, its rows, and HF tensors that carry no
-    information of ours (tied copies, buffers, heads we do not have) and are skipped on import."""
+    information of ours (tied copies, buffers, heads we do not have): not imported into our tree (an import
+    keeps all but the tied copies aside, see `extra_names`)."""
 
     architecture: str
     base: str
     model_type: str
+    # The bare encoder's class (BertModel, ElectraModel): what a sentence-transformers folder holds.
+    base_architecture: str
     encoder_rows: tuple[Row, ...]
     head_rows: tuple[Row, ...]
     # Rows of the embedding projection: used only where the embedding width differs from the hidden size.
@@ -139,7 +146,7 @@ class ModelSpec:
 
 def _electra_spec(tower: str, architecture: str, head_rows: tuple[Row, ...], tied: dict) -> ModelSpec:
     return ModelSpec(
-        architecture=architecture, base="electra", model_type="electra",
+        architecture=architecture, base="electra", model_type="electra", base_architecture="ElectraModel",
         encoder_rows=_encoder_rows("embeddings", tower), head_rows=head_rows,
         project_rows=_dense(f"{tower}/embeddings_project", "{base}.embeddings_project"), tied=tied,
         # Buffers that older writers saved.
@@ -149,13 +156,15 @@ def _electra_spec(tower: str, architecture: str, head_rows: tuple[Row, ...], tie
 # --model name -> spec.
 MODELS: dict[str, ModelSpec] = {
     "mlm": ModelSpec(
-        architecture="BertForMaskedLM", base="bert", model_type="bert", encoder_rows=ENCODER_ROWS,
+        architecture="BertForMaskedLM", base="bert", model_type="bert", base_architecture="BertModel",
+        encoder_rows=ENCODER_ROWS,
         head_rows=MLM_HEAD_ROWS,
         tied={"cls.predictions.decoder.weight": "encoder/embeddings/word",
               "cls.predictions.decoder.bias": "mlm_head/bias"},
-        # position_ids: a buffer older writers saved; pooler: BertModel's, BertForMaskedLM has none;
-        # seq_relationship: the NSP head of BertForPreTraining.
-        ignored_prefixes=("bert.embeddings.position_ids", "bert.pooler.", "cls.seq_relationship."),
+        # position_ids / token_type_ids: buffers older writers saved; pooler: BertModel's, BertForMaskedLM has
+        # none; seq_relationship: the NSP head of BertForPreTraining.
+        ignored_prefixes=("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "bert.pooler.",
+                          "cls.seq_relationship."),
     ),
     "discriminator": _electra_spec("discriminator", "ElectraForPreTraining", DISCRIMINATOR_HEAD_ROWS, {}),
     "generator": _electra_spec("generator", "ElectraForMaskedLM", GENERATOR_HEAD_ROWS,
@@ -234,8 +243,9 @@ def from_hf(tensors: dict, cfg: EncoderConfig, model: str = "mlm", fallback: dic
     Names must carry the `{base}.` prefix (see `normalize_names`). Rows whose tensors are all absent take
     their value from `fallback` (a partial params dict, e.g. a freshly initialised head) when it has the
     path, else raise.
-    Tied copies must equal what they are tied to; tensors the table does not know raise, except the
-    ignored ones of the spec (see `unused_names`)."""
+    Tied copies must equal what they are tied to; encoder tensors (`{base}.*`) the table does not know raise
+    (our encoder would compute something else without them), except the ignored ones of the spec; tensors
+    outside the encoder that are not our head's (another head) are skipped (see `unused_names`)."""
     spec = MODELS[model]
     params: dict = {}
     known = set()
@@ -255,7 +265,8 @@ def from_hf(tensors: dict, cfg: EncoderConfig, model: str = "mlm", fallback: dic
         if name in tensors and not np.array_equal(np.asarray(tensors[name], np.float32), _get(params, ours)):
             raise ValueError(f"{name} differs from the tensor it must be tied to ({ours}): untied weights "
                              "cannot be represented")
-    unknown = [n for n in tensors if n not in known and n not in spec.tied and not _ignored(n, spec)]
+    unknown = [n for n in tensors if n not in known and n not in spec.tied and not _ignored(n, spec)
+               and n.startswith(f"{spec.base}.")]
     if unknown:
         raise ValueError(f"HF tensors with no place in our {model} model: {unknown[:4]}"
                          f"{' ...' if len(unknown) > 4 else ''}")
@@ -266,10 +277,43 @@ def _ignored(name: str, spec: ModelSpec) -> bool:
     return any(name.startswith(p) for p in spec.ignored_prefixes)
 
 
-def unused_names(tensors: dict, model: str = "mlm") -> list[str]:
-    """HF tensors that `from_hf` skips: buffers, pooler, NSP head, tied copies."""
+def head_names(model: str = "mlm") -> set[str]:
+    """The HF names of the model's head (our trained head, outside the encoder)."""
     spec = MODELS[model]
-    return sorted(n for n in tensors if _ignored(n, spec) or n in spec.tied)
+    return {row.hf.replace("{base}", spec.base) for row in spec.head_rows}
+
+
+def unused_names(tensors: dict, model: str = "mlm") -> list[str]:
+    """HF tensors that `from_hf` skips: buffers, pooler, NSP and other heads, tied copies."""
+    spec = MODELS[model]
+    ours = head_names(model)
+    return sorted(n for n in tensors if _ignored(n, spec) or n in spec.tied
+                  or (not n.startswith(f"{spec.base}.") and n not in ours))
+
+
+def extra_names(tensors: dict, model: str = "mlm") -> list[str]:
+    """The tensors `from_hf` skips that carry information of their own (all but the tied copies): what an
+    import keeps for the export (bert_jax.hf_extras)."""
+    return [n for n in unused_names(tensors, model) if n not in MODELS[model].tied]
+
+
+# An architecture that holds every tensor of another and more: BertForPreTraining is BertForMaskedLM plus the
+# pooler and the NSP head.
+_HOLDS = {"BertForPreTraining": "BertForMaskedLM"}
+
+
+def export_architectures(model: str, original: list[str], extras: list[str]) -> list[str]:
+    """config.json's `architectures` for an export of `model` that also writes `extras` (tensors kept from an
+    imported folder whose config.json declared `original`): ours alone when there is nothing else to hold or
+    the folder was ours; the folder's when its class holds ours (BertForPreTraining); else ours, then the
+    folder's (e.g. BertForMaskedLM for the MLM head, then BertModel for the pooler), so that each class loads
+    the tensors it has a place for."""
+    ours = MODELS[model].architecture
+    if not extras or not original or original == [ours]:
+        return [ours]
+    if any(_HOLDS.get(a) == ours for a in original):
+        return list(original)
+    return [ours] + [a for a in original if a != ours]
 
 
 # Our model.hidden_act -> transformers' name (gelu_pytorch_tanh: the tanh approximation, torch's fast kernel),
