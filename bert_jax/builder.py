@@ -134,6 +134,9 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
         meta = checkpointing.load_meta(config.init_from)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if meta.objective != config.objective.name:  # the parameter trees differ: nothing to start from
+        raise ConfigError(f"{where} holds a checkpoint of objective {meta.objective!r}, the config trains "
+                          f"objective.name={config.objective.name!r}")
     if meta.vocab_hash and manifest.vocab_hash and meta.vocab_hash != manifest.vocab_hash:
         raise ConfigError(f"{where}: its vocabulary differs from the one of {config.data.dir} (pretokenize with "
                           f"--vocab {config.init_from}/tokenizer)")

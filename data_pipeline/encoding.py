@@ -47,20 +47,42 @@ def batched(items: Iterable[str], n: int = BATCH_DOCS) -> Iterator[list[str]]:
         yield batch
 
 
-def encode_in_order(tokenizer: Tokenizer, tokenizer_dir: str, batches: Iterable[list[str]],
-                    workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
-    """`_encode` of each batch, in input order; `workers` processes load the tokenizer from `tokenizer_dir`."""
-    if workers == 1:
+class Encoder:
+    """Encodes batches of documents, results in input order: in this process (`workers` 1), or in `workers`
+    spawned processes that load the tokenizer from `tokenizer_dir` once and serve every split of a run (the
+    pool starts on the first batch). At most 2 batches per worker are in flight, so memory does not grow with
+    the corpus (Pool.imap would read the whole input ahead). Use as a context manager."""
+
+    def __init__(self, tokenizer: Tokenizer, tokenizer_dir: str, workers: int):
+        self.tokenizer, self.tokenizer_dir, self.workers = tokenizer, tokenizer_dir, workers
+        self._pool = None
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def _started_pool(self):
+        if self._pool is None:
+            # spawn, not fork: the parent may already run TensorFlow / tokenizers threads. One thread per worker.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, _init_worker, (self.tokenizer_dir,))
+        return self._pool
+
+    def encode(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+        """`_encode` of each batch, in input order."""
+        if self.workers == 1:
+            for batch in batches:
+                yield _encode(self.tokenizer, batch)
+            return
+        pool, pending = None, collections.deque()
         for batch in batches:
-            yield _encode(tokenizer, batch)
-        return
-    # spawn, not fork: the parent may already run TensorFlow / tokenizers threads. One thread per worker.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
-        pending = collections.deque()
-        for batch in batches:
+            pool = pool or self._started_pool()
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 2 * self.workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()

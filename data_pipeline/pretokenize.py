@@ -172,24 +172,23 @@ def _document_reader(source: str, validation_fraction: float, **source_args) -> 
     return documents
 
 
-def _encode_split(split: str, state: dict, out_dir: str, documents: Callable[[str], Iterator[str]], tok: Tokenizer,
-                  save: Callable[[], None], *, workers: int, total_bytes: int | None, shard_rows: int, seq_len: int,
-                  dtype: str, log) -> None:
+def _encode_split(split: str, state: dict, out_dir: str, documents: Callable[[str], Iterator[str]],
+                  encoder: encoding.Encoder, save: Callable[[], None], *, total_bytes: int | None, shard_rows: int,
+                  seq_len: int, dtype: str, log) -> None:
     """Encodes, packs and writes the parts of `split` that `state` (the split's progress) does not hold yet."""
     shards_lib.remove_unrecorded_parts(out_dir, split, state)
     t0 = time.time()
     skip = sum(p["consumed"] for p in state["parts"])
     batches = encoding.batched(itertools.islice(documents(split), skip, None))
-    tok_dir = os.path.join(out_dir, shards_lib.TOKENIZER_DIR)
     with progress(desc=f"{split}", unit="B", unit_scale=True,
                   total=total_bytes if split == "train" and not skip else None) as bar:
-        docs = encoding.EncodedDocs(encoding.encode_in_order(tok, tok_dir, batches, workers), bar)
+        docs = encoding.EncodedDocs(encoder.encode(batches), bar)
         shards_lib.write_split(split, docs, out_dir, state, save, shard_rows=shard_rows, seq_len=seq_len,
-                               tokenizer=tok, dtype=dtype)
+                               tokenizer=encoder.tokenizer, dtype=dtype)
     seconds = max(time.time() - t0, 1e-9)
     n_docs = sum(p["consumed"] for p in state["parts"]) - skip
     log(f"{split}: {n_docs} documents, {docs.bytes / 1e6:.1f} MB in {seconds:.1f}s "
-        f"({n_docs / seconds:.0f} docs/s, {docs.bytes / 1e6 / seconds:.2f} MB/s, {workers} workers)")
+        f"({n_docs / seconds:.0f} docs/s, {docs.bytes / 1e6 / seconds:.2f} MB/s, {encoder.workers} workers)")
 
 
 def _finish_splits(state: dict, out_dir: str, num_shards: int | None, pad_id: int, dtype: str) -> dict[str, Split]:
@@ -284,11 +283,12 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
         manifest_lib.write_json(progress_path, state)
 
     dtype = "uint16" if tok.vocab_size <= 65536 else "int32"
-    for split in SPLITS:
-        if not state["splits"][split]["complete"]:
-            _encode_split(split, state["splits"][split], out_dir, documents, tok,
-                          lambda: manifest_lib.write_json(progress_path, state), workers=workers,
-                          total_bytes=total_bytes, shard_rows=shard_rows, seq_len=seq_len, dtype=dtype, log=log)
+    with encoding.Encoder(tok, tok_dir, workers) as encoder:  # one worker pool for both splits
+        for split in SPLITS:
+            if not state["splits"][split]["complete"]:
+                _encode_split(split, state["splits"][split], out_dir, documents, encoder,
+                              lambda: manifest_lib.write_json(progress_path, state), total_bytes=total_bytes,
+                              shard_rows=shard_rows, seq_len=seq_len, dtype=dtype, log=log)
     if not sum(p["documents"] for p in state["splits"]["train"]["parts"]):
         raise DataError(f"source {source!r} gave no non-empty training documents")
     splits = _finish_splits(state, out_dir, num_shards, tok.pad_id, dtype)

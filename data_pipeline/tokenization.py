@@ -197,7 +197,8 @@ class WordPieceTokenizer(Tokenizer):
         return "".join(t + "\n" for t in self._tokens)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        # The fast variant skips the character offsets we never use: the same ids, ~10-20% less time.
+        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

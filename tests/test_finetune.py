@@ -135,10 +135,10 @@ def test_downstream_pretraining_budgets_have_equal_flops():
 def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_path):
     """results.jsonl is a cache: a finished run counts when it used the budget's max_len, lr and (after
     --min-steps) epochs; runs with other settings stay in the file and are neither reused nor reported."""
-    from tools import downstream
+    from tools import downstream, downstream_report
 
     budget = dict(downstream.FULL, seeds=1, ref_all_seeds=1, few=500)
-    epochs = downstream._epochs  # pylint: disable=protected-access
+    epochs = downstream_report.epochs
     assert epochs(budget, 500) == 10 and epochs(budget, 8000) == 3
     runs = []
     for name, _ in downstream.MODELS:
@@ -151,7 +151,7 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     # Every current run is present, so nothing is fine-tuned (the model folders do not even exist).
     done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000)
     assert done == runs
-    assert downstream.summarise(done)["scratch/few"]["accuracy"] == 50.0
+    assert downstream_report.summarise(done)["scratch/few"]["accuracy"] == 50.0
 
 
 def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log(tmp_path):

