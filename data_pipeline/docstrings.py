@@ -8,7 +8,9 @@ packages, which makes it a reproducible smoke-test corpus for pretraining.
 The docstring_origin task (`data_pipeline.tasks` writes it) asks which of ten packages a docstring comes
 from; its texts are selected here, with the same extraction rules, so that the "docstrings" pretraining
 source (`data_pipeline.sources`) can leave out every one of them (`heldout_texts`): a model fine-tuned on
-the task never saw its fine-tuning or test text during pretraining.
+the task never saw its fine-tuning or test text during pretraining. The docstring_pairs and docstring_params
+tasks (data_pipeline.docstring_pairs, data_pipeline.docstring_params) take the same selection and splits, so
+this holds for them too.
 
 Selection: a text found in two of the task's packages is dropped (its label would be ambiguous); for
 balance each package keeps at most `cap` docstrings, chosen by a sha256 rank of the text (so the choice does
@@ -29,7 +31,7 @@ import multiprocessing
 import os
 import sys
 import sysconfig
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 from data_pipeline.errors import DataError
 from data_pipeline.splitting import split_of
@@ -112,16 +114,18 @@ def roots(include_site_packages: bool) -> list[str]:
     return [os.path.realpath(r) for r in found]
 
 
-def _extract_all(paths: list[str], min_parallel: int, chunksize: int) -> list[list[str]]:
-    """`file_docstrings` of each path, in input order (Pool.imap keeps it, so the result equals the serial loop).
+def _extract_all(paths: list[str], min_parallel: int, chunksize: int,
+                 extract: Callable[[str], list] = file_docstrings) -> list[list]:
+    """`extract` (`file_docstrings`) of each path, in input order (Pool.imap keeps it, so the result equals the
+    serial loop).
     Processes are forked (spawn would re-run the caller's __main__), which is only safe before multi-threaded
     native libraries start: with any of them loaded this stays serial. The pretokenize CLI reads its corpus
     before loading them."""
     threaded = any(m in sys.modules for m in ("tensorflow", "tokenizers", "torch", "jax"))
     if len(paths) > min_parallel and (os.cpu_count() or 1) > 1 and not threaded:
         with multiprocessing.get_context("fork").Pool(min(os.cpu_count() or 1, 8)) as pool:
-            return list(pool.imap(file_docstrings, paths, chunksize=chunksize))
-    return [file_docstrings(p) for p in paths]
+            return list(pool.imap(extract, paths, chunksize=chunksize))
+    return [extract(p) for p in paths]
 
 
 # ---- the corpus -----------------------------------------------------------------------------------------------
@@ -202,6 +206,7 @@ def pretraining_documents(cache_dir: str | None = None, include_site_packages: b
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """What defines a docstring_origin task: its packages, the per-package cap and minimum, the split sizes."""
+    kind: ClassVar[str] = "single"  # the task folder's shape (data_pipeline.tasks); not a field: no cache change
     packages: tuple[str, ...]
     cap: int = 1000
     min_docs: int = 1000
@@ -211,8 +216,33 @@ class TaskSpec:
 
 DOCSTRING_ORIGIN = TaskSpec(packages=("jax", "matplotlib", "networkx", "numpy", "scipy", "sklearn", "sympy",
                                       "tensorflow", "torch", "transformers"))
-# The tasks by name; the one named "docstring_origin" is what the pretraining corpus holds out.
-TASKS = {"docstring_origin": DOCSTRING_ORIGIN}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTaskSpec(TaskSpec):
+    """docstring_pairs (`data_pipeline.docstring_pairs`): pairs of docstring_origin's texts, within its splits."""
+    kind: ClassVar[str] = "pair"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTaskSpec(TaskSpec):
+    """docstring_params (`data_pipeline.docstring_params`): the parameter names tagged in docstring_origin's
+    function docstrings, within its splits; an example is the first `max_words` words of its docstring."""
+    kind: ClassVar[str] = "token"
+    max_words: int = 48
+
+
+def origin_spec(spec: TaskSpec) -> TaskSpec:
+    """The docstring_origin selection a derived task (pairs, tokens) is built from: its texts are held out of
+    pretraining already, and its splits are theirs."""
+    return TaskSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)})
+
+
+# The tasks by name; the one named "docstring_origin" is what the pretraining corpus holds out (the other two
+# take their texts from it, so they are held out with it).
+TASKS = {"docstring_origin": DOCSTRING_ORIGIN,
+         "docstring_pairs": PairTaskSpec(packages=DOCSTRING_ORIGIN.packages),
+         "docstring_params": TokenTaskSpec(packages=DOCSTRING_ORIGIN.packages)}
 
 
 def package_docstrings(packages: Iterable[str]) -> dict[str, list[str]]:
