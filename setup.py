@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
 ]
 
-HF = ["transformers>=5.0", "torch>=2.13"]
+# accelerate: transformers' Trainer refuses to start without it.
+HF = ["transformers>=5.0", "torch>=2.13", "accelerate>=1.1"]
 # Loading an exported sentence-transformers folder (an imported one, adapted) as SentenceTransformer(DIR).
 SENTENCE_TRANSFORMERS = HF + ["sentence-transformers>=5.0"]
 # tools.export_onnx: torch.onnx.export(dynamo=True) translates through onnxscript; the check runs onnxruntime.

@@ -7,6 +7,7 @@ commands of README's "Serving with ONNX"; (3) the one-line errors.
 """
 
 import json
+import glob
 import os
 import re
 import subprocess
@@ -252,3 +253,21 @@ def test_our_checkpoint_to_onnx_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         expected = model(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
     assert np.abs(logits - expected).max() <= TOL
+
+
+@pytest.mark.slow
+def test_readme_trainer_snippet_runs(tmp_path):
+    """README's fine-tuning snippet with transformers' Trainer (which needs accelerate, from the hf extra), run
+    as written on a tiny export of ours; the trained classifier is saved by Trainer's last checkpoint."""
+    from tools import convert_to_hf  # pylint: disable=import-outside-toplevel
+
+    workdir = _our_workdir(tmp_path / "runs" / "tiny")
+    assert convert_to_hf.main(["--workdir", workdir, "--out", str(tmp_path / "hf" / "tiny")]) == 0
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    snippet = re.search(r"Trainer` \(PyTorch.*?```python\n(.*?)```", readme, re.S).group(1)
+    p = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT}, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = glob.glob(str(tmp_path / "runs" / "trainer" / "checkpoint-*" / "model.safetensors"))
+    assert len(saved) == 1 and "train_loss" in p.stdout + p.stderr
