@@ -2,6 +2,7 @@
 
     source = hf_export.load(workdir, model="mlm", step=None)   # checkpoint, tower config, tokenizer, special ids
     summary = hf_export.write(source, out)                     # config.json, model.safetensors, tokenizer files
+    source = hf_export.load(workdir, sentence_transformers=True)  # ... written as a sentence-transformers folder
 
 `model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared embeddings;
@@ -12,6 +13,8 @@ A workdir that started from an imported folder (tools.import_from_hf, directly o
 holds what that folder had beyond our parameters (`bert_jax.hf_extras`: the pooler, other heads, its config,
 its sentence-transformers modules): the export writes it back, so that it holds every tensor the original had,
 and a sentence-transformers folder exports as one (a bare encoder, our head beside it in HEAD_FILE).
+`sentence_transformers=True` exports any checkpoint so: the same layout, with the module files of a mean-pooled
+encoder (`hf_extras.with_sentence_transformers`) where the workdir kept none.
 
 Writing needs numpy and safetensors only. Loading the folder back into transformers to compare outputs
 (`tools.convert_to_hf --verify`) needs torch, so it lives in the tool; `run_model` gives our side of that
@@ -36,7 +39,7 @@ from bert_jax.checkpointing import Checkpointer, load_params
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.manifest import SpecialIds
-from data_pipeline.tokenization import Tokenizer
+from data_pipeline.tokenization import SPM_FILE, Tokenizer
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # objective recorded in the checkpoint meta -> the model kinds it can export.
@@ -103,9 +106,11 @@ def _checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     return directory, steps
 
 
-def load(workdir: str, model: str = "mlm", step: int | None = None) -> ExportSource:
-    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model`; ConversionError when the
-    checkpoint cannot export it or its tokenizer does not fit the model."""
+def load(workdir: str, model: str = "mlm", step: int | None = None,
+         sentence_transformers: bool = False) -> ExportSource:
+    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model` (as a sentence-transformers
+    folder when `sentence_transformers`); ConversionError when the checkpoint cannot export it or its tokenizer
+    does not fit the model."""
     _check_model(model)
     directory, steps = _checkpoint_steps(workdir)
     if step is not None and step not in steps:
@@ -121,16 +126,20 @@ def load(workdir: str, model: str = "mlm", step: int | None = None) -> ExportSou
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConversionError(f"the tokenizer in {workdir_lib.tokenizer(workdir)} has {tokenizer.vocab_size} "
                               f"tokens, the model's vocab_size is {cfg.vocab_size}")
+    extras = hf_extras.load(workdir, model)
+    if sentence_transformers:
+        # max_seq_length: what the positions (and the exported tokenizer's model_max_length) allow.
+        extras = hf_extras.with_sentence_transformers(extras, model, cfg.hidden_size, cfg.max_position_embeddings)
     return ExportSource(workdir=workdir, step=meta.step, model=model, config=cfg, params=params,
-                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer),
-                        extras=hf_extras.load(workdir, model))
+                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer), extras=extras)
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
-    """Our tokenizer for the WordPiece vocabulary in `tokenizer_dir` (the one kind a BERT folder can carry)."""
-    vocab = os.path.join(tokenizer_dir, "vocab.txt")
-    if not os.path.isfile(vocab):
-        raise ConversionError(f"no tokenizer vocabulary at {vocab}")
+    """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt) or a SentencePiece model (spm.model);
+    either kind writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE)):
+        raise ConversionError(f"no tokenizer vocabulary at {os.path.join(tokenizer_dir, 'vocab.txt')} "
+                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)})")
     return Tokenizer.load(tokenizer_dir)
 
 
@@ -181,21 +190,9 @@ def _prepare_out(out: str, overwrite: bool) -> None:
 
 
 def _write_tokenizer(tokenizer: Tokenizer, out: str, max_length: int) -> None:
-    """vocab.txt + tokenizer.json (ours, so ids agree by construction) and the transformers configs."""
-    tokenizer.save(out)
-    config = {
-        "tokenizer_class": "BertTokenizer",  # the tokenizers-backed class in transformers 5
-        "do_lower_case": tokenizer.lowercase,
-        "strip_accents": None,  # follows do_lower_case, as our normaliser does
-        "tokenize_chinese_chars": True,
-        "model_max_length": max_length,
-        "vocab_hash": tokenizer.vocab_hash,  # provenance: the hash our data manifests record
-        **{f"{k}_token": t for k, t in SPECIAL_TOKENS.items()},
-    }
-    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump({f"{k}_token": t for k, t in SPECIAL_TOKENS.items()}, f, indent=2)
+    """The tokenizer files of either kind (WordPiece: vocab.txt, tokenizer.json, BertTokenizer configs;
+    SentencePiece: a tokenizer.json built from the model, PreTrainedTokenizerFast configs)."""
+    tokenizer.save_hf(out, max_length)
 
 
 def run_model(cfg: EncoderConfig, params: dict, input_ids, attention_mask, token_type_ids,

@@ -24,6 +24,11 @@ loads with AutoModel; it is exported as one again: the folder's `architectures`,
 looks. Any other folder keeps our layout (the head in model.safetensors, `{base}.` names) plus the kept
 tensors, under the architectures `hf_mapping.export_architectures` names.
 
+A checkpoint of ours (or one imported from a folder that was not a sentence-transformers one) becomes one the
+same way (`convert_to_hf --sentence-transformers`): `with_sentence_transformers` gives its extras the module
+files a sentence-transformers folder would have had (`st_module_files`: Transformer + mean Pooling), written
+by `copy_files` like copied ones, and the bare-encoder layout above follows from them.
+
 numpy, json and safetensors only, like the rest of the conversion.
 """
 
@@ -46,23 +51,26 @@ TENSORS = "tensors.safetensors"
 CONFIG = "config.json"
 ST_MODULES = "modules.json"
 ST_CONFIG = "config_sentence_transformers.json"
+ST_POOLING = "1_Pooling"
 # Keys of the imported config.json that would describe the original, not the export.
 _STALE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
 class Extras:
-    """One model's kept extras: tensors {HF name: array}, the folder's config.json (None without one), and the
-    sentence-transformers files and folders (paths relative to `directory`)."""
+    """One model's kept extras: tensors {HF name: array}, the folder's config.json (None without one), the
+    sentence-transformers files and folders (paths relative to `directory`), and the ones to write from
+    scratch ({relative path: JSON value}, `with_sentence_transformers`)."""
 
     directory: str
     tensors: dict
     config: dict | None
     files: tuple[str, ...]
+    generated: dict = dataclasses.field(default_factory=dict)
 
     @property
     def sentence_transformers(self) -> bool:
-        return ST_MODULES in self.files
+        return ST_MODULES in self.files or ST_MODULES in self.generated
 
     @property
     def architectures(self) -> list[str]:
@@ -142,6 +150,47 @@ def load(workdir: str, model: str) -> Extras | None:
                   files=tuple(sentence_transformers_files(where)))
 
 
+def st_module_files(hidden_size: int, max_seq_length: int, model_args: dict | None = None) -> dict:
+    """The files of a sentence-transformers folder whose model is the folder's encoder, mean-pooled over the
+    real tokens ({relative path: JSON value}), in the format sentence-transformers 2 to 6 all read;
+    `model_args`: keyword arguments its Transformer module passes to `AutoModel.from_pretrained`."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": ST_POOLING, "type": "sentence_transformers.models.Pooling"}]
+    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    return {
+        ST_MODULES: modules,
+        f"{ST_POOLING}/config.json": pooling,
+        # Lower-casing, where the vocabulary wants it, is the tokenizer's (tokenizer.json), not this flag's.
+        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False,
+                                      **({"model_args": model_args} if model_args else {})},
+        # No "__version__": a version newer than the reader's makes it warn.
+        ST_CONFIG: {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+                    "similarity_fn_name": "cosine"},
+    }
+
+
+def with_sentence_transformers(extras: Extras | None, model: str, hidden_size: int,
+                               max_seq_length: int) -> Extras:
+    """`extras` (None: a workdir of ours) exported as a sentence-transformers folder: unchanged when it is one
+    already (its own modules, pooling included); else with `st_module_files` to write and the bare encoder's
+    architecture, so that `assemble` lays it out as it does an imported sentence-transformers folder."""
+    if extras is not None and extras.sentence_transformers:
+        return extras
+    spec = hf_mapping.MODELS[model]
+    if extras is None:
+        extras = Extras(directory="", tensors={}, config=None, files=())
+    config = {**extras.config, "architectures": [spec.base_architecture]} if extras.config is not None else None
+    # BertModel builds a pooler that our model does not have (transformers would report it missing at every
+    # load, and mean pooling does not use it): the folder's Transformer module builds it without one, unless the
+    # workdir kept an imported pooler. ElectraModel has none.
+    pooled = any(n.startswith(f"{spec.base}.pooler.") for n in hf_mapping.normalize_names(extras.tensors, model))
+    model_args = {"add_pooling_layer": False} if spec.base_architecture == "BertModel" and not pooled else None
+    return dataclasses.replace(extras, config=config,
+                               generated=st_module_files(hidden_size, max_seq_length, model_args))
+
+
 def base_layout(extras: Extras | None, model: str) -> bool:
     """Whether the export is a bare encoder (a sentence-transformers folder that was not ours to begin with)."""
     return (extras is not None and extras.sentence_transformers
@@ -158,10 +207,12 @@ def assemble(ours: dict, extras: Extras | None, model: str) -> Assembled:
     if not base_layout(extras, model):
         return Assembled(tensors={**kept, **ours}, head={},
                          architectures=hf_mapping.export_architectures(model, extras.architectures, list(kept)))
-    heads = hf_mapping.head_names(model)
+    # The bare encoder holds the `{base}.` tensors (bare names); anything else (our head; a kept NSP or task
+    # head, where a folder of another kind is exported this way) has no place in it and goes to the head file.
     prefix = f"{spec.base}."
-    encoder = {n.removeprefix(prefix): v for n, v in {**kept, **ours}.items() if n not in heads}
-    return Assembled(tensors=encoder, head={n: v for n, v in ours.items() if n in heads},
+    both = {**kept, **ours}
+    encoder = {n.removeprefix(prefix): v for n, v in both.items() if n.startswith(prefix)}
+    return Assembled(tensors=encoder, head={n: v for n, v in both.items() if not n.startswith(prefix)},
                      architectures=extras.architectures or [spec.base_architecture])
 
 
@@ -173,7 +224,8 @@ def export_config(ours: dict, extras: Extras | None, architectures: list[str]) -
 
 
 def copy_files(extras: Extras | None, out: str) -> list[str]:
-    """Copies the sentence-transformers files and folders into `out` (replacing those there); -> their paths."""
+    """Copies the sentence-transformers files and folders into `out` (replacing those there) and writes the
+    generated ones; -> their paths."""
     if extras is None:
         return []
     for name in extras.files:
@@ -182,4 +234,9 @@ def copy_files(extras: Extras | None, out: str) -> list[str]:
             shutil.copytree(src, dst, dirs_exist_ok=True)
         else:
             shutil.copyfile(src, dst)
-    return list(extras.files)
+    for name, value in extras.generated.items():
+        path = os.path.join(out, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2)
+    return list(extras.files) + list(extras.generated)

@@ -42,7 +42,8 @@ from data_pipeline.manifest import Manifest, SpecialIds, Split, TokenizerFiles
 from data_pipeline.progress import progress
 from data_pipeline.sources import iter_documents, source_bytes
 from data_pipeline.splitting import split_of
-from data_pipeline.tokenization import Tokenizer, train_tokenizer
+from data_pipeline.tokenization import Tokenizer
+from data_pipeline.tokenizer_training import train_tokenizer
 
 SPLITS = manifest_lib.SPLITS
 TOKENIZERS = ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe")

@@ -46,7 +46,7 @@ from data_pipeline.manifest import Manifest
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_FILE = "tokenizer_config.json"
 SPM_FILE = "spm.model"
-_SPM_KINDS = {"sentencepiece-unigram": "unigram", "sentencepiece-bpe": "bpe"}
+SPM_KINDS = {"sentencepiece-unigram": "unigram", "sentencepiece-bpe": "bpe"}
 # `[` and `]` are punctuation to the BERT pre-tokenizer, so no token learned from text can look like
 # `[XXX]`: any vocabulary entry of that shape ([PAD], [unused17], ...) is a special token.
 _SPECIAL_RE = re.compile(r"^\[[A-Za-z0-9_]+\]$")
@@ -125,6 +125,37 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, out_dir: str) -> str:
         """Write `files` (and tokenizer_config.json) into `out_dir`; returns `out_dir`."""
+
+    @abc.abstractmethod
+    def save_hf(self, out_dir: str, model_max_length: int) -> list[str]:
+        """Write the tokenizer files of a Hugging Face folder into `out_dir` (tokenizer.json,
+        tokenizer_config.json with `model_max_length`, special_tokens_map.json, and vocab.txt for WordPiece), so
+        that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it offline and gives our ids (see
+        `encode_hf_batch`); -> the names written."""
+
+    def special_tokens(self) -> dict[str, str]:
+        """{"pad_token": ..., "unk_token": ..., "cls_token": ..., "sep_token": ..., "mask_token": ...}: the text of
+        the five special tokens (the pieces at their ids)."""
+        names = ("pad", "unk", "cls", "sep", "mask")
+        ids = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+        return {f"{k}_token": self.id_to_token(i) for k, i in zip(names, ids)}
+
+    def encode_hf_batch(self, texts: list[str]) -> list[list[int]]:
+        """The ids the folder `save_hf` writes gives each text (`add_special_tokens=False`): `encode_batch`'s,
+        except that the text of a special token ("[MASK]") is that token, as in every Hugging Face tokenizer
+        (fill-mask depends on it). The text between such tokens is encoded piece by piece."""
+        specials = {t: self.token_to_id(t) for t in self.special_tokens().values()}
+        # Longest first: the leftmost-longest match, as the Hugging Face added-token matcher does.
+        split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+        parts = [split.split(text) for text in texts]
+        pieces = iter(self.encode_batch([p for ps in parts for p in ps[0::2]]))
+        out = []
+        for ps in parts:
+            ids = []
+            for k, p in enumerate(ps):
+                ids += next(pieces) if k % 2 == 0 else [specials[p]]
+            out.append(ids)
+        return out
 
     def _special_config(self) -> dict:
         return {"pad": self.pad_id, "unk": self.unk_id, "cls": self.cls_id, "sep": self.sep_id,
@@ -230,6 +261,35 @@ class WordPieceTokenizer(Tokenizer):
         })
         return out_dir
 
+    def encode_hf_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode_batch`: the backend already maps the text of a special token to its id."""
+        return self.encode_batch(texts)
+
+    def save_hf(self, out_dir: str, model_max_length: int) -> list[str]:
+        """vocab.txt and tokenizer.json (ours, so ids agree by construction), and transformers' BertTokenizer
+        configs."""
+        self.save(out_dir)
+        tokens = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS))
+        config = {
+            "tokenizer_class": "BertTokenizer",  # the tokenizers-backed class in transformers 5
+            "do_lower_case": self.lowercase,
+            "strip_accents": None,  # follows do_lower_case, as our normaliser does
+            "tokenize_chinese_chars": True,
+            "model_max_length": model_max_length,
+            "vocab_hash": self.vocab_hash,  # provenance: the hash our data manifests record
+            **tokens,
+        }
+        return ["vocab.txt", "tokenizer.json", *_write_hf_configs(out_dir, config, tokens)]
+
+
+def _write_hf_configs(out_dir: str, config: dict, special_tokens: dict) -> list[str]:
+    """tokenizer_config.json and special_tokens_map.json of a Hugging Face folder; -> their names."""
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special_tokens, f, indent=2)
+    return [CONFIG_FILE, "special_tokens_map.json"]
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model with BERT's special pieces; see the module docstring."""
@@ -315,50 +375,31 @@ class SentencePieceTokenizer(Tokenizer):
                                 "special_ids": self._special_config(), "vocab_hash": self.vocab_hash})
         return out_dir
 
+    def hf_backend(self):
+        """The `tokenizers.Tokenizer` that gives this model's ids (`tokenizer_backends.sentencepiece_hf_backend`)."""
+        tokens = self.special_tokens()
+        ids = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+        return backends.sentencepiece_hf_backend(self._model_bytes, list(zip(tokens.values(), ids)),
+                                                 tokens["cls_token"], tokens["sep_token"])
 
-# ---- training -----------------------------------------------------------------------------------------------
-
-def _check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise DataError(f"vocab_size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
-
-
-def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True) -> str:
-    """Train a BERT-style WordPiece vocabulary on `texts` and save it (see `WordPieceTokenizer.save`) to
-    `out_dir`; returns `out_dir`.
-
-    The vocabulary has at most `vocab_size` entries (fewer when the corpus is too small to learn that
-    many) and starts with `SPECIAL_TOKENS` at ids 0..4, then the alphabet, the "##" continuation of each
-    alphabet character, and the learned pieces. The same texts give the same vocabulary in every run.
-    `texts` is read once (spooled to a file under `out_dir`, removed afterwards).
-    """
-    _check_vocab_size(vocab_size)
-    tokens = backends.train_wordpiece_tokens(texts, vocab_size, out_dir, lowercase, SPECIAL_TOKENS)
-    return WordPieceTokenizer(tokens, lowercase=lowercase).save(out_dir)
-
-
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True,
-                        model_type: str = "unigram", max_sentences: int = 2_000_000) -> str:
-    """Train a SentencePiece unigram or BPE model on the lines of `texts` and save it to `out_dir`.
-
-    Special pieces get ids 0..4 (see the module docstring). At most `max_sentences` lines are used (a seeded
-    random sample when there are more), which bounds the trainer's memory. Returns `out_dir`.
-    """
-    if model_type not in ("unigram", "bpe"):
-        raise DataError(f"SentencePiece model_type must be 'unigram' or 'bpe', got {model_type!r}")
-    _check_vocab_size(vocab_size)
-    model = backends.train_sentencepiece_model(texts, vocab_size, lowercase, model_type, max_sentences,
-                                               SPECIAL_TOKENS)
-    return SentencePieceTokenizer(model).save(out_dir)
-
-
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True) -> str:
-    """Train a tokenizer of `kind` ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe") into `out_dir`."""
-    if kind == "wordpiece":
-        return train_wordpiece(texts, vocab_size, out_dir, lowercase=lowercase)
-    if kind in _SPM_KINDS:
-        return train_sentencepiece(texts, vocab_size, out_dir, lowercase=lowercase, model_type=_SPM_KINDS[kind])
-    raise DataError(f"unknown tokenizer {kind!r} (wordpiece, sentencepiece-unigram, sentencepiece-bpe)")
+    def save_hf(self, out_dir: str, model_max_length: int) -> list[str]:
+        """tokenizer.json (built from the model: `hf_backend`) and transformers' PreTrainedTokenizerFast configs;
+        no spm.model, which a fast tokenizer does not read."""
+        os.makedirs(out_dir, exist_ok=True)
+        self.hf_backend().save(os.path.join(out_dir, "tokenizer.json"))
+        tokens = self.special_tokens()
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as is (transformers 4 and 5)
+            "model_max_length": model_max_length,
+            # BERT takes token types (a pair's second text is type 1); transformers 5's default leaves them out.
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+            "clean_up_tokenization_spaces": False,  # SentencePiece's decode leaves no spaces to clean
+            "tokenizer_type": self.kind,
+            "lowercase": self.lowercase,  # case folding is part of the normaliser in tokenizer.json
+            "vocab_hash": self.vocab_hash,  # provenance: the hash our data manifests record
+            **tokens,
+        }
+        return ["tokenizer.json", *_write_hf_configs(out_dir, config, tokens)]
 
 
 # ---- a dataset's tokenizer ------------------------------------------------------------------------------------

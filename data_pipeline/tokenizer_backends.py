@@ -1,5 +1,6 @@
 """The third-party machinery behind `data_pipeline.tokenization`: the Hugging Face `tokenizers` WordPiece
-pipeline configured like BERT's, vocabulary file readers, and the WordPiece and SentencePiece trainers.
+pipeline configured like BERT's, vocabulary file readers, the WordPiece and SentencePiece trainers, and the
+`tokenizers` pipeline that reproduces a SentencePiece model (the tokenizer.json of an exported HF folder).
 
 The functions here return plain values (token lists, model bytes, a backend object); the `Tokenizer`
 classes that callers use are in `data_pipeline.tokenization`, which passes the special tokens in.
@@ -136,6 +137,77 @@ def sentencepiece_processor(model_bytes: bytes, source: str):
     proto.ParseFromString(model_bytes)
     model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "unigram")
     return sp, model_type, proto.normalizer_spec.name.endswith("_cf")
+
+
+def sentencepiece_hf_backend(model_bytes: bytes, special_tokens: Sequence[tuple[str, int]], cls: str, sep: str):
+    """A `tokenizers.Tokenizer` that gives SentencePiece's ids for a serialized unigram or BPE model (the
+    `tokenizer.json` of an exported Hugging Face folder). `special_tokens`: (piece, id) of [PAD], [UNK], [CLS],
+    [SEP], [MASK]; `cls`, `sep`: the pieces the post-processor puts around a text ("[CLS] $A [SEP]").
+
+    What it rebuilds from the model proto:
+    - normalisation: the model's precompiled character map (NFKC, and case folding for our uncased
+      `nmt_nfkc_cf` models), then SentencePiece's `remove_extra_whitespaces` (spaces stripped at both ends,
+      runs of spaces made one);
+    - pre-tokenization: spaces become "▁", a "▁" is prepended (`add_dummy_prefix`), and words split there
+      (no piece spans a word boundary when the model was trained with `split_by_whitespace`);
+    - the model: unigram with the pieces' scores (unknown characters: SentencePiece's unk penalty, runs of them
+      fused into one [UNK]) or BPE with merges ranked by the merged piece's score (SentencePiece merges the
+      best-scoring adjacent pair first), each with the model's byte fallback where it has one;
+    - the special tokens as added tokens, so that their text ("[MASK]") maps to their ids, as in every Hugging
+      Face tokenizer (fill-mask depends on it); our own `encode` treats such text as ordinary text instead
+      (see `Tokenizer.encode_hf_batch`).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    unk_id = next((i for i, (_, _, t) in enumerate(pieces) if t == Piece.UNKNOWN), trainer.unk_id)
+    byte_fallback = bool(trainer.byte_fallback)
+    if trainer.model_type == 1:  # unigram
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk_id, byte_fallback=byte_fallback)
+    elif trainer.model_type == 2:  # bpe
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        mergeable = {p: i for i, (p, _, t) in enumerate(pieces) if t in (Piece.NORMAL, Piece.USER_DEFINED)}
+        merges = []
+        for piece, i in mergeable.items():
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in mergeable and right in mergeable:
+                    # Rank: the merged piece's score (higher merges first), then the left part's.
+                    merges.append((-pieces[i][1], i, mergeable[left], (left, right)))
+        merges.sort()
+        model = models.BPE(vocab, [m[-1] for m in merges], unk_token=pieces[unk_id][0], fuse_unk=True,
+                           byte_fallback=byte_fallback)
+    else:
+        raise DataError(f"a SentencePiece {({3: 'word', 4: 'char'}.get(trainer.model_type, trainer.model_type))} "
+                        f"model has no Hugging Face tokenizer here (unigram and BPE have)")
+    tok = HFTokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:
+        # Only " " counts, as in SentencePiece (after the character map, which turns tabs and newlines into it).
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if norm.add_dummy_prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend,
+                                                 split=bool(trainer.split_by_whitespace))
+    if byte_fallback:
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1 if norm.add_dummy_prefix else 0, 0)])
+    else:
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend,
+                                         split=bool(trainer.split_by_whitespace))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in special_tokens])
+    ids = dict(special_tokens)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, ids[cls]), (sep, ids[sep])])
+    return tok
 
 
 def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:

@@ -33,7 +33,7 @@ from bert_jax.models import (BertForMaskedLM, ElectraForPretraining, EncoderConf
                              hf_mapping)
 from bert_jax.workdir import CheckpointMeta  # noqa: E402
 from data_pipeline import manifest as manifest_lib  # noqa: E402
-from data_pipeline import tokenization  # noqa: E402
+from data_pipeline import tokenization, tokenizer_training  # noqa: E402
 from tools import convert_to_hf, import_from_hf  # noqa: E402
 
 TOL = 1e-4
@@ -55,7 +55,7 @@ def _texts():
 def small_workdir(tmp_path_factory):
     """A workdir with checkpoints at steps 1 and 2 of a random (non-trivial) small BertForMaskedLM."""
     workdir = tmp_path_factory.mktemp("ours")
-    tok_dir = tokenization.train_wordpiece(_texts(), 500, str(workdir / "tokenizer"))
+    tok_dir = tokenizer_training.train_wordpiece(_texts(), 500, str(workdir / "tokenizer"))
     tok = tokenization.Tokenizer.load(tok_dir)
     cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                         intermediate_size=128, max_position_embeddings=64)
@@ -519,7 +519,7 @@ def electra_workdir(tmp_path_factory):
     """A random small ELECTRA checkpoint: the discriminator (64 wide) projects its 32-wide embeddings, the
     half-width generator (32) does not."""
     workdir = tmp_path_factory.mktemp("electra")
-    tok = tokenization.Tokenizer.load(tokenization.train_wordpiece(_texts(), 500, str(workdir / "tokenizer")))
+    tok = tokenization.Tokenizer.load(tokenizer_training.train_wordpiece(_texts(), 500, str(workdir / "tokenizer")))
     disc = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, embedding_size=32, num_layers=2, num_heads=4,
                          intermediate_size=128, max_position_embeddings=64)
     gen = generator_config(disc, 0.5)

@@ -192,11 +192,11 @@ def _our_workdir(workdir):
     from bert_jax.models import BertForMaskedLM, EncoderConfig  # pylint: disable=import-outside-toplevel
     from bert_jax.workdir import CheckpointMeta  # pylint: disable=import-outside-toplevel
     from data_pipeline import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
-    from data_pipeline import tokenization  # pylint: disable=import-outside-toplevel
+    from data_pipeline import tokenization, tokenizer_training  # pylint: disable=import-outside-toplevel
 
     docs = [getattr(m, n).__doc__ or "" for m in (collections, json, textwrap, os.path, dataclasses) for n in dir(m)]
     docs.append(" ".join(WORDS + ["red", "blue"]))
-    tok = tokenization.Tokenizer.load(tokenization.train_wordpiece([d for d in docs if isinstance(d, str) and d],
+    tok = tokenization.Tokenizer.load(tokenizer_training.train_wordpiece([d for d in docs if isinstance(d, str) and d],
                                                                    500, str(workdir / "tokenizer")))
     cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                         intermediate_size=128, max_position_embeddings=64)

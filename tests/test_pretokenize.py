@@ -18,7 +18,8 @@ from data_pipeline.packing import pack_documents
 from data_pipeline.pretokenize import pretokenize
 from data_pipeline.sources import docstring_documents
 from data_pipeline.splitting import split_of
-from data_pipeline.tokenization import Tokenizer, train_wordpiece
+from data_pipeline.tokenization import Tokenizer
+from data_pipeline.tokenizer_training import train_wordpiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,8 @@ from data_pipeline.dataset import as_numpy, make_dataset
 from data_pipeline.packing import pack_documents
 from data_pipeline.sources import docstring_documents
 from data_pipeline.splitting import split_of
-from data_pipeline.tokenization import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer, train_tokenizer
+from data_pipeline.tokenization import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer
+from data_pipeline.tokenizer_training import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,8 @@ import pytest
 from data_pipeline import DataError
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.sources import docstring_documents
-from data_pipeline.tokenization import SPECIAL_TOKENS, Tokenizer, WordPieceTokenizer, train_wordpiece, \
-    word_start_table
+from data_pipeline.tokenization import SPECIAL_TOKENS, Tokenizer, WordPieceTokenizer, word_start_table
+from data_pipeline.tokenizer_training import train_wordpiece
 
 
 @pytest.fixture(scope="module")

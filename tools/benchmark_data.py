@@ -38,7 +38,8 @@ from data_pipeline import dataset as dataset_lib
 from data_pipeline.errors import DataError
 from data_pipeline.pretokenize import TOKENIZERS, pretokenize
 from data_pipeline.sources import TFDS_PREFIX, iter_documents, source_bytes
-from data_pipeline.tokenization import Tokenizer, train_tokenizer
+from data_pipeline.tokenization import Tokenizer
+from data_pipeline.tokenizer_training import train_tokenizer
 
 WARMUP_BATCHES = 3
 FIXED_DOCUMENTS = 16  # the corpus head, pretokenized to measure the fixed cost (pool start-up per split, ...)

@@ -1,6 +1,7 @@
 """Export an orbax checkpoint of ours to a Hugging Face transformers (PyTorch) folder.
 
-    python -m tools.convert_to_hf --workdir W --out DIR [--step N] [--model mlm] [--verify] [--overwrite]
+    python -m tools.convert_to_hf --workdir W --out DIR [--step N] [--model mlm] [--sentence-transformers]
+        [--verify] [--overwrite]
 
 `--model` picks what to export: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared
@@ -21,12 +22,18 @@ config.json settings, unchanged; config.json's `architectures` names the classes
 sentence-transformers folder exports as one: a bare encoder under the folder's architecture (BertModel) with
 its modules (pooling, Normalize, ...), which `SentenceTransformer(DIR)` loads offline without a warning; our
 trained MLM head, which BertModel has no place for, lies beside it in `mlm_head.safetensors`.
+`--sentence-transformers` exports any checkpoint (ours too; ELECTRA's towers as ElectraModel) in that layout,
+with the module files of a mean-pooled encoder (Transformer + Pooling with `pooling_mode_mean_tokens`) where the
+workdir kept none (an imported sentence-transformers folder keeps its own).
 The library side is `bert_jax.hf_export`; this CLI adds the verification.
 
 Writing needs only numpy and safetensors; torch and transformers are imported by `--verify` alone, which
 loads the folder back, runs both models on real sentences (standard-library docstrings) and fails when the
 logits (MLM, or the discriminator's per-token logits) or the last hidden states differ by more than 1e-4,
-or when the exported tokenizer's ids differ from ours. The last printed line is one JSON object of the figures.
+or when the exported tokenizer's ids differ from ours; for a sentence-transformers export it also loads the
+folder with `SentenceTransformer` and fails when its embeddings differ from our mean-pooled last hidden states
+(over the real tokens) by more than 1e-5 x their largest magnitude. The last printed line is one JSON object
+of the figures.
 """
 
 import argparse
@@ -50,6 +57,8 @@ from data_pipeline.progress import progress
 # (at least 1): float32 rounding grows with the values, so a trained model with logits of ~20 differs by
 # ~1e-4 through two layers with nothing wrong, while the other GELU form differs by 2e-3 to 8e-3 there.
 TOLERANCE = 5e-5
+# SentenceTransformer's embeddings against our mean-pooled hidden states, relative to their largest magnitude.
+ST_TOLERANCE = 1e-5
 
 
 def sample_texts() -> list[str]:
@@ -71,7 +80,9 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
 
     texts = texts or sample_texts()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours_ids = source.tokenizer.encode_batch(texts)
+    # The text of a special token ([MASK]) is that token in a Hugging Face tokenizer (fill-mask needs it); our
+    # SentencePiece `encode` reads it as text: `encode_hf_batch` gives the ids the export must give.
+    ours_ids = source.tokenizer.encode_hf_batch(texts)
     hf_ids = hf_tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
     tokenizer_match = [list(a) for a in ours_ids] == [list(b) for b in hf_ids]
 
@@ -102,6 +113,51 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
     return figures
 
 
+def verify_sentence_transformers(out: str, source: ExportSource, texts: list[str] | None = None) -> dict:
+    """Loads `out` with SentenceTransformer and compares its embeddings with our last hidden states pooled as
+    its Pooling module says (mean over the real tokens; an L2 Normalize after it where the folder has one);
+    -> figures (`st_ok` False beyond ST_TOLERANCE; the check is skipped, with the reason, for other modules)."""
+    # Imported here, not at the top: exporting without --verify must work where torch is not installed.
+    import sentence_transformers  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    texts = texts or sample_texts()
+    with open(os.path.join(out, "modules.json"), encoding="utf-8") as f:
+        modules = json.load(f)
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    pooling = {}
+    if len(kinds) > 1 and kinds[1] == "Pooling":
+        with open(os.path.join(out, modules[1]["path"], "config.json"), encoding="utf-8") as f:
+            pooling = json.load(f)
+    mean_only = pooling.get("pooling_mode_mean_tokens") and not any(
+        v for k, v in pooling.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens")
+    if kinds[:2] != ["Transformer", "Pooling"] or not mean_only or any(k != "Normalize" for k in kinds[2:]):
+        return {"st_modules": kinds, "st_ok": True,
+                "st_check": "skipped: compares mean pooling (and Normalize) only"}
+
+    model = sentence_transformers.SentenceTransformer(out, device="cpu")
+    theirs = model.encode(texts, convert_to_numpy=True, batch_size=len(texts))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    batch = hf_tok(texts, padding=True, truncation=True, max_length=model.max_seq_length, return_tensors="np")
+    types = batch.get("token_type_ids", np.zeros_like(batch["input_ids"]))
+    hidden, _ = hf_export.run_model(source.config, source.params, batch["input_ids"], batch["attention_mask"],
+                                    types, source.model)
+    ours = mean_pool(hidden, batch["attention_mask"])
+    if "Normalize" in kinds:
+        ours = ours / np.maximum(np.linalg.norm(ours, axis=-1, keepdims=True), 1e-12)
+    diff = float(np.abs(theirs - ours).max())
+    scale = float(np.abs(ours).max())
+    rel = diff / scale if scale else diff
+    return {"st_modules": kinds, "st_max_abs_diff_embedding": diff, "st_max_rel_diff_embedding": rel,
+            "st_tolerance": ST_TOLERANCE, "st_ok": bool(rel <= ST_TOLERANCE)}
+
+
+def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """[B, S, H] hidden states, [B, S] mask -> [B, H]: the mean over the real tokens (float64 sums)."""
+    mask = np.asarray(attention_mask, np.float64)[..., None]
+    return ((np.asarray(hidden, np.float64) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)).astype(np.float32)
+
+
 def _load_exported(out: str, model: str):
     """The exported folder in transformers' class of `model` (BertForMaskedLM, ...); where the export is a
     bare encoder (a sentence-transformers folder's), with our head from the head file beside it."""
@@ -126,13 +182,14 @@ def _load_exported(out: str, model: str):
 
 
 def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm", verify: bool = False,
-            overwrite: bool = False) -> dict:
-    """Writes the HF folder `out` from checkpoint `step` (default: newest) of `workdir`; -> a summary dict
-    (with the verification figures when `verify`). Raises ConversionError on bad input and on a failed
-    verification (after printing the summary with its figures)."""
+            overwrite: bool = False, sentence_transformers: bool = False) -> dict:
+    """Writes the HF folder `out` from checkpoint `step` (default: newest) of `workdir` (a sentence-transformers
+    folder when `sentence_transformers`); -> a summary dict (with the verification figures when `verify`).
+    Raises ConversionError on bad input and on a failed verification (after printing the summary with its
+    figures)."""
     hf_export.check_request(model, out, overwrite)
     bar = progress(desc="convert: restore", total=3 if verify else 2, unit="stage")
-    source = hf_export.load(workdir, model, step)
+    source = hf_export.load(workdir, model, step, sentence_transformers=sentence_transformers)
     bar.update(1)
     bar.set_description("convert: write")
     summary = hf_export.write(source, out, overwrite)
@@ -140,6 +197,9 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
     if verify:
         bar.set_description("convert: verify")
         figures = verify_folder(out, source)
+        if sentence_transformers:
+            figures.update(verify_sentence_transformers(out, source))
+            figures["ok"] = figures["ok"] and figures["st_ok"]
         bar.update(1)
         summary.update(figures)
         if not figures["ok"]:
@@ -150,6 +210,9 @@ def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm",
 
 
 def _failure(fig: dict) -> str:
+    if "st_max_rel_diff_embedding" in fig and not fig["st_ok"]:
+        return (f"verification failed: SentenceTransformer embeddings differ from our mean-pooled hidden states by "
+                f"{fig['st_max_rel_diff_embedding']:.3g} relative (tolerance {fig['st_tolerance']:.3g})")
     return (f"verification failed: logits diff {fig['max_abs_diff_logits']:.3g} (tolerance "
             f"{fig['tolerance_logits']:.3g}), hidden diff {fig['max_abs_diff_hidden']:.3g} "
             f"(tolerance {fig['tolerance_hidden']:.3g}), tokenizer ids match: {fig['tokenizer_ids_match']}")
@@ -161,13 +224,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--model", default="mlm", help=f"one of {', '.join(MODEL_CLASSES)}")
+    parser.add_argument("--sentence-transformers", action="store_true",
+                        help="write a sentence-transformers folder (bare encoder, mean pooling; the head beside it)")
     parser.add_argument("--verify", action="store_true", help="load with transformers and compare outputs")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         summary = convert(args.workdir, args.out, step=args.step, model=args.model, verify=args.verify,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, sentence_transformers=args.sentence_transformers)
     except (ConversionError, CorruptCheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     if args.verify:
