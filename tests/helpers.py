@@ -22,3 +22,35 @@ def write_shards(rows: np.ndarray, split: str, out_dir: str, num_shards: int, dt
         shards.append(Shard(file=name, rows=int(hi - lo), tokens=int(np.count_nonzero(rows[lo:hi] != pad_id)),
                             sha256=records.file_sha256(path)))
     return shards
+
+
+def write_random_checkpoint(workdir: str, tok) -> None:
+    """A checkpoint (step 1) of a random, perturbed small BertForMaskedLM on the tokenizer `tok` in `workdir`,
+    with the workdir's copy of a dataset manifest naming `tok`'s special ids: enough to export."""
+    # Imported here: the data tests that use this module's other helpers stay free of jax.
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from bert_jax import hf_import  # pylint: disable=import-outside-toplevel
+    from bert_jax.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
+    from bert_jax.models import BertForMaskedLM, EncoderConfig  # pylint: disable=import-outside-toplevel
+    from bert_jax.workdir import CheckpointMeta  # pylint: disable=import-outside-toplevel
+    from data_pipeline import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
+
+    cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    params = hf_import.init_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+
+    def perturb(tree):
+        return {k: perturb(v) if isinstance(v, dict) else (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
+                for k, v in tree.items()}
+
+    ids = manifest_lib.SpecialIds(pad=tok.pad_id, unk=tok.unk_id, cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id)
+    manifest = dataclasses.replace(manifest_lib.synthetic(64, tok.vocab_size, ids), lowercase=tok.lowercase,
+                                   vocab_hash=tok.vocab_hash)
+    manifest_lib.write_json(os.path.join(workdir, "data_manifest.json"), manifest.to_json())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save(1, {"params": perturb(params), "step": np.int32(1)}, CheckpointMeta(step=1, objective="mlm", model=cfg))
+    ckpt.close()

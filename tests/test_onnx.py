@@ -185,36 +185,14 @@ def _our_workdir(workdir):
     import dataclasses  # pylint: disable=import-outside-toplevel
     import textwrap  # pylint: disable=import-outside-toplevel
 
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from bert_jax import hf_import  # pylint: disable=import-outside-toplevel
-    from bert_jax.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
-    from bert_jax.models import BertForMaskedLM, EncoderConfig  # pylint: disable=import-outside-toplevel
-    from bert_jax.workdir import CheckpointMeta  # pylint: disable=import-outside-toplevel
-    from data_pipeline import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import tokenization, tokenizer_training  # pylint: disable=import-outside-toplevel
+    from tests.helpers import write_random_checkpoint  # pylint: disable=import-outside-toplevel
 
     docs = [getattr(m, n).__doc__ or "" for m in (collections, json, textwrap, os.path, dataclasses) for n in dir(m)]
     docs.append(" ".join(WORDS + ["red", "blue"]))
     tok = tokenization.Tokenizer.load(tokenizer_training.train_wordpiece([d for d in docs if isinstance(d, str) and d],
                                                                    500, str(workdir / "tokenizer")))
-    cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
-    params = hf_import.init_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(1)))
-    rng = np.random.default_rng(0)
-
-    def perturb(tree):
-        return {k: perturb(v) if isinstance(v, dict) else (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
-                for k, v in tree.items()}
-
-    ids = manifest_lib.SpecialIds(pad=tok.pad_id, unk=tok.unk_id, cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id)
-    manifest = dataclasses.replace(manifest_lib.synthetic(64, tok.vocab_size, ids), lowercase=True,
-                                   vocab_hash=tok.vocab_hash)
-    manifest_lib.write_json(str(workdir / "data_manifest.json"), manifest.to_json())
-    ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
-    ckpt.save(1, {"params": perturb(params), "step": np.int32(1)}, CheckpointMeta(step=1, objective="mlm",
-                                                                                  model=cfg))
-    ckpt.close()
+    write_random_checkpoint(str(workdir), tok)
     return str(workdir)
 
 

@@ -9,7 +9,6 @@ another order, e.g. "9" "999" "999" against "999" "999" "9"): sentencepiece sums
 is such a tie and that they are rare, and prints the counts.
 """
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from data_pipeline.sources import docstring_documents  # noqa: E402
 from data_pipeline.tokenization import Tokenizer  # noqa: E402
 from data_pipeline.tokenizer_training import train_tokenizer  # noqa: E402
+from tests.helpers import write_random_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,41 +112,13 @@ def test_whitespace_and_unicode(exported_tokenizer):
     assert [list(x) for x in hf(texts, add_special_tokens=False)["input_ids"]] == tok.encode_batch(texts)
 
 
-def _small_workdir(workdir, tok):
-    """A checkpoint of a random small BertForMaskedLM on `tok`, as tests/test_convert.py builds one."""
-    from flax import nnx
-
-    from bert_jax import hf_import
-    from bert_jax.checkpointing import Checkpointer
-    from bert_jax.models import BertForMaskedLM, EncoderConfig
-    from bert_jax.workdir import CheckpointMeta
-    from data_pipeline import manifest as manifest_lib
-
-    cfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
-    params = hf_import.init_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(1)))
-    rng = np.random.default_rng(0)
-
-    def perturb(tree):
-        return {k: perturb(v) if isinstance(v, dict) else (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
-                for k, v in tree.items()}
-
-    ids = manifest_lib.SpecialIds(pad=tok.pad_id, unk=tok.unk_id, cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id)
-    manifest = dataclasses.replace(manifest_lib.synthetic(64, tok.vocab_size, ids), lowercase=tok.lowercase,
-                                   vocab_hash=tok.vocab_hash)
-    manifest_lib.write_json(os.path.join(workdir, "data_manifest.json"), manifest.to_json())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.save(1, {"params": perturb(params), "step": np.int32(1)}, CheckpointMeta(step=1, objective="mlm", model=cfg))
-    ckpt.close()
-
-
 @pytest.mark.parametrize("kind", ["sentencepiece-unigram", "sentencepiece-bpe"])
 def test_convert_cli_exports_a_sentencepiece_run(kind, docs, tmp_path):
     import json
 
     workdir = str(tmp_path / "w")
     tok = Tokenizer.load(train_tokenizer(kind, docs, 600, os.path.join(workdir, "tokenizer")))
-    _small_workdir(workdir, tok)
+    write_random_checkpoint(workdir, tok)
     out = str(tmp_path / "hf")
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "tools.convert_to_hf", "--workdir", workdir, "--out", out, "--verify"],
