@@ -23,6 +23,7 @@ from bert_jax import train_step
 from bert_jax.errors import ConfigError
 from bert_jax.masking import MaskingSpec, special_ids_tuple
 from bert_jax.models import BertForMaskedLM, ElectraForPretraining, EncoderConfig, generator_config
+from bert_jax.models.config import parse_kernels
 from bert_jax.models.heads import check_bert_config
 from data_pipeline import manifest as manifest_lib
 from data_pipeline import tokenization
@@ -167,7 +168,7 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
 
 # EncoderConfig fields that are how a run computes, not what the weights are (free to differ from init_from).
 _FREE_FIELDS = ("hidden_dropout", "attention_dropout", "initializer_range", "dtype", "remat", "attention",
-                "last_layer", "scan_unroll")
+                "last_layer", "scan_unroll", "kernels")
 
 
 def check_config(config: ConfigDict, manifest: Manifest, num_devices: int, process_count: int = 1) -> Derived:
@@ -192,9 +193,23 @@ def check_config(config: ConfigDict, manifest: Manifest, num_devices: int, proce
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_batch(config, mesh_shape[0] * mesh_shape[1], process_count)
+    _check_kernels(config, mesh_shape)
     if t.eval_every > 0:
         _check_eval(config, manifest, process_count)
     return Derived(vocab_size, mesh_shape, rules)
+
+
+def _check_kernels(config: ConfigDict, mesh_shape) -> None:
+    """The fused AdamW kernel keeps flat, replicated moments: AdamW only, data parallelism only."""
+    kernels = config.model.get("kernels", "")
+    if "adamw" not in parse_kernels(kernels):
+        return
+    if config.optim.name != "adamw":
+        raise ConfigError(f"model.kernels={kernels!r} has the fused AdamW kernel, but optim.name="
+                          f"{config.optim.name!r}: drop 'adamw' from model.kernels or use optim.name=adamw")
+    if mesh_shape[1] != 1 or mesh_shape[2] != 1:
+        raise ConfigError(f"model.kernels={kernels!r}: the fused AdamW kernel keeps replicated moments; it needs "
+                          f"mesh.fsdp=1 and mesh.tensor=1, not {mesh_shape[1]} and {mesh_shape[2]}")
 
 
 def _check_batch(config: ConfigDict, batch_shards: int, process_count: int) -> None:
@@ -277,7 +292,7 @@ def build_run(config: ConfigDict, manifest: Manifest, derived: Derived, devices=
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mesh = sharding.make_mesh(*derived.mesh_shape, devices=devices)
-    tx = optim.make_optimizer(optim_cfg)
+    tx = optim.make_optimizer(optim_cfg, fused="adamw" in model_cfg.kernels)
     seed = config.train.seed
     model_fn = lambda: build_model(nnx.Rngs(seed))  # noqa: E731
     layout = train_state.state_layout(model_fn, tx, mesh, derived.rules)

@@ -202,7 +202,8 @@ def run_model(cfg: EncoderConfig, params: dict, input_ids, attention_mask, token
     and `params` may hold both towers."""
     # How the training ran (bf16, remat, cuDNN attention on a GPU, the scan's unroll) does not change the
     # function: float32 and the plain paths here, on whatever machine converts.
-    cfg = dataclasses.replace(cfg, dtype="float32", remat="none", attention="einsum", scan_unroll=1)
+    cfg = dataclasses.replace(cfg, dtype="float32", remat="none", attention="einsum", scan_unroll=1,
+                              kernels=())
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract, _ = sharding.abstract_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)), mesh)
 

@@ -9,6 +9,8 @@ import dataclasses
 import jax
 import optax
 
+from bert_jax.kernels.adamw import fused_adamw
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -64,8 +66,13 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(c: OptimConfig, fused: bool = False) -> optax.GradientTransformation:
+    """AdamW or LAMB with the decay mask, after global-norm clipping; fused: AdamW and the clipping as one
+    Pallas kernel over the flattened parameters (model.kernels=adamw; bert_jax/kernels/adamw.py)."""
     schedule = learning_rate_schedule(c)
+    if fused:
+        return fused_adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask,
+                           clip_norm=c.clip_norm)
     opt = _OPTIMIZERS[c.name](schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                               mask=decay_mask)
     if c.clip_norm > 0:

@@ -21,11 +21,11 @@ attention has no dropout).
 
 Other modes:
   --grid            tokens/s of `small` for seq 128/512 x batch 32/128 (how cost grows)
-  --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B, timed alternately
-                    (A B A B ...), reported as the ratio of medians; e.g. --ab attention=einsum,dot_product,
+  --ab KEY=A,B      one process, one config: the step with model.KEY=A against KEY=B (or more values), timed
+                    in turn, reported as ratios of medians; e.g. --ab attention=einsum,dot_product,
                     --ab dtype=float32,bfloat16, --ab remat=none,full, --ab last_layer=all,predictions,
                     --ab scan_unroll=1,12, --ab hidden_act=gelu,gelu_tanh,
-                    --ab accum=1,2
+                    --ab accum=1,2, --ab kernels=none,hash_dropout,layernorm+gelu (GPU)
   --compile-ratio   compile time of large against base (layers under scan: depth should barely matter)
   --peers           after each config runs shared/bench/peer_throughput.py on it (needs its venv: bash
                     setup_peers.sh) and prints our tokens/s over the faster peer's; --rounds N repeats the
@@ -49,7 +49,7 @@ DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser("~/.cache/bert-jax-peers/bin/python")
 PEER_CONFIGS = ("mini", "small", "medium")  # what peer_throughput.py runs at batch 32 (its RUNS)
 AB_KEYS = ("attention", "dtype", "remat", "last_layer", "scan_unroll", "accum", "attention_dropout",
-           "hidden_dropout", "hidden_act")
+           "hidden_dropout", "hidden_act", "kernels")
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -163,6 +163,7 @@ def parse_args(argv=None):
     ap.add_argument("--grid", action="store_true", help="also small at seq 128/512 x batch 32/128")
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=A,B",
                     help=f"A/B ratio in one process for KEY in {AB_KEYS} on the first config or mini (repeatable)")
+    ap.add_argument("--ab-config", default="", help="the size the A/Bs run (default: the first of --configs, or mini)")
     ap.add_argument("--compile-ratio", action="store_true", help="compile time of large vs base")
     ap.add_argument("--peers", action="store_true",
                     help="after each config, shared/bench/peer_throughput.py on it (tokens/s ratio to the faster peer)")
@@ -209,6 +210,8 @@ def check_args(args) -> tuple[list[str], dict, list]:
     for c in configs:
         if c not in common.SIZES:
             fail(f"--configs: unknown size {c!r}; choose from {sorted(common.SIZES)}")
+    if args.ab_config and args.ab_config not in common.SIZES:
+        fail(f"--ab-config: unknown size {args.ab_config!r}; choose from {sorted(common.SIZES)}")
     for key, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps),
                        ("--rounds", args.rounds)):
         if value < 1:
@@ -224,8 +227,8 @@ def check_args(args) -> tuple[list[str], dict, list]:
     for item in args.ab:
         key, sep, values = item.partition("=")
         vals = values.split(",")
-        if not sep or key not in AB_KEYS or len(vals) != 2:
-            fail(f"--ab {item!r}: expected KEY=A,B with KEY in {AB_KEYS}")
+        if not sep or key not in AB_KEYS or len(vals) < 2:
+            fail(f"--ab {item!r}: expected KEY=A,B[,C...] with KEY in {AB_KEYS}")
         abs_.append((key, [_typed(key, v) for v in vals]))
     return configs, overrides, abs_
 
@@ -294,14 +297,17 @@ def main(argv=None) -> None:
     if abs_:
         result["ab"] = {}
         for key, vals in abs_:
-            ab_size = configs[0] if configs else "mini"
+            ab_size = args.ab_config or (configs[0] if configs else "mini")
             r = spawn({"kind": "ab", "ab_key": key, "ab_values": vals, **spec_for(ab_size)}, args.timeout)
-            result["ab"][f"{key}={vals[0]},{vals[1]}"] = r
+            result["ab"][f"{key}={','.join(map(str, vals))}"] = r
             if "error" in r:
                 log(f"A/B {key}: ERROR {r['error']}")
-            else:
-                log(f"A/B {ab_size} {key}: {vals[0]} {r['step_s'][str(vals[0])] * 1e3:.1f} ms, {vals[1]} "
-                    f"{r['step_s'][str(vals[1])] * 1e3:.1f} ms: {vals[1]} is {r['speedup_b_over_a']:.3f}x as fast")
+                continue
+            for v, err in r.get("errors", {}).items():
+                log(f"A/B {ab_size} {key}={v}: ERROR {err}")
+            for v, t in r["step_s"].items():
+                log(f"A/B {ab_size} {key}={v}: {t * 1e3:.1f} ms, {r['speedup_over_first'].get(v, float('nan')):.3f}x "
+                    f"as fast as {key}={vals[0]}")
     if args.compile_ratio:
         r = spawn({"kind": "compile", "sizes": ["base", "large"], **spec_for("base")}, args.timeout)
         if "error" not in r:

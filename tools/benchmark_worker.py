@@ -71,6 +71,9 @@ def bench_config(spec: dict, overrides: dict):
     c.objective.max_predictions = spec["max_predictions"]
     c.optim.grad_accum_steps = int(overrides.get("accum", 1))
     c.data.seq_len, c.train.batch_size, c.train.eval_every, c.mesh.data = spec["seq_len"], spec["batch"], 0, 1
+    for section in ("optim", "train"):  # e.g. tools.kernel_benchmark's loss curves
+        for key, value in spec.get(section, {}).items():
+            c[section][key] = value
     return c
 
 
@@ -162,27 +165,43 @@ def time_config(spec: dict) -> dict:
 
 
 def time_ab(spec: dict) -> dict:
-    """The same config with overrides A and B in one process, timed alternately; ratio = B's speed-up."""
+    """The same config with each of two or more overrides in one process, timed in turn (A B C, C B A, ...);
+    speedup_b_over_a = B's speed-up over A, speedup_over_first the same for every value. A value that fails
+    to build or compile is reported in `errors` and left out, so one bad variant costs only itself."""
     import jax
     key, values = spec["ab_key"], spec["ab_values"]
-    runs = []
+    runs, errors = [], {}
     for value in values:
-        lower, state, batches, _ = build_step(spec, {**spec.get("overrides", {}), key: value})
-        step, compile_s = _compile(lower, state, batches[0])
-        for _ in range(spec["warmup"]):
-            state, m = step(state, batches[0])
-        jax.block_until_ready(state)
-        runs.append({"step": step, "state": state, "batches": batches, "compile_s": compile_s, "times": []})
+        try:
+            lower, state, batches, _ = build_step(spec, {**spec.get("overrides", {}), key: value})
+            step, compile_s = _compile(lower, state, batches[0])
+            for _ in range(spec["warmup"]):
+                state, m = step(state, batches[0])
+            jax.block_until_ready(state)
+        except Exception as e:  # pylint: disable=broad-except
+            errors[str(value)] = f"{type(e).__name__}: {str(e)[:500]}"
+            continue
+        runs.append({"value": value, "step": step, "state": state, "batches": batches, "compile_s": compile_s,
+                     "times": []})
     for i in range(spec["steps"]):
         for r in (runs if i % 2 == 0 else runs[::-1]):
             t0 = time.perf_counter()
             r["state"], m = r["step"](r["state"], r["batches"][i % len(r["batches"])])
             jax.block_until_ready((r["state"], m))
             r["times"].append(time.perf_counter() - t0)
-    med = [statistics.median(r["times"]) for r in runs]
-    return {"key": key, "values": values, "step_s": dict(zip(map(str, values), med)),
-            "compile_s": {str(v): r["compile_s"] for v, r in zip(values, runs)},
-            "speedup_b_over_a": med[0] / med[1]}
+            r["loss"] = m["loss"]
+    med = {str(r["value"]): statistics.median(r["times"]) for r in runs}
+    out = {"key": key, "values": values, "step_s": med,
+           "compile_s": {str(r["value"]): r["compile_s"] for r in runs},
+           "last_loss": {str(r["value"]): float(r["loss"]) for r in runs}}
+    if errors:
+        out["errors"] = errors
+    if runs:
+        first = med[str(values[0])] if str(values[0]) in med else None
+        out["speedup_over_first"] = {v: first / t for v, t in med.items()} if first else {}
+    if len(runs) == len(values):
+        out["speedup_b_over_a"] = med[str(values[0])] / med[str(values[1])]
+    return out
 
 
 def time_compile(spec: dict) -> dict:

@@ -5,6 +5,15 @@ import dataclasses
 import jax.numpy as jnp
 
 
+KERNELS = ("hash_dropout", "layernorm", "gelu", "adamw")
+
+
+def parse_kernels(value: str) -> tuple[str, ...]:
+    """model.kernels' string ("layernorm+gelu", commas also accepted; "" or "none": no kernels) -> names."""
+    names = [k.strip() for k in str(value).replace(",", "+").split("+")]
+    return tuple(sorted({k for k in names if k and k != "none"}))
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Sizes and settings of a BERT encoder; field names follow Hugging Face's BertConfig where they can."""
@@ -41,8 +50,14 @@ class EncoderConfig:
     # of Hugging Face's BertConfig; gelu_tanh its tanh approximation, which Google's original BERT and ELECTRA
     # code computes (Hugging Face's gelu_new / gelu_pytorch_tanh).
     hidden_act: str = "gelu"
+    # Pallas kernels for GPU training (bert_jax/kernels; empty: the plain XLA path). Any of: hash_dropout
+    # (every dropout mask from a counter-based hash instead of threefry bits, in XLA), layernorm (residual +
+    # dropout + LayerNorm fused, forward and backward), gelu (the MLP's bias + GELU fused), adamw (the
+    # optimizer's update in one kernel over the flattened parameters). The kernels draw hash dropout masks.
+    kernels: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "kernels", tuple(self.kernels))  # a list when read back from JSON
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
@@ -58,6 +73,9 @@ class EncoderConfig:
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.hidden_act not in ("gelu", "gelu_tanh"):
             raise ValueError(f"model.hidden_act={self.hidden_act!r}: choose gelu or gelu_tanh")
+        unknown = sorted(set(self.kernels) - set(KERNELS))
+        if unknown:
+            raise ValueError(f"model.kernels: unknown {unknown}; choose from {list(KERNELS)} joined by '+'")
         if self.scan_unroll < 1:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
@@ -77,7 +95,8 @@ class EncoderConfig:
             type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
             attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
             initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
-            last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act)
+            last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act,
+            kernels=parse_kernels(m.get("kernels", "")))
 
     @property
     def head_dim(self) -> int:

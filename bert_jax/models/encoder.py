@@ -14,7 +14,7 @@ from flax import nnx
 
 from bert_jax.models.config import EncoderConfig
 from bert_jax.sharding import constrain_activations
-from bert_jax.models.layers import Dense, EncoderLayer, LayerNorm, dropout, gather_positions, param
+from bert_jax.models.layers import Dense, EncoderLayer, LayerNorm, dropout_for, gather_positions, param
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -44,7 +44,7 @@ class Embeddings(nnx.Module):
              + positions
              + jnp.take(self.token_type[...], token_type_ids, axis=0))
         x = self.norm(x.astype(self.cfg.compute_dtype))
-        return dropout(x, self.cfg.hidden_dropout, key)
+        return dropout_for(self.cfg)(x, self.cfg.hidden_dropout, key)
 
 
 class LayerStack(nnx.Module):

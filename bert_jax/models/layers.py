@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bert_jax.kernels import gelu as gelu_kernel, hash_dropout, layernorm as layernorm_kernel
 from bert_jax.models.config import EncoderConfig
 
 Initializer = nnx.initializers.Initializer
@@ -74,6 +75,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         words = jax.random.bits(key, (*x.shape[:-1], x.shape[-1] // 2), jnp.uint32)
         keep = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(x.shape) >= drop
     return jnp.where(keep, x * jnp.asarray(65536 / (65536 - drop), x.dtype), jnp.zeros_like(x))
+
+
+def dropout_for(cfg: EncoderConfig):
+    """The dropout the config asks for: threefry bits (`dropout`) or, with kernels=hash_dropout, hash masks."""
+    return hash_dropout.dropout if "hash_dropout" in cfg.kernels else dropout
 
 
 def gelu(x: jax.Array, hidden_act: str) -> jax.Array:
@@ -172,7 +178,7 @@ class SelfAttention(nnx.Module):
         q = q * jnp.asarray(self.cfg.head_dim ** -0.5, dt)
         scores = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        probs = dropout(probs, self.cfg.attention_dropout, key)
+        probs = dropout_for(self.cfg)(probs, self.cfg.attention_dropout, key)
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
 
     def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array) -> jax.Array:
@@ -215,6 +221,10 @@ class EncoderLayer(nnx.Module):
         self.output = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), cfg, rngs)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg, rngs)
         self.cfg = cfg
+        pallas = sorted(set(cfg.kernels) & {"layernorm", "gelu"})
+        if pallas and jax.default_backend() not in ("gpu", "cpu"):
+            raise ValueError(f"model.kernels={'+'.join(pallas)}: Triton kernels run on GPUs (and interpreted on "
+                             f"the CPU, for tests); this backend is {jax.default_backend()!r}")
 
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -225,6 +235,19 @@ class EncoderLayer(nnx.Module):
         attn = self.attention(x, bias, k_attn, positions)
         if positions is not None:
             x = gather_positions(x, positions)
-        x = self.attention_norm(x + dropout(attn, rate, k_h1))
-        h = gelu(self.intermediate(x), self.cfg.hidden_act)
-        return self.output_norm(x + dropout(self.output(h), rate, k_h2))
+        x = self._add_norm(self.attention_norm, attn, x, k_h1)
+        if "gelu" in self.cfg.kernels:
+            h = gelu_kernel.bias_gelu_dropout(matmul(x, self.intermediate.kernel[...].astype(x.dtype)),
+                                              self.intermediate.bias[...],
+                                              approximate=self.cfg.hidden_act == "gelu_tanh")
+        else:
+            h = gelu(self.intermediate(x), self.cfg.hidden_act)
+        return self._add_norm(self.output_norm, self.output(h), x, k_h2)
+
+    def _add_norm(self, norm: LayerNorm, x: jax.Array, residual: jax.Array, key: jax.Array | None) -> jax.Array:
+        """norm(residual + dropout(x)): one fused kernel with kernels=layernorm, else XLA's fusions."""
+        rate = self.cfg.hidden_dropout
+        if "layernorm" in self.cfg.kernels:
+            return layernorm_kernel.residual_dropout_layernorm(x, residual, norm.scale[...], norm.bias[...], key,
+                                                               rate=rate, eps=norm.eps)
+        return norm(residual + dropout_for(self.cfg)(x, rate, key))
