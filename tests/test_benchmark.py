@@ -64,6 +64,8 @@ def test_benchmark_without_the_backend_fails_with_one_line():
     (["--steps", "0"], "error: --steps=0 must be >= 1"),
     (["--model", "attention=cudnn"], "error: --model: model.attention='cudnn' needs model.dtype='bfloat16'"),
     (["--model", "scan_unroll=all"], "error: --model 'scan_unroll=all': 'all' is not a number"),
+    (["--ab-config", "huge", "--ab", "kernels=none,gelu"], "error: --ab-config: unknown size 'huge'"),
+    (["--model", "kernels=layernorm+flash"], "error: --model: model.kernels: unknown ['flash']"),
 ])
 def test_benchmark_bad_arguments_fail_with_one_line(args, message):
     p = _tool(*args, timeout=60)

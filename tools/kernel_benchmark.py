@@ -12,7 +12,7 @@ median over rounds of 10 back-to-back calls, the variants of a kernel timed alte
 over fused (> 1: the kernel is faster).
 curve: the `SIZE,gpu` preset trained `--steps` steps from the same initial weights on the same batches
 (`--data`: an int32 [rows, seq] .npy of token ids with bert-base-uncased's special ids, e.g. from
-`--export-rows`; else random tokens), once without kernels and once with `--kernels`; the mean train loss per
+`--export-rows`; else random tokens), once without kernels (or with `--baseline`'s) and once with `--kernels`; the mean train loss per
 50 steps of each and their relative difference. The kernels draw hash dropout masks, the plain path threefry
 ones: the curves agree in distribution, not bitwise.
 The last line printed is one JSON object.
@@ -92,7 +92,6 @@ def ops(args) -> dict:
 
 
 def _dropout_alone(x, key, rate, rounds, hash_dropout, layers) -> dict:
-    import jax
     fns = {"hash": _fwd_bwd(lambda x: hash_dropout.dropout(x, rate, key)),
            "threefry": _fwd_bwd(lambda x: layers.dropout(x, rate, key))}
     t = _timed(fns, {name: ((x,), x) for name in fns}, rounds)
@@ -161,8 +160,9 @@ def curve(args) -> dict:
             ids[:, 0], ids[:, -1] = bw.CLS_ID, bw.SEP_ID
         batches.append({"input_ids": ids.astype(np.int32), "attention_mask": (ids != bw.PAD_ID).astype(np.int32),
                         "token_type_ids": np.zeros_like(ids, dtype=np.int32)})
-    out = {"settings": {**spec, "kernels": args.kernels, "data": args.data or "random tokens"}}
-    for name, kernels in (("plain", ""), ("kernels", args.kernels)):
+    out = {"settings": {**spec, "kernels": args.kernels, "baseline": args.baseline or "none",
+                        "data": args.data or "random tokens"}}
+    for name, kernels in (("plain", args.baseline), ("kernels", args.kernels)):
         lower, state, dev_batches, _ = bw.build_step(spec, {**preset, "kernels": kernels})
         step = lower(state, dev_batches[0]).compile()
         sharding = dev_batches[0]["input_ids"].sharding
@@ -208,6 +208,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--kernels", default="hash_dropout+layernorm+gelu")
+    ap.add_argument("--baseline", default="", help="the kernels of the curve's baseline run (default none; e.g. "
+                    "hash_dropout: XLA with the kernels' masks)")
     ap.add_argument("--data", default="", help="int32 [rows, seq] .npy of token ids (curve)")
     ap.add_argument("--export-rows", default="", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", default="", help=argparse.SUPPRESS)

@@ -231,7 +231,6 @@ class EncoderLayer(nnx.Module):
         """x [B, S, H] -> [B, S, H]; with `positions` [B, P] the outputs at those positions only, [B, P, H]
         (the same values: only the queries, the output projection and the MLP run on fewer rows)."""
         k_attn, k_h1, k_h2 = jax.random.split(key, 3) if key is not None else (None, None, None)
-        rate = self.cfg.hidden_dropout
         attn = self.attention(x, bias, k_attn, positions)
         if positions is not None:
             x = gather_positions(x, positions)
