@@ -135,9 +135,13 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
         meta = checkpointing.load_meta(config.init_from)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if meta.objective != config.objective.name:  # the parameter trees differ: nothing to start from
+    from_discriminator = meta.objective == "electra" and config.objective.name == "mlm"
+    if meta.objective != config.objective.name and not from_discriminator:  # nothing to start from
         raise ConfigError(f"{where} holds a checkpoint of objective {meta.objective!r}, the config trains "
                           f"objective.name={config.objective.name!r}")
+    if from_discriminator and meta.model.embed_dim != meta.model.hidden_size:
+        raise ConfigError(f"{where}: its ELECTRA discriminator's embedding_size {meta.model.embed_dim} differs "
+                          f"from its hidden_size {meta.model.hidden_size}; BERT's MLM model needs them equal")
     if meta.vocab_hash and manifest.vocab_hash and meta.vocab_hash != manifest.vocab_hash:
         raise ConfigError(f"{where}: its vocabulary differs from the one of {config.data.dir} (pretokenize with "
                           f"--vocab {config.init_from}/tokenizer)")
@@ -163,6 +167,9 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
     note = (f"model from {where}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
             f"intermediate {m.intermediate_size}, vocabulary {m.vocab_size}, {m.max_position_embeddings} positions, "
             f"{m.hidden_act}")
+    if from_discriminator:
+        note += (f"; MLM continues from its ELECTRA discriminator (embeddings and layers), the MLM head starts "
+                 f"freshly initialised")
     return config, (note,)
 
 

@@ -25,6 +25,7 @@ from bert_jax import metrics as metrics_lib
 from bert_jax import workdir as workdir_lib
 from bert_jax.builder import Run
 from bert_jax.errors import ConfigError
+from bert_jax.models.electra import discriminator_as_mlm
 from bert_jax.workdir import CheckpointMeta
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.progress import progress
@@ -105,6 +106,9 @@ class Trainer:
         run = self.run
         try:
             params, meta = checkpointing.load_params(run.init_from)
+            if meta.objective == "electra" and run.objective_name == "mlm":
+                fresh = sharding.init_params(run.model_fn, run.mesh, run.layout.shardings.params, run.rules)
+                params = discriminator_as_mlm(params, jax.device_get(fresh["mlm_head"]))
             train_state.check_shapes(params, run.layout.abstract.params)
         except ValueError as e:
             raise ConfigError(f"init_from={run.init_from}: {e}") from None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -157,10 +158,58 @@ def test_init_from_sets_the_shape_and_refuses_what_contradicts_it(tmp_path):
     mlm = bert_configs.get_config("tiny")
     with mlm.unlocked():
         mlm.init_from = electra
-    with pytest.raises(ConfigError, match="holds a checkpoint of objective 'electra', the config trains "
-                                          "objective.name='mlm'"):
+    adopted, notes = builder.adopt_init_from(mlm, data)  # MLM from a discriminator: its shape, a fresh head
+    assert EncoderConfig.from_section(adopted.model, 500).num_layers == 3
+    assert "MLM continues from its ELECTRA discriminator" in notes[0]
+    projected = _checkpoint(tmp_path / "projected", CheckpointMeta(
+        step=0, objective="electra", model=dataclasses.replace(disc, embedding_size=32), generator=gen,
+        vocab_hash="v"))
+    with mlm.unlocked():
+        mlm.init_from = projected
+    with pytest.raises(ConfigError, match="discriminator's embedding_size 32 differs from its hidden_size 96"):
         builder.adopt_init_from(mlm, data)
+    with config.unlocked():
+        config.init_from = _checkpoint(tmp_path / "mlm", CheckpointMeta(step=0, objective="mlm", model=disc,
+                                                                        vocab_hash="v"))
+    with pytest.raises(ConfigError, match="holds a checkpoint of objective 'mlm', the config trains "
+                                          "objective.name='electra'"):
+        builder.adopt_init_from(config, data)
     with mlm.unlocked():
         mlm.init_from = str(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="no checkpoints folder"):
         builder.adopt_init_from(mlm, data)
+
+
+@pytest.mark.slow
+def test_mlm_continues_from_an_electra_discriminator(docstring_shards, tmp_path):
+    """An ELECTRA run's discriminator under a fresh MLM head: the MLM run starts from its embeddings and
+    layers (after one step at a vanishing learning rate they are still the discriminator's) and its loss is
+    finite."""
+    def config(recipe, **train):
+        c = recipe.get_config("tiny")
+        with c.unlocked():
+            c.data.dir, c.data.seq_len = docstring_shards, 64
+            c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 2, 64, 128
+            c.train.batch_size, c.train.eval_every, c.train.log_every, c.checkpoint.every = 16, 0, 1, 2
+            c.optim.warmup_steps = 0
+            for key, value in train.items():
+                c.train[key] = value
+        return c
+
+    electra_dir, mlm_dir = str(tmp_path / "electra"), str(tmp_path / "mlm")
+    trainer.train_and_evaluate(config(electra_configs, steps=2), electra_dir)
+    mlm = config(bert_configs, steps=1)
+    with mlm.unlocked():
+        mlm.init_from, mlm.optim.learning_rate = electra_dir, 1e-12
+        mlm.checkpoint.every = 1
+    trainer.train_and_evaluate(mlm, mlm_dir)
+    electra, _ = checkpointing.load_params(electra_dir)
+    adapted, meta = checkpointing.load_params(mlm_dir)
+    assert meta.objective == "mlm" and meta.model.num_layers == 2
+    for ours, theirs in ((adapted["encoder"]["layers"], electra["discriminator"]["layers"]),
+                         (adapted["encoder"]["embeddings"], electra["embeddings"])):
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_allclose(a, b, atol=1e-8)
+    with open(os.path.join(mlm_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
+    assert len(losses) == 1 and np.isfinite(losses[0])

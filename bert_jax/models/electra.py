@@ -137,3 +137,15 @@ class ElectraDiscriminator(nnx.Module):
         """(last hidden states [B, S, H], "replaced" logits [B, S]), deterministic."""
         h = _encode(self.embeddings, self.discriminator, input_ids, attention_mask, token_type_ids, None)
         return h, self.discriminator.head(h)
+
+
+def discriminator_as_mlm(electra_params: dict, mlm_head: dict) -> dict:
+    """ElectraForPretraining parameters -> BertForMaskedLM's: the shared embeddings and the discriminator's
+    layers become the encoder, `mlm_head` (a fresh one) goes on top; the generator and the discriminator's
+    head are left out. Continued MLM pretraining from a discriminator (`init_from` an ELECTRA workdir)."""
+    disc = electra_params["discriminator"]
+    encoder = {"embeddings": electra_params["embeddings"], "layers": disc["layers"]}
+    if "embeddings_project" in disc:
+        raise ValueError("the discriminator projects its embeddings (embedding_size != hidden_size); BERT's "
+                         "MLM model has no such projection")
+    return {"encoder": encoder, "mlm_head": mlm_head}
