@@ -168,8 +168,8 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
             f"intermediate {m.intermediate_size}, vocabulary {m.vocab_size}, {m.max_position_embeddings} positions, "
             f"{m.hidden_act}")
     if from_discriminator:
-        note += (f"; MLM continues from its ELECTRA discriminator (embeddings and layers), the MLM head starts "
-                 f"freshly initialised")
+        note += ("; MLM continues from its ELECTRA discriminator (embeddings and layers), the MLM head starts "
+                 "freshly initialised")
     return config, (note,)
 
 
