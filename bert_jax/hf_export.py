@@ -135,11 +135,13 @@ def load(workdir: str, model: str = "mlm", step: int | None = None,
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
-    """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt) or a SentencePiece model (spm.model);
-    either kind writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
-    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE)):
+    """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt), a SentencePiece model (spm.model) or a
+    tokenizer.json (an imported SentencePiece-based or byte-level one; vocab.json + merges.txt too); each kind writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE, "tokenizer.json",
+                                                                         "vocab.json")):
         raise ConversionError(f"no tokenizer vocabulary at {os.path.join(tokenizer_dir, 'vocab.txt')} "
-                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)})")
+                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)}, nor a "
+                              f"tokenizer.json)")
     return Tokenizer.load(tokenizer_dir)
 
 
@@ -149,7 +151,8 @@ def _special_ids(workdir: str, tokenizer: Tokenizer) -> SpecialIds:
     file = workdir_lib.data_manifest(workdir)
     if os.path.isfile(file):
         return manifest_lib.read(file).special_ids
-    return SpecialIds(**{k: tokenizer.token_to_id(t) for k, t in SPECIAL_TOKENS.items()})
+    return SpecialIds(pad=tokenizer.pad_id, unk=tokenizer.unk_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id,
+                      mask=tokenizer.mask_id)
 
 
 def write(source: ExportSource, out: str, overwrite: bool = False) -> dict:

@@ -156,15 +156,26 @@ def _prepare_workdir(out_workdir: str, overwrite: bool) -> None:
     shutil.rmtree(workdir_lib.hf_extras(out_workdir), ignore_errors=True)
 
 
+# The tokenizer files an import copies: an export's, and a byte-level BPE's vocab.json + merges.txt (RoBERTa).
+IMPORT_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt")
+
+
 def _copy_tokenizer(hf_dir: str, tok_dir: str, log: Log) -> list[str]:
     """Copies the HF tokenizer files of `hf_dir` into `tok_dir`; -> the names copied."""
     os.makedirs(tok_dir, exist_ok=True)
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    copied = [n for n in IMPORT_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     for name in copied:
         shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
-    if "vocab.txt" not in copied:
-        log(f"{hf_dir} has no vocab.txt: {tok_dir} stays empty, add the vocabulary before training/export")
+    if not _has_vocabulary(copied):
+        log(f"{hf_dir} has no vocab.txt, tokenizer.json or vocab.json + merges.txt: {tok_dir} has no vocabulary, "
+            "add it before training/export")
     return copied
+
+
+def _has_vocabulary(names: list[str]) -> bool:
+    """Whether tokenizer files `names` hold a vocabulary `Tokenizer.load` reads (WordPiece's vocab.txt, any
+    tokenizer.json: SentencePiece-based, byte-level, ...; a byte-level vocab.json + merges.txt)."""
+    return "vocab.txt" in names or "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= set(names)
 
 
 def _vocab_hash(tok_dir: str, log: Log) -> str | None:
@@ -197,7 +208,7 @@ def _save(hf_dir: str, out_workdir: str, params: dict, meta: CheckpointMeta, log
     0 means the import is complete."""
     ckpt_dir, tok_dir = workdir_lib.checkpoints(out_workdir), workdir_lib.tokenizer(out_workdir)
     copied = _copy_tokenizer(hf_dir, tok_dir, log)
-    meta = dataclasses.replace(meta, vocab_hash=_vocab_hash(tok_dir, log) if "vocab.txt" in copied else None)
+    meta = dataclasses.replace(meta, vocab_hash=_vocab_hash(tok_dir, log) if _has_vocabulary(copied) else None)
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
         ckpt.save(0, {"params": params}, meta)
