@@ -1,4 +1,4 @@
-"""Import: a Hugging Face BERT or ELECTRA folder -> a step-0 checkpoint of ours (e.g. to continue pretraining).
+"""Import: a Hugging Face BERT, RoBERTa or ELECTRA folder -> a step-0 checkpoint of ours (e.g. to continue pretraining).
 
     summary = hf_import.import_hf(hf_dir, workdir)                              # BERT
     summary = hf_import.import_hf(disc_dir, workdir, generator_dir=gen_dir)     # ELECTRA
@@ -241,33 +241,38 @@ def import_hf(hf_dir: str, out_workdir: str, *, overwrite: bool = False, generat
     if _model_type(hf_dir) == "electra":
         return _import_electra(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir,
                                generator_fraction=generator_fraction, read=read, log=log)
-    return _import_bert(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir, read=read, log=log)
+    # RoBERTa (model_type "roberta"): the MLM model of BERT with its positions after the padding id.
+    model = "roberta_mlm" if _model_type(hf_dir) == "roberta" else "mlm"
+    return _import_bert(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir, read=read, log=log,
+                        model=model)
 
 
 def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_dir: str | None, read: ReadWeights,
-                 log: Log) -> dict:
-    cfg, _ = _read_config(hf_dir)
+                 log: Log, model: str = "mlm") -> dict:
+    """A BERT (`model` "mlm") or RoBERTa ("roberta_mlm") folder: both are our BertForMaskedLM, objective mlm."""
+    spec = hf_mapping.MODELS[model]
+    cfg, _ = _read_config(hf_dir, (spec.model_type,))
     if generator_dir is not None:
-        raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a BERT folder")
+        raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a {spec.model_type} folder")
     _prepare_workdir(out_workdir, overwrite)
 
     bar = progress(desc="import: read weights", total=3, unit="stage")
-    tensors = hf_mapping.normalize_names(read(hf_dir), "mlm")
+    tensors = hf_mapping.normalize_names(read(hf_dir), model)
     bar.update(1)
     bar.set_description("import: map tensors")
-    head_initialised = not hf_mapping.head_present(tensors, cfg, "mlm")
+    head_initialised = not hf_mapping.head_present(tensors, cfg, model)
     fallback = None
     if head_initialised:
-        log(f"{hf_dir} has no MLM head (cls.predictions.*): it starts freshly initialised")
-        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES["mlm"](cfg, nnx.Rngs(0)))["mlm_head"]}
-    params = _from_hf(tensors, cfg, "mlm", hf_dir, fallback)
-    ignored = hf_mapping.unused_names(tensors, "mlm")
+        log(f"{hf_dir} has no MLM head ({'lm_head' if model == 'roberta_mlm' else 'cls.predictions'}.*): it starts freshly initialised")
+        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)))["mlm_head"]}
+    params = _from_hf(tensors, cfg, model, hf_dir, fallback)
+    ignored = hf_mapping.unused_names(tensors, model)
     _report_ignored(ignored, log)
     bar.update(1)
     bar.set_description("import: save checkpoint")
     meta = CheckpointMeta(step=0, objective="mlm", model=cfg,
                           imported_from=_provenance(hf_dir, None, {"mlm_head": head_initialised}))
-    kept = _keep({"mlm": (hf_dir, tensors)}, out_workdir, log)
+    kept = _keep({model: (hf_dir, tensors)}, out_workdir, log)
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()

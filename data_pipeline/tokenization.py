@@ -607,7 +607,8 @@ class ByteLevelBPETokenizer(JsonTokenizer):
     masking then groups it with what precedes, which is a special token, so it starts a word of its own).
     Trained (`tokenizer_training.train_bytelevel_bpe`) with RoBERTa's special tokens
     (`BYTELEVEL_SPECIAL_TOKENS`), or loaded from a tokenizer.json or a vocab.json + merges.txt pair.
-    `save` also writes vocab.json + merges.txt; an export loads in transformers as a RobertaTokenizer."""
+    `save` also writes vocab.json + merges.txt; an export loads in transformers as a RobertaTokenizer (cased; an
+    uncased one as a PreTrainedTokenizerFast)."""
 
     @classmethod
     def from_vocab_merges(cls, folder: str, config: dict | None = None,
@@ -648,8 +649,12 @@ class ByteLevelBPETokenizer(JsonTokenizer):
         return out_dir
 
     def _hf_config(self, model_max_length: int) -> dict:
+        """RobertaTokenizer's configs; an uncased tokenizer stays a PreTrainedTokenizerFast, which loads tokenizer.json
+        as is (transformers 5's RobertaTokenizer rebuilds the pipeline from the vocabulary and drops the Lowercase
+        normaliser: measured, other ids)."""
         tokens = self.special_tokens()
-        return {**super()._hf_config(model_max_length), "tokenizer_class": "RobertaTokenizer",
+        return {**super()._hf_config(model_max_length),
+                "tokenizer_class": "PreTrainedTokenizerFast" if self.lowercase else "RobertaTokenizer",
                 # RoBERTa takes no token types (type_vocab_size 1).
                 "model_input_names": ["input_ids", "attention_mask"],
                 "bos_token": tokens["cls_token"], "eos_token": tokens["sep_token"], "add_prefix_space": False,

@@ -41,6 +41,10 @@ class EncoderConfig:
     # of Hugging Face's BertConfig; gelu_tanh its tanh approximation, which Google's original BERT and ELECTRA
     # code computes (Hugging Face's gelu_new / gelu_pytorch_tanh).
     hidden_act: str = "gelu"
+    # RoBERTa's learned positions start after the padding id: position i of a sequence reads row
+    # position_offset + i of the table (Hugging Face's padding_idx + 1 = 2), and padding tokens read row
+    # position_offset - 1. max_position_embeddings counts every row (RoBERTa: 514 for 512 tokens). 0: BERT.
+    position_offset: int = 0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -58,6 +62,9 @@ class EncoderConfig:
             raise ValueError(f"model.dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.hidden_act not in ("gelu", "gelu_tanh"):
             raise ValueError(f"model.hidden_act={self.hidden_act!r}: choose gelu or gelu_tanh")
+        if not 0 <= self.position_offset < self.max_position_embeddings:
+            raise ValueError(f"model.position_offset={self.position_offset} must be >= 0 and below "
+                             f"model.max_position_embeddings={self.max_position_embeddings}")
         if self.scan_unroll < 1:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
@@ -77,11 +84,17 @@ class EncoderConfig:
             type_vocab_size=m.type_vocab_size, hidden_dropout=m.hidden_dropout,
             attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
             initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
-            last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act)
+            last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act,
+            position_offset=m.get("position_offset", 0))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the positions allow (max_position_embeddings less RoBERTa's offset)."""
+        return self.max_position_embeddings - self.position_offset
 
     @property
     def embed_dim(self) -> int:
