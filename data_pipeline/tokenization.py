@@ -1,10 +1,11 @@
 """Tokenizers: WordPiece (train, or load `vocab.txt` / `tokenizer.json`) and SentencePiece (train a unigram
 or BPE model, or load a `.model`), behind one interface: the abstract `Tokenizer` (`encode_batch`,
 `decode`, `vocab_size`, `vocab_hash`, `files`, `save`, `id_to_token`, `token_to_id`, the special ids,
-`word_start_mask`), implemented by `WordPieceTokenizer` and `SentencePieceTokenizer`.
+`word_start_mask`), implemented by `WordPieceTokenizer`, `SentencePieceTokenizer` and `JsonTokenizer` (any Hugging
+Face tokenizer.json: an imported SentencePiece-based one, and `ByteLevelBPETokenizer`, RoBERTa's byte-level BPE).
 
 `Tokenizer.load(path)` is the one entry: it picks the kind from the path, so code that loads the folder a
-manifest names works for both kinds. `word_start_table` gives the whole-word-masking table of a dataset.
+manifest names works for every kind. `word_start_table` gives the whole-word-masking table of a dataset.
 
 WordPiece: backed by the Hugging Face `tokenizers` library (Rust, fast, multi-threaded `encode_batch`) and
 configured like BERT's: BERT normaliser (lowercasing and accent stripping when uncased), BERT pre-tokenizer
