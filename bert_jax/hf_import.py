@@ -276,7 +276,7 @@ def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_di
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "mlm_head_initialised": head_initialised,
+    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": model, "mlm_head_initialised": head_initialised,
             "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 

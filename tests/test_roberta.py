@@ -184,58 +184,51 @@ def test_roberta_recipe(cased):
 
 
 @pytest.mark.slow
-def test_roberta_pretrain_export_import_continue(docs, tmp_path, capsys):
-    """pretokenize --tokenizer bytelevel-bpe -> configs/roberta.py:tiny (whole-word masking from "Ġ") -> export
-    RobertaForMaskedLM with --verify -> fill-mask -> import that folder -> continue with init_from -> export
-    --verify again."""
+def test_roberta_folder_continues_pretraining(cased, docs, tmp_path, capsys):
+    """A random RobertaForMaskedLM folder with a byte-level BPE -> tools.import_from_hf -> pretokenize with its
+    tokenizer (whole-word masking from "Ġ") -> configs/roberta.py:tiny with init_from -> export RobertaForMaskedLM
+    with --verify -> fill-mask."""
+    tok, _ = cased
+    src = str(tmp_path / "src")
+    _random_roberta(tok).save_pretrained(src)
+    tok.save_hf(src, 64)
+    imported = str(tmp_path / "imported")
+    assert import_from_hf.main(["--hf", src, "--out", imported]) == 0
+    start, _ = checkpointing.load_params(imported)
+
     corpus = tmp_path / "docs.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
-        for d in docs[:500]:
+        for d in docs[:400]:
             f.write(json.dumps({"text": d}) + "\n")
     data = str(tmp_path / "data")
-    assert pretokenize.main(["--source", str(corpus), "--out", data, "--tokenizer", "bytelevel-bpe", "--cased",
-                             "--vocab-size", "1000", "--seq-len", "64", "--validation-fraction", "0.1",
+    assert pretokenize.main(["--source", str(corpus), "--out", data, "--vocab", os.path.join(imported, "tokenizer"),
+                             "--tokenizer", "bytelevel-bpe", "--seq-len", "64", "--validation-fraction", "0.1",
                              "--workers", "1"]) == 0
     manifest = manifest_lib.load(data)
-    assert manifest.tokenizer.type == "bytelevel-bpe" and manifest.special_ids.pad == 1
+    assert manifest.tokenizer.type == "bytelevel-bpe" and manifest.special_ids.pad == 1 and not manifest.lowercase
     assert set(manifest.tokenizer.files) == {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert manifest.vocab_hash == tok.vocab_hash
 
-    def config(**init):
-        c = roberta_configs.get_config("tiny")
-        with c.unlocked():
-            c.data.dir, c.data.seq_len = data, 64
-            c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 2, 8, 1, 2
-            c.train.eval_batches = 1
-            c.optim.warmup_steps = 0
-            c.objective.whole_word_masking = True
-            c.init_from = init.get("init_from", "")
-        return c
-
+    c = roberta_configs.get_config("tiny")
+    with c.unlocked():
+        c.data.dir, c.data.seq_len, c.init_from = data, 64, imported
+        c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every, c.train.eval_batches = 2, 8, 1, 2, 1
+        c.optim.warmup_steps = 0
+        c.objective.whole_word_masking = True
     run = str(tmp_path / "run")
-    assert np.isfinite(trainer.train_and_evaluate(config(), run)["eval/loss"])
+    assert np.isfinite(trainer.train_and_evaluate(c, run)["eval/loss"])
+    end, meta = checkpointing.load_params(run)
+    assert meta.step == 2 and (meta.model.position_offset, meta.model.hidden_size, meta.model.layer_norm_eps) == (
+        2, 48, 1e-12)  # the shape and settings of the imported folder, not the tiny recipe's
+    assert not np.array_equal(end["encoder"]["embeddings"]["word"], start["encoder"]["embeddings"]["word"])
+
     out = str(tmp_path / "out")
     assert convert_to_hf.main(["--workdir", run, "--out", out, "--model", "roberta_mlm", "--verify"]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with capsys.disabled():
-        print("export of a configs/roberta.py run:",
+        print("export of the continued RoBERTa:",
               {k: figures[k] for k in ("tokenizer_ids_match", "max_abs_diff_logits", "max_abs_diff_hidden")})
     assert figures["ok"] and figures["architecture"] == "RobertaForMaskedLM"
     fill = transformers.pipeline("fill-mask", model=out)
     results = fill("Return a <mask> of the path.", top_k=3)
     assert len(results) == 3 and all("<mask>" not in r["sequence"] for r in results)
-
-    imported = str(tmp_path / "imported")
-    hf_import.import_hf(out, imported)
-    start, meta = checkpointing.load_params(imported)
-    assert meta.model.position_offset == 2 and meta.vocab_hash == manifest.vocab_hash
-    trained, _ = checkpointing.load_params(run)
-    np.testing.assert_array_equal(start["encoder"]["embeddings"]["position"],
-                                  trained["encoder"]["embeddings"]["position"])
-    cont = str(tmp_path / "continued")
-    assert np.isfinite(trainer.train_and_evaluate(config(init_from=imported), cont)["eval/loss"])
-    end, meta = checkpointing.load_params(cont)
-    assert meta.step == 2 and meta.model.position_offset == 2
-    assert not np.array_equal(end["encoder"]["embeddings"]["word"], start["encoder"]["embeddings"]["word"])
-    assert convert_to_hf.main(["--workdir", cont, "--out", str(tmp_path / "out2"), "--model", "roberta_mlm",
-                               "--verify"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"]
