@@ -182,6 +182,8 @@ def _is_tokenizer_json(path: str) -> bool:
     if os.path.isdir(path):
         has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
         return not has("vocab.txt") and (has(JSON_FILE) or (has(BPE_VOCAB) and has(BPE_MERGES)))
+    if os.path.basename(path) == BPE_VOCAB:
+        return True
     return (path.endswith(".json") and os.path.isfile(path)
             and backends.read_tokenizer_spec(path)["model"].get("type") != "WordPiece")
 
@@ -493,7 +495,8 @@ class JsonTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str, lowercase: bool | None = None) -> "Tokenizer":
-        """From a tokenizer.json, or a folder holding one (or a byte-level vocab.json + merges.txt); a WordPiece
+        """From a tokenizer.json, or a folder holding one, or a byte-level vocab.json (+ merges.txt beside it, also
+        when a folder holds only those two); a WordPiece
         tokenizer.json gives a `WordPieceTokenizer`. `lowercase` (when not None) must agree with the files: case
         handling is part of the tokenizer's normaliser."""
         from tokenizers import Tokenizer as HFTokenizer
@@ -501,7 +504,7 @@ class JsonTokenizer(Tokenizer):
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, JSON_FILE) if os.path.isdir(path) else path
         config = _json_folder_config(folder)
-        if not os.path.isfile(file):
+        if not os.path.isfile(file) or os.path.basename(file) == BPE_VOCAB:
             return ByteLevelBPETokenizer.from_vocab_merges(folder, config, lowercase)
         spec = backends.read_tokenizer_spec(file)
         if spec["model"].get("type") == "WordPiece":

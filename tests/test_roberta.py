@@ -87,6 +87,10 @@ def test_bytelevel_bpe_ids_match_transformers_roberta_tokenizer(cased, docs, tex
     for name in ("merges.txt", "vocab.json"):
         (tmp_path / name).write_bytes(open(os.path.join(hf_dir, name), "rb").read())
     assert Tokenizer.load(str(tmp_path)).vocab_hash == Tokenizer.load(hf_dir).vocab_hash == tok.vocab_hash
+    assert Tokenizer.load(str(tmp_path / "vocab.json")).vocab_hash == tok.vocab_hash
+    os.remove(tmp_path / "merges.txt")
+    with pytest.raises(DataError, match=r"no tokenizer at .* \(no tokenizer.json, nor vocab.json \+ merges.txt\)"):
+        Tokenizer.load(str(tmp_path / "vocab.json"))
 
 
 def test_bytelevel_bpe_training_is_deterministic_and_uncased_folds_case(docs, tmp_path):
@@ -159,6 +163,11 @@ def test_roberta_folder_round_trip_bitwise_and_same_logits(cased, tmp_path, caps
     diff_hidden = float(np.abs(res.hidden_states[-1].numpy() - hidden).max())
     print(f"random RoBERTa, every position of a padded batch: logits diff {diff_logits:.3g}, hidden {diff_hidden:.3g}")
     assert diff_logits < 1e-5 and diff_hidden < 1e-5
+    # As a sentence-transformers folder: a bare RobertaModel, mean pooling, our head beside it.
+    st = convert_to_hf.convert(w, str(tmp_path / "st"), model="roberta_mlm", verify=True, sentence_transformers=True)
+    print("as sentence-transformers:", {k: st[k] for k in ("max_abs_diff_logits", "st_max_rel_diff_embedding")})
+    assert st["ok"] and st["st_ok"] and st["architectures"] == ["RobertaModel"]
+    assert st["head_file"] == "roberta_mlm_head.safetensors"
 
 
 def test_roberta_recipe(cased):

@@ -19,6 +19,7 @@ from bert_jax import checkpointing, trainer  # noqa: E402
 from configs import bert as bert_configs  # noqa: E402
 from data_pipeline import manifest as manifest_lib  # noqa: E402
 from data_pipeline import pretokenize  # noqa: E402
+from data_pipeline.errors import DataError  # noqa: E402
 from data_pipeline.sources import docstring_documents  # noqa: E402
 from data_pipeline.tokenization import JsonTokenizer, Tokenizer  # noqa: E402
 from data_pipeline.tokenizer_training import train_tokenizer  # noqa: E402
@@ -46,14 +47,15 @@ def _hf_folder(tok, out: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece-unigram", "sentencepiece-bpe"])
-def test_imported_tokenizer_gives_our_sentencepiece_ids(kind, docs, tmp_path):
+@pytest.mark.parametrize("kind,lowercase", [("sentencepiece-unigram", True), ("sentencepiece-bpe", False)],
+                         ids=["unigram-uncased", "bpe-cased"])
+def test_imported_tokenizer_gives_our_sentencepiece_ids(kind, lowercase, docs, tmp_path):
     """The tokenizer.json of the folder, loaded by Tokenizer.load, gives the SentencePiece model's ids (up to the
     float32/float64 score ties of unigram, see tests/test_sentencepiece_hf.py) and the same special ids."""
-    sp = Tokenizer.load(train_tokenizer(kind, docs, 600, str(tmp_path / "sp"), lowercase=True))
+    sp = Tokenizer.load(train_tokenizer(kind, docs, 600, str(tmp_path / "sp"), lowercase=lowercase))
     sp.save_hf(str(tmp_path / "hf"), 64)
     tok = Tokenizer.load(str(tmp_path / "hf"))
-    assert isinstance(tok, JsonTokenizer) and tok.kind == f"json-{sp.model_type}" and tok.lowercase
+    assert isinstance(tok, JsonTokenizer) and tok.kind == f"json-{sp.model_type}" and tok.lowercase == lowercase
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.vocab_size) == (
         sp.pad_id, sp.unk_id, sp.cls_id, sp.sep_id, sp.mask_id, sp.vocab_size)
     assert set(sp.special_ids) <= set(tok.special_ids)
@@ -61,11 +63,14 @@ def test_imported_tokenizer_gives_our_sentencepiece_ids(kind, docs, tmp_path):
     lines = [line for d in docs for line in d.splitlines() if line.strip()]
     ours, theirs = sp.encode_batch(lines), tok.encode_batch(lines)
     differ = sum(a != b for a, b in zip(ours, theirs))
-    print(f"{kind}: {len(lines)} lines, {sum(map(len, ours))} tokens, {differ} differ")
+    print(f"{kind} lowercase={lowercase}: {len(lines)} lines, {sum(map(len, ours))} tokens, {differ} differ")
     assert len(lines) > 5000 and differ <= (0 if sp.model_type == "bpe" else len(lines) // 1000)
-    # A cased request against an uncased tokenizer is refused, naming the file.
-    with pytest.raises(Exception, match="tokenizer.json: the tokenizer is uncased, but a cased"):
-        Tokenizer.load(str(tmp_path / "hf"), lowercase=False)
+    # The other case than the tokenizer's is refused, naming the file; the configs' own flag is what counts.
+    case = ("uncased", "cased") if lowercase else ("cased", "uncased")
+    with pytest.raises(DataError, match=f"tokenizer.json: the tokenizer is {case[0]}, but a {case[1]}"):
+        Tokenizer.load(str(tmp_path / "hf"), lowercase=not lowercase)
+    os.remove(tmp_path / "hf" / "tokenizer_config.json")  # no flag: the normaliser's case folding decides
+    assert Tokenizer.load(str(tmp_path / "hf")).lowercase == lowercase
 
 
 @pytest.mark.slow
