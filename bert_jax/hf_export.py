@@ -4,9 +4,10 @@
     summary = hf_export.write(source, out)                     # config.json, model.safetensors, tokenizer files
     source = hf_export.load(workdir, sentence_transformers=True)  # ... written as a sentence-transformers folder
 
-`model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM, `roberta_mlm` (an MLM checkpoint whose
-positions start after the padding id: configs/roberta.py, an imported RoBERTa) as RobertaForMaskedLM (the
-position table as it is, with RoBERTa's two leading rows; config.json's pad_token_id says where); from an ELECTRA checkpoint,
+`model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM, `roberta_mlm` (an MLM checkpoint
+whose positions start after the padding id: configs/roberta.py, an imported RoBERTa) as RobertaForMaskedLM (the
+position table as it is, with RoBERTa's two leading rows; config.json's pad_token_id says where); from an
+ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared embeddings;
 ElectraConfig with that tower's sizes and embedding_size). The tensors come from `models.hf_mapping`; the
 MLM decoder weight is tied to the word embeddings and not written. The tokenizer files (vocab.txt,
@@ -153,7 +154,8 @@ def exportable(meta: CheckpointMeta) -> tuple[str, ...]:
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
     """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt), a SentencePiece model (spm.model) or a
-    tokenizer.json (an imported SentencePiece-based or byte-level one; vocab.json + merges.txt too); each kind writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
+    tokenizer.json (an imported SentencePiece-based or byte-level one; vocab.json + merges.txt too); each kind
+    writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
     if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE, "tokenizer.json",
                                                                          "vocab.json")):
         raise ConversionError(f"no tokenizer vocabulary at {os.path.join(tokenizer_dir, 'vocab.txt')} "

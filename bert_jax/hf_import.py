@@ -263,7 +263,8 @@ def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_di
     head_initialised = not hf_mapping.head_present(tensors, cfg, model)
     fallback = None
     if head_initialised:
-        log(f"{hf_dir} has no MLM head ({'lm_head' if model == 'roberta_mlm' else 'cls.predictions'}.*): it starts freshly initialised")
+        head = "lm_head" if model == "roberta_mlm" else "cls.predictions"
+        log(f"{hf_dir} has no MLM head ({head}.*): it starts freshly initialised")
         fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)))["mlm_head"]}
     params = _from_hf(tensors, cfg, model, hf_dir, fallback)
     ignored = hf_mapping.unused_names(tensors, model)
@@ -276,7 +277,8 @@ def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_di
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": model, "mlm_head_initialised": head_initialised,
+    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": model,
+            "mlm_head_initialised": head_initialised,
             "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 

@@ -1,5 +1,6 @@
 """Training a tokenizer: WordPiece (BERT's, through Hugging Face `tokenizers`), SentencePiece (unigram or
-BPE) or byte-level BPE (RoBERTa's, through `tokenizers`), saved in the folder form `data_pipeline.tokenization.Tokenizer.load` reads back."""
+BPE) or byte-level BPE (RoBERTa's, through `tokenizers`), saved in the folder form
+`data_pipeline.tokenization.Tokenizer.load` reads back."""
 
 from __future__ import annotations
 

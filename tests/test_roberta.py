@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bert_jax import builder, checkpointing, hf_export, hf_import, trainer  # noqa: E402
+from bert_jax import builder, checkpointing, hf_export, trainer  # noqa: E402
 from bert_jax.errors import ConfigError  # noqa: E402
 from bert_jax.hf_export import ConversionError  # noqa: E402
 from configs import roberta as roberta_configs  # noqa: E402
@@ -141,8 +141,8 @@ def test_roberta_folder_round_trip_bitwise_and_same_logits(cased, tmp_path, caps
     with pytest.raises(ConversionError, match=r"--model mlm is not available .* available: \['roberta_mlm'\]"):
         convert_to_hf.convert(w, back)
     convert_to_hf.convert(w, back, model="roberta_mlm")
-    original, exported = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(back,
-                                                                                                    "model.safetensors"))
+    original = load_file(os.path.join(src, "model.safetensors"))
+    exported = load_file(os.path.join(back, "model.safetensors"))
     assert sorted(original) == sorted(exported)
     assert all(np.array_equal(original[k], exported[k]) for k in original)
     with open(os.path.join(back, "config.json"), encoding="utf-8") as f:
