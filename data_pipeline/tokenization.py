@@ -469,11 +469,19 @@ class JsonTokenizer(Tokenizer):
     The five special roles are found by name: the folder's tokenizer_config.json / special_tokens_map.json
     (`pad_token`, ..., RoBERTa's `bos_token` / `eos_token` for [CLS] / [SEP]), else the usual names ([PAD] or
     <pad>, ...). Whole words start at the pre-tokenizer's word marker ("▁" for Metaspace, "Ġ" for ByteLevel);
-    special tokens count as word starts. The text of a special token maps to it (as in `WordPieceTokenizer`)."""
+    special tokens count as word starts.
+
+    `encode_batch` reads the text of a special token ("<s>", "[CLS]", "<mask>") as ordinary text, as SentencePiece
+    does and as RoBERTa's own preprocessing did: a literal "<s>" in a document must not become the id that starts
+    a packed document. `encode_hf_batch` gives the Hugging Face tokenizer's ids, where such text is the token."""
 
     def __init__(self, backend, special_tokens: dict[str, str], lowercase: bool, source: str = "<memory>"):
+        from tokenizers import Tokenizer as HFTokenizer
+
         self._backend = backend
         self._text = backend.to_str()
+        self._plain = HFTokenizer.from_str(self._text)  # the same tokenizer, special tokens' text as text
+        self._plain.encode_special_tokens = True
         self._spec = json.loads(self._text)
         self._vocab = backend.get_vocab(with_added_tokens=True)
         self._tokens = [""] * len(self._vocab)
@@ -541,11 +549,12 @@ class JsonTokenizer(Tokenizer):
         return [JSON_FILE, CONFIG_FILE]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        """Ids of each text, the text of a special token read as text (see the class docstring)."""
+        return [e.ids for e in self._plain.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def encode_hf_batch(self, texts: list[str]) -> list[list[int]]:
-        """`encode_batch`: it is the Hugging Face tokenizer."""
-        return self.encode_batch(texts)
+        """The Hugging Face tokenizer's ids (its tokenizer.json is this one): a special token's text is the token."""
+        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
