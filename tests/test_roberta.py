@@ -243,3 +243,26 @@ def test_roberta_folder_continues_pretraining(cased, docs, tmp_path, capsys):
     fill = transformers.pipeline("fill-mask", model=out)
     results = fill("Return a <mask> of the path.", top_k=3)
     assert len(results) == 3 and all("<mask>" not in r["sequence"] for r in results)
+
+
+def test_pretokenize_cli_trains_a_bytelevel_bpe(docs, tmp_path, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for d in docs[:300]:
+            f.write(json.dumps({"text": d}) + "\n")
+    data = str(tmp_path / "data")
+    assert pretokenize.main(["--source", str(corpus), "--out", data, "--tokenizer", "bytelevel-bpe", "--cased",
+                             "--vocab-size", "600", "--seq-len", "64", "--workers", "1"]) == 0
+    manifest = manifest_lib.load(data)
+    assert manifest.tokenizer.type == "bytelevel-bpe" and manifest.vocab_size == 600 and not manifest.lowercase
+    assert (manifest.special_ids.cls, manifest.special_ids.pad, manifest.special_ids.sep,
+            manifest.special_ids.mask) == (0, 1, 2, 4)
+    from data_pipeline.tokenization import word_start_table  # pylint: disable=import-outside-toplevel
+    starts = np.frombuffer(word_start_table(data, manifest), dtype=bool)
+    assert starts[:5].all() and 0 < starts.sum() < 600
+    # A WordPiece vocabulary given with --tokenizer bytelevel-bpe is refused in one line.
+    wordpiece = train_tokenizer("wordpiece", docs[:300], 500, str(tmp_path / "wp"))
+    assert pretokenize.main(["--source", str(corpus), "--out", str(tmp_path / "d2"), "--tokenizer", "bytelevel-bpe",
+                             "--vocab", wordpiece]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --tokenizer bytelevel-bpe does not match {wordpiece} (a wordpiece tokenizer)")
