@@ -39,8 +39,8 @@ from safetensors.numpy import save_file
 from bert_jax import hf_extras, sharding
 from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer, load_params
-from bert_jax.workdir import CheckpointMeta
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
+from bert_jax.workdir import CheckpointMeta
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.manifest import SpecialIds
 from data_pipeline.tokenization import SPM_FILE, Tokenizer

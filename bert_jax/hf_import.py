@@ -12,6 +12,11 @@ train (the pooler, an NSP or other head, buffers; its config.json; a sentence-tr
 kept in `W/hf_extras/` (`bert_jax.hf_extras`) for the export to write back. Architectures our encoder cannot
 represent (relative positions, another activation, a decoder) raise `ConversionError` (one line).
 
+RoBERTa (config.json model_type "roberta"; RobertaForMaskedLM, or a bare RobertaModel whose head then starts fresh)
+is the same model of ours (objective mlm, exported as `roberta_mlm`) with `position_offset` = its pad_token_id + 1:
+its positions start after the padding id. Its byte-level tokenizer files (tokenizer.json, vocab.json, merges.txt)
+and any other tokenizer.json (e.g. a SentencePiece-based one) are copied with the rest; `Tokenizer.load` reads them.
+
 ELECTRA (config.json model_type "electra"): `hf_dir` is the discriminator (ElectraForPreTraining, or a bare
 ElectraModel whose head then starts fresh) and `generator_dir` an ElectraForMaskedLM; together they become one
 ElectraForPretraining tree {"embeddings", "generator", "discriminator"} with objective "electra". Jointly

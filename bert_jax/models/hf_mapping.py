@@ -5,7 +5,7 @@ apply it to checkpoints; tests/test_convert checks it against transformers numer
 Each row says: our path (slash-separated, into the nested params dict), the HF tensor name, and the
 transform between the two layouts. Rows whose HF name holds `{i}` address one layer of our *stacked*
 layer arrays (leading axis = layer). `{base}` is the encoder's prefix in the HF model (`bert` for
-BertForMaskedLM, `electra` for the ELECTRA models). Only numpy is used here, so exporting needs neither
+BertForMaskedLM, `roberta` for RobertaForMaskedLM, `electra` for the ELECTRA models). Only numpy is used here, so exporting needs neither
 torch nor transformers.
 
 Layouts: our dense kernels are [in, out] (x @ kernel), PyTorch Linear weights are [out, in]; our q/k/v
