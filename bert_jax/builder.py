@@ -121,7 +121,7 @@ def from_config(config: ConfigDict, num_devices: int, process_count: int = 1, de
 # model.* keys that the weights fix (their shapes, or the function they compute): a run started from a
 # checkpoint (init_from) takes them from its meta. -> the EncoderConfig field.
 INIT_FROM_KEYS = ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size", "embedding_size",
-                  "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps")
+                  "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps", "position_offset")
 
 
 def adopt_init_from(config: ConfigDict, manifest: Manifest,
@@ -186,9 +186,15 @@ def check_config(config: ConfigDict, manifest: Manifest, num_devices: int, proce
         raise ConfigError(f"objective.name={config.objective.name!r}: choose one of {sorted(OBJECTIVES)}")
     if d.seq_len != manifest.seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} differs from seq_len={manifest.seq_len} in {where}")
-    if d.seq_len > m.max_position_embeddings:
+    offset = m.get("position_offset", 0)
+    if d.seq_len > m.max_position_embeddings - offset:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}")
+                          f"{m.max_position_embeddings}" + (f" less model.position_offset={offset}" if offset else ""))
+    if offset and offset != manifest.special_ids.pad + 1:
+        # Hugging Face's RoBERTa gives padding row padding_idx = pad_token_id and real tokens the rows after it.
+        raise ConfigError(f"model.position_offset={offset}: RoBERTa's positions start right after the padding id, "
+                          f"so it must be {manifest.special_ids.pad + 1} (the padding id of {where} is "
+                          f"{manifest.special_ids.pad})")
     vocab_size = manifest.vocab_size if m.vocab_size == -1 else m.vocab_size
     if vocab_size != manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} differs from vocab_size={manifest.vocab_size} "

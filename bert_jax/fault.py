@@ -178,7 +178,7 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "embedding
 # Model fields that change the function the weights compute: a resume with another value would go on training
 # other math from those weights without a word (e.g. a CPU run resumed with the `SIZE,gpu` preset, whose GELU
 # is the tanh form). Checkpoints that predate a field read as its EncoderConfig default (bert_jax.workdir).
-FUNCTION_KEYS = ("hidden_act", "layer_norm_eps")
+FUNCTION_KEYS = ("hidden_act", "layer_norm_eps", "position_offset")
 
 
 def resume_mismatch(step: int, meta: CheckpointMeta, directory: str, *, model: EncoderConfig, objective: str,

@@ -4,7 +4,10 @@
     summary = hf_export.write(source, out)                     # config.json, model.safetensors, tokenizer files
     source = hf_export.load(workdir, sentence_transformers=True)  # ... written as a sentence-transformers folder
 
-`model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
+`model` is the exported kind: `mlm` (a BERT checkpoint) as BertForMaskedLM, `roberta_mlm` (an MLM checkpoint
+whose positions start after the padding id: configs/roberta.py, an imported RoBERTa) as RobertaForMaskedLM (the
+position table as it is, with RoBERTa's two leading rows; config.json's pad_token_id says where); from an
+ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared embeddings;
 ElectraConfig with that tower's sizes and embedding_size). The tensors come from `models.hf_mapping`; the
 MLM decoder weight is tied to the word embeddings and not written. The tokenizer files (vocab.txt,
@@ -37,6 +40,7 @@ from bert_jax import hf_extras, sharding
 from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer, load_params
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
+from bert_jax.workdir import CheckpointMeta
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.manifest import SpecialIds
 from data_pipeline.tokenization import SPM_FILE, Tokenizer
@@ -116,30 +120,47 @@ def load(workdir: str, model: str = "mlm", step: int | None = None,
     if step is not None and step not in steps:
         raise ConversionError(f"step {step} not found in {directory}; available steps: {steps}")
     params, meta = load_params(workdir, step)
-    if model not in EXPORTABLE.get(meta.objective, ()):
+    if model not in exportable(meta):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {meta.objective}); "
-                              f"available: {list(EXPORTABLE.get(meta.objective, ()))}")
+                              f"available: {list(exportable(meta))}")
     cfg = meta.tower(model)
     if cfg is None:
         raise ConversionError(f"the checkpoint meta has no 'generator' entry: cannot rebuild --model {model}")
     tokenizer = _load_tokenizer(workdir_lib.tokenizer(workdir))
+    special_ids = _special_ids(workdir, tokenizer)
+    if hf_mapping.MODELS[model].model_type == "roberta":
+        try:
+            hf_mapping.check_roberta(cfg, special_ids.pad)
+        except ValueError as e:
+            raise ConversionError(f"{workdir}: {e}") from None
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ConversionError(f"the tokenizer in {workdir_lib.tokenizer(workdir)} has {tokenizer.vocab_size} "
                               f"tokens, the model's vocab_size is {cfg.vocab_size}")
     extras = hf_extras.load(workdir, model)
     if sentence_transformers:
         # max_seq_length: what the positions (and the exported tokenizer's model_max_length) allow.
-        extras = hf_extras.with_sentence_transformers(extras, model, cfg.hidden_size, cfg.max_position_embeddings)
+        extras = hf_extras.with_sentence_transformers(extras, model, cfg.hidden_size, cfg.max_length)
     return ExportSource(workdir=workdir, step=meta.step, model=model, config=cfg, params=params,
-                        tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer), extras=extras)
+                        tokenizer=tokenizer, special_ids=special_ids, extras=extras)
+
+
+def exportable(meta: CheckpointMeta) -> tuple[str, ...]:
+    """The model kinds a checkpoint of `meta` exports: an MLM run whose positions start after the padding id
+    (position_offset, configs/roberta.py or an imported RoBERTa) is a RoBERTa."""
+    if meta.objective == "mlm" and meta.model.position_offset:
+        return ("roberta_mlm",)
+    return EXPORTABLE.get(meta.objective, ())
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
-    """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt) or a SentencePiece model (spm.model);
-    either kind writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
-    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE)):
+    """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt), a SentencePiece model (spm.model) or a
+    tokenizer.json (an imported SentencePiece-based or byte-level one; vocab.json + merges.txt too); each kind
+    writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE, "tokenizer.json",
+                                                                         "vocab.json")):
         raise ConversionError(f"no tokenizer vocabulary at {os.path.join(tokenizer_dir, 'vocab.txt')} "
-                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)})")
+                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)}, nor a "
+                              f"tokenizer.json)")
     return Tokenizer.load(tokenizer_dir)
 
 
@@ -149,7 +170,8 @@ def _special_ids(workdir: str, tokenizer: Tokenizer) -> SpecialIds:
     file = workdir_lib.data_manifest(workdir)
     if os.path.isfile(file):
         return manifest_lib.read(file).special_ids
-    return SpecialIds(**{k: tokenizer.token_to_id(t) for k, t in SPECIAL_TOKENS.items()})
+    return SpecialIds(pad=tokenizer.pad_id, unk=tokenizer.unk_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id,
+                      mask=tokenizer.mask_id)
 
 
 def write(source: ExportSource, out: str, overwrite: bool = False) -> dict:
@@ -167,7 +189,7 @@ def write(source: ExportSource, out: str, overwrite: bool = False) -> dict:
                                      files.architectures)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    _write_tokenizer(source.tokenizer, out, cfg.max_position_embeddings)
+    _write_tokenizer(source.tokenizer, out, cfg.max_length)
     st_files = hf_extras.copy_files(extras, out)
     return {"out": os.path.abspath(out), "step": source.step, "model": source.model,
             "architecture": files.architectures[0], "architectures": files.architectures,

@@ -186,7 +186,8 @@ def with_sentence_transformers(extras: Extras | None, model: str, hidden_size: i
     # load, and mean pooling does not use it): the folder's Transformer module builds it without one, unless the
     # workdir kept an imported pooler. ElectraModel has none.
     pooled = any(n.startswith(f"{spec.base}.pooler.") for n in hf_mapping.normalize_names(extras.tensors, model))
-    model_args = {"add_pooling_layer": False} if spec.base_architecture == "BertModel" and not pooled else None
+    bare = spec.base_architecture in ("BertModel", "RobertaModel") and not pooled
+    model_args = {"add_pooling_layer": False} if bare else None
     return dataclasses.replace(extras, config=config,
                                generated=st_module_files(hidden_size, max_seq_length, model_args))
 

@@ -1,4 +1,4 @@
-"""Import: a Hugging Face BERT or ELECTRA folder -> a step-0 checkpoint of ours (e.g. to continue pretraining).
+"""Import: a Hugging Face BERT, RoBERTa or ELECTRA folder -> a step-0 checkpoint of ours (e.g. to continue pretraining).
 
     summary = hf_import.import_hf(hf_dir, workdir)                              # BERT
     summary = hf_import.import_hf(disc_dir, workdir, generator_dir=gen_dir)     # ELECTRA
@@ -11,6 +11,11 @@ head (a bare encoder) gets a freshly initialised one, with our initialiser. What
 train (the pooler, an NSP or other head, buffers; its config.json; a sentence-transformers folder's modules) is
 kept in `W/hf_extras/` (`bert_jax.hf_extras`) for the export to write back. Architectures our encoder cannot
 represent (relative positions, another activation, a decoder) raise `ConversionError` (one line).
+
+RoBERTa (config.json model_type "roberta"; RobertaForMaskedLM, or a bare RobertaModel whose head then starts fresh)
+is the same model of ours (objective mlm, exported as `roberta_mlm`) with `position_offset` = its pad_token_id + 1:
+its positions start after the padding id. Its byte-level tokenizer files (tokenizer.json, vocab.json, merges.txt)
+and any other tokenizer.json (e.g. a SentencePiece-based one) are copied with the rest; `Tokenizer.load` reads them.
 
 ELECTRA (config.json model_type "electra"): `hf_dir` is the discriminator (ElectraForPreTraining, or a bare
 ElectraModel whose head then starts fresh) and `generator_dir` an ElectraForMaskedLM; together they become one
@@ -156,15 +161,26 @@ def _prepare_workdir(out_workdir: str, overwrite: bool) -> None:
     shutil.rmtree(workdir_lib.hf_extras(out_workdir), ignore_errors=True)
 
 
+# The tokenizer files an import copies: an export's, and a byte-level BPE's vocab.json + merges.txt (RoBERTa).
+IMPORT_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt")
+
+
 def _copy_tokenizer(hf_dir: str, tok_dir: str, log: Log) -> list[str]:
     """Copies the HF tokenizer files of `hf_dir` into `tok_dir`; -> the names copied."""
     os.makedirs(tok_dir, exist_ok=True)
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    copied = [n for n in IMPORT_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     for name in copied:
         shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
-    if "vocab.txt" not in copied:
-        log(f"{hf_dir} has no vocab.txt: {tok_dir} stays empty, add the vocabulary before training/export")
+    if not _has_vocabulary(copied):
+        log(f"{hf_dir} has no vocab.txt, tokenizer.json or vocab.json + merges.txt: {tok_dir} has no vocabulary, "
+            "add it before training/export")
     return copied
+
+
+def _has_vocabulary(names: list[str]) -> bool:
+    """Whether tokenizer files `names` hold a vocabulary `Tokenizer.load` reads (WordPiece's vocab.txt, any
+    tokenizer.json: SentencePiece-based, byte-level, ...; a byte-level vocab.json + merges.txt)."""
+    return "vocab.txt" in names or "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= set(names)
 
 
 def _vocab_hash(tok_dir: str, log: Log) -> str | None:
@@ -197,7 +213,7 @@ def _save(hf_dir: str, out_workdir: str, params: dict, meta: CheckpointMeta, log
     0 means the import is complete."""
     ckpt_dir, tok_dir = workdir_lib.checkpoints(out_workdir), workdir_lib.tokenizer(out_workdir)
     copied = _copy_tokenizer(hf_dir, tok_dir, log)
-    meta = dataclasses.replace(meta, vocab_hash=_vocab_hash(tok_dir, log) if "vocab.txt" in copied else None)
+    meta = dataclasses.replace(meta, vocab_hash=_vocab_hash(tok_dir, log) if _has_vocabulary(copied) else None)
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
         ckpt.save(0, {"params": params}, meta)
@@ -230,37 +246,44 @@ def import_hf(hf_dir: str, out_workdir: str, *, overwrite: bool = False, generat
     if _model_type(hf_dir) == "electra":
         return _import_electra(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir,
                                generator_fraction=generator_fraction, read=read, log=log)
-    return _import_bert(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir, read=read, log=log)
+    # RoBERTa (model_type "roberta"): the MLM model of BERT with its positions after the padding id.
+    model = "roberta_mlm" if _model_type(hf_dir) == "roberta" else "mlm"
+    return _import_bert(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir, read=read, log=log,
+                        model=model)
 
 
 def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_dir: str | None, read: ReadWeights,
-                 log: Log) -> dict:
-    cfg, _ = _read_config(hf_dir)
+                 log: Log, model: str = "mlm") -> dict:
+    """A BERT (`model` "mlm") or RoBERTa ("roberta_mlm") folder: both are our BertForMaskedLM, objective mlm."""
+    spec = hf_mapping.MODELS[model]
+    cfg, _ = _read_config(hf_dir, (spec.model_type,))
     if generator_dir is not None:
-        raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a BERT folder")
+        raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a {spec.model_type} folder")
     _prepare_workdir(out_workdir, overwrite)
 
     bar = progress(desc="import: read weights", total=3, unit="stage")
-    tensors = hf_mapping.normalize_names(read(hf_dir), "mlm")
+    tensors = hf_mapping.normalize_names(read(hf_dir), model)
     bar.update(1)
     bar.set_description("import: map tensors")
-    head_initialised = not hf_mapping.head_present(tensors, cfg, "mlm")
+    head_initialised = not hf_mapping.head_present(tensors, cfg, model)
     fallback = None
     if head_initialised:
-        log(f"{hf_dir} has no MLM head (cls.predictions.*): it starts freshly initialised")
-        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES["mlm"](cfg, nnx.Rngs(0)))["mlm_head"]}
-    params = _from_hf(tensors, cfg, "mlm", hf_dir, fallback)
-    ignored = hf_mapping.unused_names(tensors, "mlm")
+        head = "lm_head" if model == "roberta_mlm" else "cls.predictions"
+        log(f"{hf_dir} has no MLM head ({head}.*): it starts freshly initialised")
+        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)))["mlm_head"]}
+    params = _from_hf(tensors, cfg, model, hf_dir, fallback)
+    ignored = hf_mapping.unused_names(tensors, model)
     _report_ignored(ignored, log)
     bar.update(1)
     bar.set_description("import: save checkpoint")
     meta = CheckpointMeta(step=0, objective="mlm", model=cfg,
                           imported_from=_provenance(hf_dir, None, {"mlm_head": head_initialised}))
-    kept = _keep({"mlm": (hf_dir, tensors)}, out_workdir, log)
+    kept = _keep({model: (hf_dir, tensors)}, out_workdir, log)
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "mlm_head_initialised": head_initialised,
+    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": model,
+            "mlm_head_initialised": head_initialised,
             "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 

@@ -40,6 +40,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.vocab_size = -1  # -1: take it from the data manifest; any other value must equal the manifest's
     m.max_position_embeddings = 512  # learned positions; data.seq_len may not exceed it
     m.type_vocab_size = 2  # token-type (segment) embeddings, as BERT's; kept for Hugging Face compatibility
+    # RoBERTa: positions read the table from this row on (its padding id + 1 = 2; padding reads the row before);
+    # data.seq_len may then not exceed max_position_embeddings - position_offset. 0: BERT's positions.
+    m.position_offset = 0
     m.hidden_dropout = 0.1  # dropout on embeddings and each sub-layer's output
     m.attention_dropout = 0.1  # dropout on the attention probabilities
     m.layer_norm_eps = 1e-12  # BERT's value (Hugging Face configs carry the same)

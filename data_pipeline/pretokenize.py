@@ -3,7 +3,7 @@
     python -m data_pipeline.pretokenize --source docstrings --out DIR --vocab-size 8000 --seq-len 128
 
 Steps: stream documents -> assign each to train/validation by a stable hash of its text -> train a
-tokenizer on the train documents only (WordPiece or SentencePiece), or load `--vocab` -> per split:
+tokenizer on the train documents only (WordPiece, SentencePiece or byte-level BPE), or load `--vocab` -> per split:
 encode batches of documents in a process pool (results in input order, `data_pipeline.encoding`) -> pack
 into `[CLS] ... [SEP]` rows -> write parts of `--shard-rows` rows -> name the finished shards
 `DIR/{split}-{i:05d}-of-{n:05d}.tfrecord` (`data_pipeline.shards`) -> write `DIR/manifest.json`
@@ -46,7 +46,7 @@ from data_pipeline.tokenization import Tokenizer
 from data_pipeline.tokenizer_training import train_tokenizer
 
 SPLITS = manifest_lib.SPLITS
-TOKENIZERS = ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe")
+TOKENIZERS = ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe", "bytelevel-bpe")
 MAX_ROWS_PER_SHARD = 50_000
 
 
@@ -76,7 +76,8 @@ def _load_given_tokenizer(vocab: str, kind: str | None, lowercase: bool | None) 
     # Only an explicit cased request overrides the vocab's own config: the default (uncased) must not silently
     # lowercase input for a cased vocabulary.
     tok = Tokenizer.load(vocab, lowercase=False if lowercase is False else None)
-    if kind is not None and (kind == "wordpiece") != (tok.kind == "wordpiece"):
+    family = lambda k: k if k in ("wordpiece", "bytelevel-bpe") else "other"  # noqa: E731
+    if kind is not None and family(kind) != family(tok.kind):
         raise DataError(f"--tokenizer {kind} does not match {vocab} (a {tok.kind} tokenizer)")
     return tok
 
@@ -238,7 +239,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
       num_shards: exactly this many shards per split (re-cut from the parts at the end).
       shard_rows: rows per part, and so per shard when `num_shards` is None (default 50000); a part may hold
         one row more than its documents fill exactly, as it ends at a document boundary.
-      tokenizer: "wordpiece" (default), "sentencepiece-unigram" or "sentencepiece-bpe".
+      tokenizer: "wordpiece" (default), "sentencepiece-unigram", "sentencepiece-bpe" or "bytelevel-bpe" (RoBERTa's;
+        pass lowercase=False, --cased, for RoBERTa's cased tokenizer).
       tfds_split, tfds_data_dir: the TFDS split and data folder of a "tfds:NAME" source (feature: `text_field`).
       workers: encoding processes (default: all cores); the output does not depend on it.
       tokenizer_train_documents: train the tokenizer on only the first N train documents (default: all); a
@@ -313,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary to train (default 8000)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included")
     p.add_argument("--vocab", default=None,
-                   help="existing vocab.txt, tokenizer.json or SentencePiece .model (or a folder) instead of training")
+                   help="existing vocab.txt, tokenizer.json, SentencePiece .model, or a folder holding one (or a "
+                        "byte-level vocab.json + merges.txt) instead of training")
     p.add_argument("--cased", action="store_true", help="keep case and accents (default: uncased)")
     p.add_argument("--validation-fraction", type=float, default=0.02)
     p.add_argument("--shard-rows", type=int, default=None,

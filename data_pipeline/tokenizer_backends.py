@@ -240,3 +240,100 @@ def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, lowercase: 
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {str(e).splitlines()[0] if str(e) else e}") from None
     return model.getvalue()
+
+
+# ---- byte-level BPE (RoBERTa's / GPT-2's) and any tokenizer.json ------------------------------------------------
+
+def bytelevel_bpe_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]], lowercase: bool,
+                          special_tokens: Sequence[str], cls: str, sep: str, mask: str):
+    """A `tokenizers.Tokenizer` configured as RoBERTa's (the tokenizer.json transformers writes for roberta-base):
+    no normaliser (a `Lowercase` one when `lowercase`), the GPT-2 byte-level pre-tokenizer without a prefix space
+    (a word after a space starts with "Ġ", the first word of a text does not), BPE without an unknown token
+    (every byte is in the alphabet), the special tokens as added tokens (`mask` strips the space before it, as
+    RoBERTa's `<mask>` does, so fill-mask on "a <mask>" sees the same ids as "a" + "Ġword"), and `cls` ... `sep`
+    around a text (a pair: `cls A sep sep B sep`)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors
+
+    tok = HFTokenizer(models.BPE(dict(vocab), [tuple(m) for m in merges], continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == mask) for t in special_tokens])
+    tok.post_processor = processors.RobertaProcessing((sep, vocab[sep]), (cls, vocab[cls]), trim_offsets=True,
+                                                      add_prefix_space=False)
+    return tok
+
+
+def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, lowercase: bool,
+                        special_tokens: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE trained on `texts`: `special_tokens` at ids 0.., then the 256 byte
+    symbols (sorted, so ids do not depend on the corpus), then one token per merge, in merge order."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # min_frequency=2: one-off strings (hashes, long identifiers) get no token of their own, as for WordPiece.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def read_vocab_merges(vocab_file: str, merges_file: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a GPT-2 / RoBERTa `vocab.json` + `merges.txt` pair (merges: one "a b" per line after an
+    optional "#version" header)."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{vocab_file} / {merges_file}: unreadable ({e})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise DataError(f"{vocab_file}: not a {{token: id}} JSON object")
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise DataError(f"{merges_file}:{n}: a merge is two tokens separated by one space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return vocab, merges
+
+
+def read_tokenizer_spec(path: str) -> dict:
+    """The JSON of a Hugging Face `tokenizer.json`; DataError when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise DataError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object)")
+    return spec
+
+
+def word_marker(spec: dict) -> str | None:
+    """The character a word-initial token starts with under the pre-tokenizer (and decoder) of a tokenizer.json
+    spec: "▁" (Metaspace, SentencePiece-style), "Ġ" (ByteLevel, GPT-2 / RoBERTa), None (neither)."""
+    def kinds(node):
+        if not isinstance(node, dict):
+            return []
+        inner = node.get("pretokenizers") or node.get("decoders") or []
+        return [node.get("type")] + [k for n in inner for k in kinds(n)]
+
+    found = kinds(spec.get("pre_tokenizer")) + kinds(spec.get("decoder"))
+    if "Metaspace" in found:
+        return "\u2581"
+    if "ByteLevel" in found:
+        return "\u0120"
+    return None

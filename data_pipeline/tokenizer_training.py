@@ -1,5 +1,6 @@
-"""Training a tokenizer: WordPiece (BERT's, through Hugging Face `tokenizers`) or SentencePiece (unigram or
-BPE), saved in the folder form `data_pipeline.tokenization.Tokenizer.load` reads back."""
+"""Training a tokenizer: WordPiece (BERT's, through Hugging Face `tokenizers`), SentencePiece (unigram or
+BPE) or byte-level BPE (RoBERTa's, through `tokenizers`), saved in the folder form
+`data_pipeline.tokenization.Tokenizer.load` reads back."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Iterable
 
 from data_pipeline import tokenizer_backends as backends
 from data_pipeline.errors import DataError
-from data_pipeline.tokenization import SPECIAL_TOKENS, SPM_KINDS, SentencePieceTokenizer, WordPieceTokenizer
+from data_pipeline.tokenization import BYTELEVEL_SPECIAL_TOKENS, SPECIAL_TOKENS, SPM_KINDS, ByteLevelBPETokenizer, \
+    SentencePieceTokenizer, WordPieceTokenizer
 
 
 def _check_vocab_size(vocab_size: int) -> None:
@@ -44,10 +46,28 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, low
     return SentencePieceTokenizer(model).save(out_dir)
 
 
+def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = False) -> str:
+    """Train a byte-level BPE (RoBERTa's tokenizer) on `texts` and save it to `out_dir`; returns `out_dir`.
+
+    Ids: RoBERTa's special tokens <s>=0, <pad>=1, </s>=2, <unk>=3 and <mask>=4, the 256 byte symbols, then one
+    token per learned merge. Uncased (`lowercase`) adds a Lowercase normaliser (RoBERTa itself is cased)."""
+    if vocab_size < len(BYTELEVEL_SPECIAL_TOKENS) + 256 + 1:
+        raise DataError(f"a byte-level BPE needs vocab_size > {len(BYTELEVEL_SPECIAL_TOKENS) + 256} (the special "
+                        f"tokens and the 256 bytes), got {vocab_size}")
+    vocab, merges = backends.train_bytelevel_bpe(texts, vocab_size, lowercase, BYTELEVEL_SPECIAL_TOKENS)
+    cls, pad, sep, unk, mask = BYTELEVEL_SPECIAL_TOKENS
+    roles = {"pad": pad, "unk": unk, "cls": cls, "sep": sep, "mask": mask}
+    return ByteLevelBPETokenizer.build(vocab, merges, roles, lowercase).save(out_dir)
+
+
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True) -> str:
-    """Train a tokenizer of `kind` ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe") into `out_dir`."""
+    """Train a tokenizer of `kind` ("wordpiece", "sentencepiece-unigram", "sentencepiece-bpe", "bytelevel-bpe") into
+    `out_dir`."""
     if kind == "wordpiece":
         return train_wordpiece(texts, vocab_size, out_dir, lowercase=lowercase)
     if kind in SPM_KINDS:
         return train_sentencepiece(texts, vocab_size, out_dir, lowercase=lowercase, model_type=SPM_KINDS[kind])
-    raise DataError(f"unknown tokenizer {kind!r} (wordpiece, sentencepiece-unigram, sentencepiece-bpe)")
+    if kind == "bytelevel-bpe":
+        return train_bytelevel_bpe(texts, vocab_size, out_dir, lowercase=lowercase)
+    raise DataError(f"unknown tokenizer {kind!r} (wordpiece, sentencepiece-unigram, sentencepiece-bpe, "
+                    "bytelevel-bpe)")

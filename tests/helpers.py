@@ -54,3 +54,32 @@ def write_random_checkpoint(workdir: str, tok) -> None:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     ckpt.save(1, {"params": perturb(params), "step": np.int32(1)}, CheckpointMeta(step=1, objective="mlm", model=cfg))
     ckpt.close()
+
+
+def readme_commands(heading: str) -> list[tuple[str, list[str]]]:
+    """The `python -m MODULE ARGS` commands of the first ```bash block under README's `heading` line, as written
+    (continuation lines joined, comments dropped): [(module, argv)], to run with MODULE's main(argv)."""
+    import re  # pylint: disable=import-outside-toplevel
+    import shlex  # pylint: disable=import-outside-toplevel
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index(heading + "\n"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["python", "-m"]:
+            commands.append((words[2], words[3:]))
+    return commands
+
+
+def readme_python(heading: str) -> str:
+    """The first ```python block under README's `heading` line."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return re.search(r"```python\n(.*?)```", readme[readme.index(heading + "\n"):], re.S).group(1)

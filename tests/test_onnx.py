@@ -197,20 +197,26 @@ def _our_workdir(workdir):
 
 
 @pytest.mark.slow
-def test_our_checkpoint_to_onnx_end_to_end(tmp_path, capsys):
-    """README's "Serving with ONNX": convert_to_hf --verify -> finetune_hf --save -> export_onnx."""
+def test_our_checkpoint_to_onnx_end_to_end(tmp_path, capsys, monkeypatch):
+    """README's "Serving with ONNX" as written: convert_to_hf --verify -> finetune_hf --save -> export_onnx (from
+    its bash block, on runs/tiny and data/task), then its onnxruntime snippet."""
+    from tests.helpers import readme_commands, readme_python  # pylint: disable=import-outside-toplevel
     from tools import convert_to_hf, finetune_hf  # pylint: disable=import-outside-toplevel
 
-    workdir = _our_workdir(tmp_path / "runs" / "tiny")
-    task = _write_task(tmp_path / "data" / "task")
-    hf, cls, onnx_file = (str(tmp_path / "hf" / n) for n in ("tiny", "tiny-cls", "tiny-cls.onnx"))
-    assert convert_to_hf.main(["--workdir", workdir, "--out", hf, "--verify"]) == 0
-    assert finetune_hf.main(["--model", hf, "--task", task, "--max-len", "64", "--save", cls]) == 0
+    _our_workdir(tmp_path / "runs" / "tiny")
+    _write_task(tmp_path / "data" / "task")
+    cls, onnx_file = (str(tmp_path / "hf" / n) for n in ("tiny-cls", "tiny-cls.onnx"))
+    commands = readme_commands("### Serving with ONNX")
+    assert [m for m, _ in commands] == ["tools.convert_to_hf", "tools.finetune_hf", "tools.export_onnx"]
+    (_, convert_args), (_, finetune_args), (_, export_args) = commands
+    monkeypatch.chdir(tmp_path)
+    assert convert_to_hf.main(convert_args) == 0
+    assert finetune_hf.main(finetune_args) == 0
     finetuned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert finetuned["steps"] == 3 and "save" not in finetuned  # 16 examples, batch 16, 3 epochs; same JSON
     assert transformers.AutoConfig.from_pretrained(cls).architectures == ["BertForSequenceClassification"]
 
-    assert export_onnx.main(["--model", cls, "--out", onnx_file]) == 0
+    assert export_onnx.main(export_args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(out[-1])
     print("ours, fine-tuned:", out[-2])
@@ -231,6 +237,10 @@ def test_our_checkpoint_to_onnx_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         expected = model(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
     assert np.abs(logits - expected).max() <= TOL
+    snippet = subprocess.run([sys.executable, "-c", readme_python("### Serving with ONNX")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert snippet.returncode == 0, snippet.stderr[-3000:]
+    assert re.fullmatch(r"\[[01] [01]\]\n", snippet.stdout)
 
 
 @pytest.mark.slow

@@ -140,3 +140,28 @@ def test_imported_sentence_transformers_folder_keeps_its_modules(minilm, tmp_pat
     assert summary["st_max_rel_diff_embedding"] <= 1e-5
     assert summary["sentence_transformers_files"] == plain["sentence_transformers_files"]
     assert sorted(os.listdir(tmp_path / "st")) == sorted(os.listdir(tmp_path / "plain"))
+
+
+@pytest.mark.slow
+def test_readme_sentence_transformers_section_runs(small_workdir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """README's "Sentence embeddings with sentence-transformers", as written: its command on a tiny workdir at
+    runs/tiny, then its Python snippet in a fresh interpreter."""
+    import shutil  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+
+    from tests.helpers import readme_commands, readme_python  # pylint: disable=import-outside-toplevel
+
+    heading = "### Sentence embeddings with sentence-transformers"
+    commands = readme_commands(heading)
+    assert [m for m, _ in commands] == ["tools.convert_to_hf"]
+    shutil.copytree(small_workdir[0], tmp_path / "runs" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert convert_to_hf.main(commands[0][1]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["ok"] and figures["st_ok"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", readme_python(heading)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith("(3, 64) tensor([[")

@@ -3,7 +3,8 @@
     python -m tools.convert_to_hf --workdir W --out DIR [--step N] [--model mlm] [--sentence-transformers]
         [--verify] [--overwrite]
 
-`--model` picks what to export: `mlm` (a BERT checkpoint) as BertForMaskedLM; from an ELECTRA checkpoint,
+`--model` picks what to export: `mlm` (a BERT checkpoint) as BertForMaskedLM, `roberta_mlm` (a configs/roberta.py
+run or an imported RoBERTa: positions after the padding id) as RobertaForMaskedLM; from an ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared
 embeddings; ElectraConfig with that tower's sizes and embedding_size).
 
@@ -87,7 +88,7 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
     tokenizer_match = [list(a) for a in ours_ids] == [list(b) for b in hf_ids]
 
     cfg = source.config
-    batch = hf_tok(texts, padding=True, truncation=True, max_length=min(128, cfg.max_position_embeddings),
+    batch = hf_tok(texts, padding=True, truncation=True, max_length=min(128, cfg.max_length),
                    return_tensors="np")
     types = batch.get("token_type_ids", np.zeros_like(batch["input_ids"]))
     h_ours, logits_ours = hf_export.run_model(cfg, source.params, batch["input_ids"], batch["attention_mask"],

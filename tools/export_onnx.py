@@ -55,6 +55,13 @@ class ExportError(Exception):
     """Bad input or a failed export or check; the CLI prints it as one `error: ...` line."""
 
 
+def max_tokens(config) -> int:
+    """The longest sequence the model's positions allow: RoBERTa's start after the padding id (pad_token_id + 1
+    rows before the first position), BERT's at row 0."""
+    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+    return config.max_position_embeddings - offset
+
+
 def sample_texts() -> list[str]:
     """The texts of `tools.convert_to_hf.sample_texts` (kept equal by tests/test_onnx.py): that module imports
     jax, which this one must not need. First paragraphs of standard-library docstrings, and one [MASK]."""
@@ -124,7 +131,7 @@ def export(model, tokenizer, names: list[str], out: str, opset: int | None = Non
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             return self.model(**{n: inputs[n] for n in names}).logits
 
-    max_len = model.config.max_position_embeddings
+    max_len = max_tokens(model.config)
     # An example of batch 2 and length 16 (not 0 or 1, which torch.export specialises, and not equal sizes).
     example = tokenizer(sample_texts()[:2], truncation=True, max_length=min(16, max_len),
                         padding="max_length", return_tensors="pt")
@@ -192,7 +199,7 @@ def check(model, tokenizer, names: list[str], out: str, batch_sizes=BATCH_SIZES,
     if [i.name for i in session.get_inputs()] != names:
         raise ExportError(f"{out}: inputs {[i.name for i in session.get_inputs()]}, expected {names}")
     worst, same_argmax, shapes = 0.0, True, []
-    max_len = model.config.max_position_embeddings
+    max_len = max_tokens(model.config)
     for length in sorted({min(n, max_len) for n in max_lengths}):
         for size in batch_sizes:
             batch = tokenizer(texts[:size], truncation=True, max_length=length, padding=True, return_tensors="np")

@@ -1,4 +1,4 @@
-"""Import a Hugging Face BERT or ELECTRA folder as a step-0 checkpoint of ours (e.g. to continue pretraining).
+"""Import a Hugging Face BERT, RoBERTa or ELECTRA folder as a step-0 checkpoint of ours (e.g. to continue pretraining).
 
     python -m tools.import_from_hf --hf DIR --out W [--overwrite]
     python -m tools.import_from_hf --hf DISC_DIR [--generator GEN_DIR | --generator-fraction F] --out W
@@ -64,10 +64,11 @@ def read_weights(hf_dir: str) -> dict:
     return hf_import.read_weights(hf_dir, read_file=_read_safetensors, read_bin=_read_bin)
 
 
-def next_commands(workdir: str, objective: str) -> list[str]:
+def next_commands(workdir: str, objective: str, model: str = "mlm") -> list[str]:
     """The commands that continue pretraining from `workdir`: pretokenize text with its own vocabulary, then
     train with init_from (the model's shape comes from the checkpoint; DATA, RUN and the source are the user's)."""
-    recipe = "configs/electra.py:base" if objective == "electra" else "configs/bert.py:base"
+    recipe = {"electra": "configs/electra.py:base"}.get(objective, "configs/roberta.py:base" if model == "roberta_mlm"
+                                                        else "configs/bert.py:base")
     return [f"python -m data_pipeline.pretokenize --source YOUR_TEXT --out DATA --vocab {workdir}/tokenizer",
             f"python -m bert_jax.training --config {recipe} --workdir RUN --config.init_from={workdir} "
             "--config.data.dir=DATA"]
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     except ConversionError as e:
         sys.exit(f"error: {e}")
     print("continue pretraining from it (your text in place of YOUR_TEXT; DATA and RUN are new folders):")
-    for command in next_commands(summary["workdir"], summary.get("objective", "mlm")):
+    for command in next_commands(summary["workdir"], summary.get("objective", "mlm"), summary.get("model", "mlm")):
         print(f"  {command}")
     print(json.dumps(summary))
     return 0

@@ -17,7 +17,8 @@ devices. Printed per device:
 The last stdout line is one JSON object of these figures. `--table` prints docs/SCALING.md's table instead.
 
 There is no data manifest when planning: the vocabulary size comes from --vocab-size and the special ids
-are BERT's usual ones ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103).
+are BERT's usual ones ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103); RoBERTa's (<s>=0, <pad>=1,
+</s>=2, <unk>=3, <mask>=4) for configs/roberta.py.
 """
 
 import copy
@@ -79,7 +80,10 @@ def synthetic_manifest(config, vocab_size: int):
     validation batch, so an evaluation is possible."""
     from data_pipeline import manifest  # pylint: disable=import-outside-toplevel
 
-    return manifest.synthetic(config.data.seq_len, vocab_size, manifest.SpecialIds(**special_ids(vocab_size)),
+    ids = special_ids(vocab_size)
+    if config.model.get("position_offset", 0):  # RoBERTa (configs/roberta.py): its byte-level BPE's ids, pad 1
+        ids = {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
+    return manifest.synthetic(config.data.seq_len, vocab_size, manifest.SpecialIds(**ids),
                               validation_rows=config.train.batch_size)
 
 

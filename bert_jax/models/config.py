@@ -55,6 +55,10 @@ class EncoderConfig:
     # dropout + LayerNorm fused, forward and backward), gelu (the MLP's bias + GELU fused), adamw (the
     # optimizer's update in one kernel over the flattened parameters). The kernels draw hash dropout masks.
     kernels: tuple[str, ...] = ()
+    # RoBERTa's learned positions start after the padding id: position i of a sequence reads row
+    # position_offset + i of the table (Hugging Face's padding_idx + 1 = 2), and padding tokens read row
+    # position_offset - 1. max_position_embeddings counts every row (RoBERTa: 514 for 512 tokens). 0: BERT.
+    position_offset: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "kernels", tuple(self.kernels))  # a list when read back from JSON
@@ -76,6 +80,9 @@ class EncoderConfig:
         unknown = sorted(set(self.kernels) - set(KERNELS))
         if unknown:
             raise ValueError(f"model.kernels: unknown {unknown}; choose from {list(KERNELS)} joined by '+'")
+        if not 0 <= self.position_offset < self.max_position_embeddings:
+            raise ValueError(f"model.position_offset={self.position_offset} must be >= 0 and below "
+                             f"model.max_position_embeddings={self.max_position_embeddings}")
         if self.scan_unroll < 1:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
@@ -96,11 +103,16 @@ class EncoderConfig:
             attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
             initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
             last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act,
-            kernels=parse_kernels(m.get("kernels", "")))
+            kernels=parse_kernels(m.get("kernels", "")), position_offset=m.get("position_offset", 0))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the positions allow (max_position_embeddings less RoBERTa's offset)."""
+        return self.max_position_embeddings - self.position_offset
 
     @property
     def embed_dim(self) -> int:

@@ -36,10 +36,11 @@ class Embeddings(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, input_ids, token_type_ids, key, position_ids=None):
-        """position_ids [B, S] (e.g. restarting at each packed document); None: 0..S-1 in every row."""
-        seq_len = input_ids.shape[1]
-        positions = (self.position[...][None, :seq_len] if position_ids is None
-                     else jnp.take(self.position[...], position_ids, axis=0))
+        """position_ids [B, S] (e.g. restarting at each packed document); None: 0..S-1 in every row. Both read
+        the table from row `cfg.position_offset` on (RoBERTa's)."""
+        seq_len, offset = input_ids.shape[1], self.cfg.position_offset
+        positions = (self.position[...][None, offset:offset + seq_len] if position_ids is None
+                     else jnp.take(self.position[...], position_ids + offset, axis=0))
         x = (jnp.take(self.word[...], input_ids, axis=0)
              + positions
              + jnp.take(self.token_type[...], token_type_ids, axis=0))
@@ -134,6 +135,13 @@ def document_features(input_ids, cls_id: int):
     return segments, idx - start
 
 
+def padded_positions(attention_mask):
+    """[B, S] -> the positions RoBERTa gives (before its offset): the real tokens count 0, 1, ... and padding is
+    -1 (Hugging Face's `create_position_ids_from_input_ids`, which reads the padding row padding_idx there)."""
+    mask = (attention_mask > 0).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+
+
 def split_dropout_key(dropout_key):
     """-> (embeddings key, layers key), both None when `dropout_key` is None (evaluation)."""
     if dropout_key is None:
@@ -155,5 +163,7 @@ class BertEncoder(LayerStack):
         position_ids [B, S] (optional) keep packed documents apart (see `document_features`). positions
         [B, P] (optional): only the hidden states there, [B, P, hidden] (see `LayerStack.run_layers`)."""
         emb_key, layers_key = split_dropout_key(dropout_key)
+        if self.cfg.position_offset and position_ids is None:
+            position_ids = padded_positions(attention_mask)
         x = self.embeddings(input_ids, token_type_ids, emb_key, position_ids)
         return self.run_layers(x, attention_mask, self.layer_keys(layers_key), segment_ids, positions)

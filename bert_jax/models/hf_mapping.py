@@ -5,7 +5,7 @@ apply it to checkpoints; tests/test_convert checks it against transformers numer
 Each row says: our path (slash-separated, into the nested params dict), the HF tensor name, and the
 transform between the two layouts. Rows whose HF name holds `{i}` address one layer of our *stacked*
 layer arrays (leading axis = layer). `{base}` is the encoder's prefix in the HF model (`bert` for
-BertForMaskedLM, `electra` for the ELECTRA models). Only numpy is used here, so exporting needs neither
+BertForMaskedLM, `roberta` for RobertaForMaskedLM, `electra` for the ELECTRA models). Only numpy is used here, so exporting needs neither
 torch nor transformers.
 
 Layouts: our dense kernels are [in, out] (x @ kernel), PyTorch Linear weights are [out, in]; our q/k/v
@@ -107,6 +107,13 @@ MLM_HEAD_ROWS: tuple[Row, ...] = (
     Row("mlm_head/bias", "cls.predictions.bias"),
 )
 
+# RobertaForMaskedLM's head: BERT's, under other names (its GELU is always the exact one, see `hf_config`).
+ROBERTA_HEAD_ROWS: tuple[Row, ...] = (
+    *_dense("mlm_head/transform", "lm_head.dense"),
+    *_layer_norm("mlm_head/norm", "lm_head.layer_norm"),
+    Row("mlm_head/bias", "lm_head.bias"),
+)
+
 
 DISCRIMINATOR_HEAD_ROWS: tuple[Row, ...] = (
     *_dense("discriminator/head/dense", "discriminator_predictions.dense"),
@@ -165,6 +172,16 @@ MODELS: dict[str, ModelSpec] = {
         # none; seq_relationship: the NSP head of BertForPreTraining.
         ignored_prefixes=("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "bert.pooler.",
                           "cls.seq_relationship."),
+    ),
+    # RoBERTa: BERT's encoder and MLM head (one model of ours) whose positions start at position_offset = its
+    # padding id + 1 (EncoderConfig), so the position table is the same tensor on both sides.
+    "roberta_mlm": ModelSpec(
+        architecture="RobertaForMaskedLM", base="roberta", model_type="roberta", base_architecture="RobertaModel",
+        encoder_rows=ENCODER_ROWS,
+        head_rows=ROBERTA_HEAD_ROWS,
+        tied={"lm_head.decoder.weight": "encoder/embeddings/word", "lm_head.decoder.bias": "mlm_head/bias"},
+        ignored_prefixes=("roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids",
+                          "roberta.pooler."),
     ),
     "discriminator": _electra_spec("discriminator", "ElectraForPreTraining", DISCRIMINATOR_HEAD_ROWS, {}),
     "generator": _electra_spec("generator", "ElectraForMaskedLM", GENERATOR_HEAD_ROWS,
@@ -327,6 +344,8 @@ def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict
     exported model (for ELECTRA: that tower's)."""
     spec = MODELS[model]
     sizes = {"embedding_size": cfg.embed_dim} if spec.model_type == "electra" else {}
+    if spec.model_type == "roberta":
+        check_roberta(cfg, pad_token_id)
     return {
         "architectures": [spec.architecture],
         "model_type": spec.model_type,
@@ -350,6 +369,17 @@ def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict
     }
 
 
+def check_roberta(cfg: EncoderConfig, pad_token_id: int) -> None:
+    """Raises ValueError (one line) where Hugging Face's RoBERTa would compute something else than our model:
+    its positions start at padding_idx + 1 = pad_token_id + 1, and its MLM head's GELU is the exact one."""
+    if cfg.position_offset != pad_token_id + 1:
+        raise ValueError(f"RobertaForMaskedLM reads positions from row pad_token_id + 1 = {pad_token_id + 1}, the "
+                         f"model's position_offset is {cfg.position_offset}")
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"RobertaForMaskedLM's MLM head computes the exact GELU, the model's hidden_act is "
+                         f"{cfg.hidden_act!r} (train RoBERTa with model.hidden_act='gelu')")
+
+
 def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert",)) -> dict:
     """EncoderConfig keyword arguments from a BERT config.json dict (or, where `model_types` admits
     "electra", an ELECTRA tower's, with its `embedding_size`); raises ValueError (one line) for an
@@ -371,6 +401,8 @@ def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert
             refuse(f"{flag}=true (only bidirectional encoders)")
     if not hf_config.get("tie_word_embeddings", True):
         refuse("tie_word_embeddings=false (our MLM decoder is tied to the word embeddings)")
+    if model_type == "roberta":
+        return roberta_config_kwargs(hf_config, refuse)
     # BERT has no embedding projection; ELECTRA's towers do (embeddings_project), so only there may the
     # embedding width differ from the hidden size.
     sizes = {}
@@ -396,3 +428,16 @@ def encoder_config_kwargs(hf_config: dict, model_types: tuple[str, ...] = ("bert
         }
     except KeyError as e:
         refuse(f"config.json lacks {e.args[0]!r}")
+
+
+def roberta_config_kwargs(hf_config: dict, refuse: Callable[[str], None]) -> dict:
+    """EncoderConfig keyword arguments of a RoBERTa config.json: BERT's, with the positions starting after the
+    padding id (position_offset = pad_token_id + 1) and the exact GELU that its MLM head always computes."""
+    if hf_config.get("hidden_act", "gelu") != "gelu":
+        refuse(f"hidden_act={hf_config['hidden_act']!r} (RoBERTa's MLM head computes the exact 'gelu'; the layers "
+               "must too)")
+    kwargs = encoder_config_kwargs({**hf_config, "model_type": "bert"}, ("bert",))
+    kwargs["type_vocab_size"] = int(hf_config.get("type_vocab_size", 1))
+    kwargs["layer_norm_eps"] = float(hf_config.get("layer_norm_eps", 1e-5))
+    kwargs["position_offset"] = int(hf_config.get("pad_token_id", 1)) + 1
+    return kwargs
