@@ -11,7 +11,9 @@ from bert_jax.models.heads import BertForMaskedLM
 
 # kind -> class (constructed as cls(cfg, rngs)): BERT's MLM model, and ELECTRA's towers each with the shared
 # embeddings (their parameter paths are those of the pretraining tree, less the other tower).
-MODEL_CLASSES = {"mlm": BertForMaskedLM, "discriminator": ElectraDiscriminator, "generator": ElectraGenerator}
+MODEL_CLASSES = {"mlm": BertForMaskedLM, "discriminator": ElectraDiscriminator, "generator": ElectraGenerator,
+                 # DeBERTa: an MLM run is BertForMaskedLM's tree on a relative-attention encoder.
+                 "deberta_mlm": BertForMaskedLM}
 
 __all__ = ["EncoderConfig", "BertEncoder", "BertForMaskedLM", "ElectraForPretraining", "ElectraGenerator",
            "ElectraDiscriminator", "generator_config", "MODEL_CLASSES"]

