@@ -37,13 +37,17 @@ from bert_jax import hf_extras, sharding
 from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer, load_params
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
+from bert_jax.models.deberta import fold_shared_embeddings
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.manifest import SpecialIds
 from data_pipeline.tokenization import SPM_FILE, Tokenizer
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # objective recorded in the checkpoint meta -> the model kinds it can export.
-EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
+EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator"),
+              "deberta_rtd": ("deberta_discriminator", "deberta_generator")}
+# An MLM run of the DeBERTa backbone (model.relative_attention) exports as DebertaV2ForMaskedLM.
+DEBERTA_MLM = ("deberta_mlm",)
 # Files of a Hugging Face folder: the weights a loader may pick (ours is the first), and the tokenizer's.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -116,9 +120,11 @@ def load(workdir: str, model: str = "mlm", step: int | None = None,
     if step is not None and step not in steps:
         raise ConversionError(f"step {step} not found in {directory}; available steps: {steps}")
     params, meta = load_params(workdir, step)
-    if model not in EXPORTABLE.get(meta.objective, ()):
+    if model not in exportable(meta):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {meta.objective}); "
-                              f"available: {list(EXPORTABLE.get(meta.objective, ()))}")
+                              f"available: {list(exportable(meta))}")
+    if model == "deberta_discriminator":
+        params = fold_shared_embeddings(params)
     cfg = meta.tower(model)
     if cfg is None:
         raise ConversionError(f"the checkpoint meta has no 'generator' entry: cannot rebuild --model {model}")
@@ -132,6 +138,13 @@ def load(workdir: str, model: str = "mlm", step: int | None = None,
         extras = hf_extras.with_sentence_transformers(extras, model, cfg.hidden_size, cfg.max_position_embeddings)
     return ExportSource(workdir=workdir, step=meta.step, model=model, config=cfg, params=params,
                         tokenizer=tokenizer, special_ids=_special_ids(workdir, tokenizer), extras=extras)
+
+
+def exportable(meta) -> tuple[str, ...]:
+    """The model kinds a checkpoint of `meta` exports (the first: the default)."""
+    if meta.objective == "mlm" and meta.model.relative_attention:
+        return DEBERTA_MLM
+    return EXPORTABLE.get(meta.objective, ())
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:

@@ -15,8 +15,10 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 from transformers.models.deberta_v2 import modeling_deberta_v2  # noqa: E402
 
-from bert_jax import hf_export, hf_import  # noqa: E402
-from bert_jax.models import BertForMaskedLM, EncoderConfig, hf_mapping  # noqa: E402
+from bert_jax import hf_export, hf_import, masking, objectives, sharding  # noqa: E402
+from bert_jax.models import BertForMaskedLM, DebertaRtdForPretraining, EncoderConfig, generator_config  # noqa: E402
+from bert_jax.models import hf_mapping  # noqa: E402
+from bert_jax.models.encoder import document_features  # noqa: E402
 from bert_jax.models.layers import log_bucket  # noqa: E402
 
 # Outputs of ours and transformers' agree within TOL x their largest magnitude (the issue's bound).
@@ -102,3 +104,88 @@ def test_masked_lm_matches_transformers(overrides):
     assert set(back) == set(tensors) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     for name, value in back.items():
         np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+
+
+# ---- DeBERTa-v3's RTD with gradient-disentangled embedding sharing ----
+
+VOCAB = 97
+SPEC = masking.MaskingSpec(vocab_size=VOCAB, mask_id=4, pad_id=0, special_ids=(0, 1, 2, 3, 4), max_predictions=6)
+DISC = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                     max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0, type_vocab_size=0,
+                     relative_attention=True, position_buckets=8, max_relative_positions=16,
+                     position_biased_input=False, layer_norm_eps=1e-7)
+
+
+def _rtd_batch(n=4, s=20, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, VOCAB, (n, s)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3
+    ids[: n // 2, -4:] = 0
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray((ids != 0).astype(np.int32)),
+            "token_type_ids": jnp.zeros_like(jnp.asarray(ids))}
+
+
+def test_gdes_routes_the_discriminator_loss_to_e_delta_only():
+    gen_cfg = generator_config(DISC, 1.0, 1)
+    assert (gen_cfg.num_layers, gen_cfg.hidden_size) == (1, 32)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    model_fn = lambda: DebertaRtdForPretraining(DISC, gen_cfg, nnx.Rngs(0))  # noqa: E731
+    graphdef, _, shardings = sharding.abstract_params(model_fn, mesh)
+    params = sharding.init_params(model_fn, mesh, shardings)
+    delta = params["discriminator"]["encoder"]["embeddings"]["word"]
+    assert float(jnp.abs(delta).max()) == 0.0  # E_delta starts at zero
+    assert "position" not in params["generator"]["encoder"]["embeddings"]  # no absolute positions
+    assert params["generator"]["encoder"]["rel_embeddings"].shape == (16, 32)
+
+    batch = _rtd_batch()
+    objective = objectives.ElectraObjective(SPEC, disc_weight=50.0)
+    inputs = objective.corrupt(jax.random.PRNGKey(3), batch)
+    norms = objective.normalizers(batch, inputs)
+
+    def part(name):
+        def f(p):
+            _, sums = objective.loss(nnx.merge(graphdef, p), batch, inputs, None, norms)
+            return sums[name][0]
+        return f
+
+    g_disc, g_gen = jax.jit(lambda p: [jax.grad(part(n))(p) for n in ("disc_loss", "gen_mlm_loss")])(params)
+    # The discriminator's loss puts exactly zero on every generator parameter, its word embeddings included...
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_disc["generator"]))
+    # ... and moves E_delta; the generator's loss reaches nothing of the discriminator.
+    assert float(jnp.abs(g_disc["discriminator"]["encoder"]["embeddings"]["word"]).max()) > 0
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_gen["discriminator"]))
+    assert float(jnp.abs(g_gen["generator"]["encoder"]["embeddings"]["word"]).max()) > 0
+
+
+def test_packed_documents_stay_apart_and_prediction_rows_agree():
+    """Two documents packed in one row give each the outputs it has alone (segment bias + distances within the
+    document), and the MLM call's last layer at the prediction rows only equals the full forward there."""
+    hf_cfg = tiny_hf_config()
+    cfg = our_config(hf_cfg)
+    params = hf_mapping.from_hf(state_numpy(random_hf(transformers.DebertaV2ForMaskedLM, hf_cfg)), cfg,
+                                "deberta_mlm")
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    graphdef, _, _ = sharding.abstract_params(lambda: BertForMaskedLM(cfg, nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+        _packed_and_rows(model)
+
+
+def _packed_and_rows(model):
+    rng = np.random.default_rng(1)
+    cls_id, a_len, b_len = 5, 23, 17
+    a, b = rng.integers(6, 120, a_len), rng.integers(6, 120, b_len)
+    a[0] = b[0] = cls_id
+    row = np.concatenate([a, b])[None]
+    segments, position_ids = document_features(jnp.asarray(row), cls_id)
+    packed, _ = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
+                                        position_ids=position_ids)
+    for doc, span in ((a, slice(0, a_len)), (b, slice(a_len, a_len + b_len))):
+        alone, _ = model.hidden_and_logits(doc[None], np.ones_like(doc[None]), np.zeros_like(doc[None]))
+        np.testing.assert_allclose(np.asarray(packed)[0, span], np.asarray(alone)[0], atol=2e-5)
+    positions = jnp.asarray([[3, 30, 24, 0]])
+    at_rows = model(row, np.ones_like(row), np.zeros_like(row), positions, segment_ids=segments,
+                    position_ids=position_ids)
+    _, full = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
+                                      position_ids=position_ids)
+    np.testing.assert_allclose(np.asarray(at_rows)[0], np.asarray(full)[0, [3, 30, 24, 0]], atol=1e-4)
