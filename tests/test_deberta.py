@@ -189,3 +189,41 @@ def _packed_and_rows(model):
     _, full = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
                                       position_ids=position_ids)
     np.testing.assert_allclose(np.asarray(at_rows)[0], np.asarray(full)[0, [3, 30, 24, 0]], atol=1e-4)
+
+
+# ---- through the command lines: import_from_hf, convert_to_hf --verify ----
+
+def _wordpiece_vocab(vocab_size):
+    """A WordPiece vocabulary of `vocab_size` tokens (the special ones first, then letters and made-up words):
+    the import reads the weights; a SentencePiece DeBERTa tokenizer folder is the tokenizer work's to import."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
+    words += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + ["the", "module", "writes", "its", "output",
+                                                                    "to", "on", "disk", ".", ",", "("]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    return words
+
+
+def test_hf_folder_imports_exports_bitwise_and_verifies(tmp_path):
+    """A random DebertaV2ForMaskedLM folder -> tools.import_from_hf -> tools.convert_to_hf --model deberta_mlm
+    --verify: every tensor back bitwise, the outputs within the tolerance."""
+    from safetensors.numpy import load_file
+
+    from tools import convert_to_hf, import_from_hf
+
+    hf_cfg = tiny_hf_config(vocab_size=120, max_position_embeddings=128)
+    model = random_hf(transformers.DebertaV2ForMaskedLM, hf_cfg)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    (src / "vocab.txt").write_text("".join(t + "\n" for t in _wordpiece_vocab(hf_cfg.vocab_size)))
+    original = load_file(str(src / "model.safetensors"))
+
+    assert import_from_hf.main(["--hf", str(src), "--out", str(tmp_path / "w")]) == 0
+    assert convert_to_hf.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "back"),
+                               "--model", "deberta_mlm", "--verify"]) == 0
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(original)
+    for name in original:
+        np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+    exported = transformers.DebertaV2Config.from_pretrained(tmp_path / "back")
+    assert (exported.position_buckets, exported.position_biased_input, exported.pos_att_type) == (
+        16, False, ["p2c", "c2p"])

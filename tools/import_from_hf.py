@@ -64,10 +64,12 @@ def read_weights(hf_dir: str) -> dict:
     return hf_import.read_weights(hf_dir, read_file=_read_safetensors, read_bin=_read_bin)
 
 
-def next_commands(workdir: str, objective: str) -> list[str]:
+def next_commands(workdir: str, objective: str, model: str = "") -> list[str]:
     """The commands that continue pretraining from `workdir`: pretokenize text with its own vocabulary, then
     train with init_from (the model's shape comes from the checkpoint; DATA, RUN and the source are the user's)."""
     recipe = "configs/electra.py:base" if objective == "electra" else "configs/bert.py:base"
+    if model == "deberta_mlm":
+        recipe = "configs/deberta.py:base --config.objective.name=mlm"
     return [f"python -m data_pipeline.pretokenize --source YOUR_TEXT --out DATA --vocab {workdir}/tokenizer",
             f"python -m bert_jax.training --config {recipe} --workdir RUN --config.init_from={workdir} "
             "--config.data.dir=DATA"]
@@ -75,8 +77,8 @@ def next_commands(workdir: str, objective: str) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf", required=True, help="a Hugging Face BERT folder, or an ELECTRA discriminator "
-                        "(ElectraForPreTraining / ElectraModel) folder (config.json + weights)")
+    parser.add_argument("--hf", required=True, help="a Hugging Face BERT or DeBERTa-v2/v3 folder, or an ELECTRA "
+                        "discriminator (ElectraForPreTraining / ElectraModel) folder (config.json + weights)")
     parser.add_argument("--generator", default=None,
                         help="ELECTRA only: the generator's folder (ElectraForMaskedLM, same embeddings)")
     parser.add_argument("--generator-fraction", type=float, default=0.25,
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     except ConversionError as e:
         sys.exit(f"error: {e}")
     print("continue pretraining from it (your text in place of YOUR_TEXT; DATA and RUN are new folders):")
-    for command in next_commands(summary["workdir"], summary.get("objective", "mlm")):
+    for command in next_commands(summary["workdir"], summary.get("objective", "mlm"), summary.get("model", "")):
         print(f"  {command}")
     print(json.dumps(summary))
     return 0
