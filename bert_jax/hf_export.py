@@ -84,8 +84,8 @@ def check_request(model: str, out: str, overwrite: bool) -> None:
     _check_out(out, overwrite)
 
 
-def _check_model(model: str) -> None:
-    if model not in MODEL_CLASSES:
+def _check_model(model: str | None) -> None:
+    if model is not None and model not in MODEL_CLASSES:
         raise ConversionError(f"--model {model!r}: choose one of {list(MODEL_CLASSES)}")
 
 
@@ -110,16 +110,19 @@ def _checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     return directory, steps
 
 
-def load(workdir: str, model: str = "mlm", step: int | None = None,
+def load(workdir: str, model: str | None = "mlm", step: int | None = None,
          sentence_transformers: bool = False) -> ExportSource:
-    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model` (as a sentence-transformers
-    folder when `sentence_transformers`); ConversionError when the checkpoint cannot export it or its tokenizer
-    does not fit the model."""
+    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model` (None: the first kind
+    the checkpoint exports, e.g. deberta_mlm for a DeBERTa MLM run) (as a sentence-transformers folder when
+    `sentence_transformers`); ConversionError when the checkpoint cannot export it or its tokenizer does not
+    fit the model."""
     _check_model(model)
     directory, steps = _checkpoint_steps(workdir)
     if step is not None and step not in steps:
         raise ConversionError(f"step {step} not found in {directory}; available steps: {steps}")
     params, meta = load_params(workdir, step)
+    if model is None and exportable(meta):
+        model = exportable(meta)[0]
     if model not in exportable(meta):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {meta.objective}); "
                               f"available: {list(exportable(meta))}")

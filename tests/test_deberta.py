@@ -2,7 +2,10 @@
 DebertaV2Model / DebertaV2ForMaskedLM on random weights built locally, the name table both ways, and the
 DeBERTa-v3 RTD model with gradient-disentangled embedding sharing."""
 
-import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 from transformers.models.deberta_v2 import modeling_deberta_v2  # noqa: E402
 
-from bert_jax import hf_export, hf_import, masking, objectives, sharding  # noqa: E402
+from bert_jax import checkpointing, hf_export, masking, objectives, sharding  # noqa: E402
 from bert_jax.models import BertForMaskedLM, DebertaRtdForPretraining, EncoderConfig, generator_config  # noqa: E402
 from bert_jax.models import hf_mapping  # noqa: E402
 from bert_jax.models.encoder import document_features  # noqa: E402
@@ -227,3 +230,68 @@ def test_hf_folder_imports_exports_bitwise_and_verifies(tmp_path):
     exported = transformers.DebertaV2Config.from_pretrained(tmp_path / "back")
     assert (exported.position_buckets, exported.position_biased_input, exported.pos_att_type) == (
         16, False, ["p2c", "c2p"])
+
+
+# ---- end to end: python -m bert_jax.training with configs/deberta.py, then the exports ----
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_cli(data_dir, workdir, *overrides):
+    args = [sys.executable, "-m", "bert_jax.training", "--config", "configs/deberta.py:tiny", f"--workdir={workdir}",
+            f"--config.data.dir={data_dir}", "--config.data.seq_len=64", "--config.data.shuffle_buffer=1000",
+            "--config.objective.max_predictions=10", "--config.train.steps=20", "--config.train.log_every=10",
+            "--config.train.eval_every=20", "--config.train.eval_batches=2", "--config.checkpoint.every=0",
+            *overrides]
+    # One CPU device, as a user runs it (the suite's 8 fake devices are for the sharding tests).
+    env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow  # ~90 s on 2 busy cores: 20 steps of both towers, two exports with --verify
+def test_tiny_deberta_v3_rtd_trains_and_exports(docstring_shards, tmp_path):
+    from tools import convert_to_hf
+
+    workdir = str(tmp_path / "w")
+    records = _train_cli(docstring_shards, workdir)
+    train = [r for r in records if "train/loss" in r]
+    final = [r for r in records if "eval/disc_loss" in r][-1]
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert final["eval/replaced_fraction"] > 0.05 and np.isfinite(final["eval/loss"])
+    params, meta = checkpointing.load_params(workdir)
+    assert meta.objective == "deberta_rtd" and set(params) == {"generator", "discriminator"}
+    assert (meta.generator.num_layers, meta.generator.hidden_size, meta.model.num_layers) == (1, 128, 2)
+    delta = params["discriminator"]["encoder"]["embeddings"]["word"]
+    assert np.abs(delta).max() > 0  # E_delta learned from the discriminator's loss
+
+    disc_out, gen_out = str(tmp_path / "disc"), str(tmp_path / "gen")
+    assert convert_to_hf.main(["--workdir", workdir, "--out", disc_out, "--verify"]) == 0  # the default kind
+    assert convert_to_hf.main(["--workdir", workdir, "--out", gen_out, "--model", "deberta_generator",
+                               "--verify"]) == 0
+    from safetensors.numpy import load_file
+    folded = load_file(os.path.join(disc_out, "model.safetensors"))["deberta.embeddings.word_embeddings.weight"]
+    gen_word = params["generator"]["encoder"]["embeddings"]["word"]
+    np.testing.assert_array_equal(folded, (gen_word + delta).astype(np.float32))
+    _, info = transformers.DebertaV2ForSequenceClassification.from_pretrained(
+        disc_out, num_labels=3, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight", "pooler.dense.bias",
+                                            "pooler.dense.weight"]
+    assert not info["unexpected_keys"]
+
+
+@pytest.mark.slow  # ~60 s: MLM on the DeBERTa backbone through the same recipe, exported as DebertaV2ForMaskedLM
+def test_tiny_deberta_mlm_trains_and_exports(docstring_shards, tmp_path):
+    from tools import convert_to_hf
+
+    workdir = str(tmp_path / "w")
+    records = _train_cli(docstring_shards, workdir, "--config.objective.name=mlm")
+    train = [r for r in records if "train/loss" in r]
+    assert train[-1]["train/mlm_loss"] < train[0]["train/mlm_loss"]
+    _, meta = checkpointing.load_params(workdir)
+    assert meta.objective == "mlm" and meta.model.relative_attention and not meta.model.position_biased_input
+    out = str(tmp_path / "hf")
+    assert convert_to_hf.main(["--workdir", workdir, "--out", out, "--verify"]) == 0
+    assert transformers.AutoConfig.from_pretrained(out).architectures == ["DebertaV2ForMaskedLM"]

@@ -186,7 +186,7 @@ def _load_exported(out: str, model: str):
     return loaded
 
 
-def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm", verify: bool = False,
+def convert(workdir: str, out: str, step: int | None = None, model: str | None = "mlm", verify: bool = False,
             overwrite: bool = False, sentence_transformers: bool = False) -> dict:
     """Writes the HF folder `out` from checkpoint `step` (default: newest) of `workdir` (a sentence-transformers
     folder when `sentence_transformers`); -> a summary dict (with the verification figures when `verify`).
@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/ and tokenizer/)")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("--model", default="mlm", help=f"one of {', '.join(MODEL_CLASSES)}")
+    parser.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_CLASSES)} (default: the first "
+                        "the checkpoint exports: mlm, discriminator, deberta_mlm or deberta_discriminator)")
     parser.add_argument("--sentence-transformers", action="store_true",
                         help="write a sentence-transformers folder (bare encoder, mean pooling; the head beside it)")
     parser.add_argument("--verify", action="store_true", help="load with transformers and compare outputs")
