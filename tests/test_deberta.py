@@ -324,3 +324,33 @@ def test_relative_terms_as_the_fused_attention_bias():
         gb = nnx.state(nnx.grad(lambda m: out(m).sum())(b))
         for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
             np.testing.assert_allclose(u, v, atol=5e-5 * max(1.0, float(np.abs(u).max())))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.pos_att_type", "c2p|x2y", "model.pos_att_type='c2p|x2y': terms are c2p and/or p2c"),
+    ("model.share_att_key", False, "model.share_att_key=False (separate position projections) is not supported"),
+    ("objective.generator_fraction", 0.5, "its hidden_size 64 must equal 128 (objective.generator_fraction=1)"),
+])
+def test_bad_deberta_settings_fail_before_anything_is_written(docstring_shards, tmp_path, key, value, message):
+    from bert_jax import trainer
+    from bert_jax.errors import ConfigError
+    from configs import deberta
+
+    c = deberta.get_config("tiny")
+    section, name = key.split(".")
+    with c.unlocked():
+        c.data.dir, c.data.seq_len = docstring_shards, 64
+        c[section][name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        trainer.train_and_evaluate(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_import_refuses_what_our_encoder_does_not_compute(tmp_path):
+    from tools import import_from_hf
+
+    model = random_hf(transformers.DebertaV2Model, tiny_hf_config(conv_kernel_size=3))
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(SystemExit, match=r"^error: .*src: cannot import this model: conv_kernel_size=3"):
+        import_from_hf.main(["--hf", str(tmp_path / "src"), "--out", str(tmp_path / "w")])
+    assert not os.path.exists(tmp_path / "w")

@@ -29,14 +29,14 @@ from bert_jax.models.heads import MlmHead, check_bert_config
 
 def check_deberta_towers(disc: EncoderConfig, gen: EncoderConfig) -> None:
     """Raises ValueError when the towers cannot share word embeddings or are not DeBERTa encoders."""
-    for name, cfg in (("discriminator (model)", disc), ("generator", gen)):
-        if not cfg.relative_attention:
-            raise ValueError(f"objective deberta_rtd needs model.relative_attention=True (the {name} has none)")
-        check_bert_config(cfg)
     for field in ("vocab_size", "hidden_size"):
         if getattr(disc, field) != getattr(gen, field):
             raise ValueError(f"DeBERTa-v3's generator shares the discriminator's word embeddings: its {field} "
                              f"{getattr(gen, field)} must equal {getattr(disc, field)} (objective.generator_fraction=1)")
+    for name, cfg in (("discriminator (model)", disc), ("generator", gen)):
+        if not cfg.relative_attention:
+            raise ValueError(f"objective deberta_rtd needs model.relative_attention=True (the {name} has none)")
+        check_bert_config(cfg)
 
 
 class GeneratorTower(nnx.Module):
