@@ -181,16 +181,14 @@ def _packed_and_rows(model):
     a[0] = b[0] = cls_id
     row = np.concatenate([a, b])[None]
     segments, position_ids = document_features(jnp.asarray(row), cls_id)
-    packed, _ = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
-                                        position_ids=position_ids)
+    packed, full = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
+                                           position_ids=position_ids)
     for doc, span in ((a, slice(0, a_len)), (b, slice(a_len, a_len + b_len))):
         alone, _ = model.hidden_and_logits(doc[None], np.ones_like(doc[None]), np.zeros_like(doc[None]))
         np.testing.assert_allclose(np.asarray(packed)[0, span], np.asarray(alone)[0], atol=2e-5)
     positions = jnp.asarray([[3, 30, 24, 0]])
     at_rows = model(row, np.ones_like(row), np.zeros_like(row), positions, segment_ids=segments,
                     position_ids=position_ids)
-    _, full = model.hidden_and_logits(row, np.ones_like(row), np.zeros_like(row), segment_ids=segments,
-                                      position_ids=position_ids)
     np.testing.assert_allclose(np.asarray(at_rows)[0], np.asarray(full)[0, [3, 30, 24, 0]], atol=1e-4)
 
 
@@ -282,12 +280,12 @@ def test_tiny_deberta_v3_rtd_trains_and_exports(docstring_shards, tmp_path):
     assert not info["unexpected_keys"]
 
 
-@pytest.mark.slow  # ~60 s: MLM on the DeBERTa backbone through the same recipe, exported as DebertaV2ForMaskedLM
+@pytest.mark.slow  # ~50 s: MLM on the DeBERTa backbone through the same recipe, exported as DebertaV2ForMaskedLM
 def test_tiny_deberta_mlm_trains_and_exports(docstring_shards, tmp_path):
     from tools import convert_to_hf
 
     workdir = str(tmp_path / "w")
-    records = _train_cli(docstring_shards, workdir, "--config.objective.name=mlm")
+    records = _train_cli(docstring_shards, workdir, "--config.objective.name=mlm", "--config.train.eval_every=0")
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["train/mlm_loss"] < train[0]["train/mlm_loss"]
     _, meta = checkpointing.load_params(workdir)
@@ -316,12 +314,13 @@ def test_relative_terms_as_the_fused_attention_bias():
         index = jnp.arange(seq)[None] if positions is None else positions
         rel = relative_inputs(cfg, emb, index, seq)
 
-        def out(m):
-            return m(x, bias, None, positions, rel)
+        @nnx.jit  # one compiled function: op-by-op gradients of this attention take seconds
+        def out_and_grad(m, rel):
+            return m(x, bias, None, positions, rel), nnx.grad(lambda m: m(x, bias, None, positions, rel).sum())(m)
 
-        np.testing.assert_allclose(out(a), out(b), atol=2e-5)
-        ga = nnx.state(nnx.grad(lambda m: out(m).sum())(a))
-        gb = nnx.state(nnx.grad(lambda m: out(m).sum())(b))
+        (ya, ga), (yb, gb) = out_and_grad(a, rel), out_and_grad(b, rel)
+        np.testing.assert_allclose(ya, yb, atol=2e-5)
+        ga, gb = nnx.state(ga), nnx.state(gb)
         for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
             np.testing.assert_allclose(u, v, atol=5e-5 * max(1.0, float(np.abs(u).max())))
 
