@@ -515,6 +515,9 @@ def deberta_config_kwargs(hf_config: dict) -> dict:
     pos_att = hf_config.get("pos_att_type") or []
     if isinstance(pos_att, str):
         pos_att = pos_att.lower().split("|")
+    if pos_att and not hf_config.get("relative_attention"):
+        # transformers then scales the scores by the terms it does not compute; we scale by those we compute.
+        refuse(f"pos_att_type={pos_att} without relative_attention")
     return {
         "vocab_size": int(hf_config["vocab_size"]),
         "hidden_size": int(hf_config["hidden_size"]),
