@@ -24,6 +24,7 @@ from bert_jax.errors import ConfigError
 from bert_jax.masking import MaskingSpec, special_ids_tuple
 from bert_jax.models import BertForMaskedLM, ElectraForPretraining, EncoderConfig, generator_config
 from bert_jax.models.config import parse_kernels
+from bert_jax.models.deberta import DebertaRtdForPretraining, check_deberta_towers
 from bert_jax.models.heads import check_bert_config
 from data_pipeline import manifest as manifest_lib
 from data_pipeline import tokenization
@@ -121,7 +122,10 @@ def from_config(config: ConfigDict, num_devices: int, process_count: int = 1, de
 # model.* keys that the weights fix (their shapes, or the function they compute): a run started from a
 # checkpoint (init_from) takes them from its meta. -> the EncoderConfig field.
 INIT_FROM_KEYS = ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size", "embedding_size",
-                  "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps", "position_offset")
+                  "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps", "position_offset",
+                  # DeBERTa's attention (the relative embeddings' shape and what the layers compute)
+                  "relative_attention", "position_buckets", "max_relative_positions", "pos_att_type",
+                  "share_att_key", "norm_rel_ebd", "position_biased_input")
 
 
 def adopt_init_from(config: ConfigDict, manifest: Manifest,
@@ -148,7 +152,7 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
     config = copy.deepcopy(config)
     wanted = {f"model.{k}": getattr(meta.model, k) for k in INIT_FROM_KEYS}
     wanted["model.embedding_size"] = -1 if meta.model.embedding_size is None else meta.model.embedding_size
-    if meta.generator is not None and config.objective.name == "electra":
+    if meta.generator is not None and config.objective.name in TWO_TOWERS:
         wanted["objective.generator_fraction"] = meta.generator.hidden_size / meta.model.hidden_size
         wanted["objective.generator_layers"] = meta.generator.num_layers
     for key, value in wanted.items():
@@ -157,7 +161,7 @@ def adopt_init_from(config: ConfigDict, manifest: Manifest,
             raise ConfigError(f"{key}={config[section][name]} differs from {value} in {where}: its weights fix "
                               f"it; drop --config.{key} (the run takes it from there)")
         config[section][name] = value
-    if meta.generator is not None and config.objective.name == "electra":
+    if meta.generator is not None and config.objective.name in TWO_TOWERS:
         gen = generator_config(meta.model, config.objective.generator_fraction, config.objective.generator_layers)
         if gen != dataclasses.replace(meta.generator, **{f: getattr(gen, f) for f in _FREE_FIELDS}):
             raise ConfigError(f"{where}: its generator ({meta.generator.num_layers} x {meta.generator.hidden_size}, "
@@ -280,8 +284,21 @@ def _electra_setup(config: ConfigDict, model_cfg: EncoderConfig, spec: MaskingSp
     return objective, lambda rngs: ElectraForPretraining(model_cfg, gen_cfg, rngs), gen_cfg
 
 
+def _deberta_rtd_setup(config: ConfigDict, model_cfg: EncoderConfig, spec: MaskingSpec):
+    """DeBERTa-v3: ELECTRA's objective on two DeBERTa towers with gradient-disentangled embedding sharing
+    (models/deberta.py). The generator is as wide as the discriminator (its word embeddings are shared) and
+    objective.generator_layers deep; recorded in the checkpoint meta as ELECTRA's."""
+    o = config.objective
+    gen_cfg = generator_config(model_cfg, o.generator_fraction, o.generator_layers)
+    check_deberta_towers(model_cfg, gen_cfg)
+    objective = objectives.ElectraObjective(spec, disc_weight=o.disc_weight, temperature=o.sampling_temperature)
+    return objective, lambda rngs: DebertaRtdForPretraining(model_cfg, gen_cfg, rngs), gen_cfg
+
+
 # objective.name -> its set-up: the one place where the objective's name chooses code.
-OBJECTIVES = {"mlm": _mlm_setup, "electra": _electra_setup}
+OBJECTIVES = {"mlm": _mlm_setup, "electra": _electra_setup, "deberta_rtd": _deberta_rtd_setup}
+# The objectives with a generator tower (its fraction and depth recorded in the checkpoint meta).
+TWO_TOWERS = ("electra", "deberta_rtd")
 
 
 def _build_objective(config: ConfigDict, manifest: Manifest, vocab_size: int):

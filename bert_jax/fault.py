@@ -174,11 +174,14 @@ class NanGuard:
 
 # Model fields that fix the parameters' shapes (dropout rates, dtype or remat may change on resume).
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "embedding_size", "intermediate_size",
-              "max_position_embeddings", "type_vocab_size")
+              "max_position_embeddings", "type_vocab_size",
+              # DeBERTa: which embeddings exist and the relative embeddings' size
+              "relative_attention", "position_biased_input", "position_buckets", "max_relative_positions",
+              "norm_rel_ebd")
 # Model fields that change the function the weights compute: a resume with another value would go on training
 # other math from those weights without a word (e.g. a CPU run resumed with the `SIZE,gpu` preset, whose GELU
 # is the tanh form). Checkpoints that predate a field read as its EncoderConfig default (bert_jax.workdir).
-FUNCTION_KEYS = ("hidden_act", "layer_norm_eps", "position_offset")
+FUNCTION_KEYS = ("hidden_act", "layer_norm_eps", "position_offset", "pos_att_type", "share_att_key")
 
 
 def resume_mismatch(step: int, meta: CheckpointMeta, directory: str, *, model: EncoderConfig, objective: str,

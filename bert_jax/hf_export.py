@@ -41,13 +41,17 @@ from bert_jax import workdir as workdir_lib
 from bert_jax.checkpointing import Checkpointer, load_params
 from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
 from bert_jax.workdir import CheckpointMeta
+from bert_jax.models.deberta import fold_shared_embeddings
 from data_pipeline import manifest as manifest_lib
 from data_pipeline.manifest import SpecialIds
 from data_pipeline.tokenization import SPM_FILE, Tokenizer
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # objective recorded in the checkpoint meta -> the model kinds it can export.
-EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator")}
+EXPORTABLE = {"mlm": ("mlm",), "electra": ("discriminator", "generator"),
+              "deberta_rtd": ("deberta_discriminator", "deberta_generator")}
+# An MLM run of the DeBERTa backbone (model.relative_attention) exports as DebertaV2ForMaskedLM.
+DEBERTA_MLM = ("deberta_mlm",)
 # Files of a Hugging Face folder: the weights a loader may pick (ours is the first), and the tokenizer's.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -84,8 +88,8 @@ def check_request(model: str, out: str, overwrite: bool) -> None:
     _check_out(out, overwrite)
 
 
-def _check_model(model: str) -> None:
-    if model not in MODEL_CLASSES:
+def _check_model(model: str | None) -> None:
+    if model is not None and model not in MODEL_CLASSES:
         raise ConversionError(f"--model {model!r}: choose one of {list(MODEL_CLASSES)}")
 
 
@@ -110,19 +114,24 @@ def _checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     return directory, steps
 
 
-def load(workdir: str, model: str = "mlm", step: int | None = None,
+def load(workdir: str, model: str | None = "mlm", step: int | None = None,
          sentence_transformers: bool = False) -> ExportSource:
-    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model` (as a sentence-transformers
-    folder when `sentence_transformers`); ConversionError when the checkpoint cannot export it or its tokenizer
-    does not fit the model."""
+    """Reads checkpoint `step` (default: the newest) of `workdir` for exporting `model` (None: the first kind
+    the checkpoint exports, e.g. deberta_mlm for a DeBERTa MLM run) (as a sentence-transformers folder when
+    `sentence_transformers`); ConversionError when the checkpoint cannot export it or its tokenizer does not
+    fit the model."""
     _check_model(model)
     directory, steps = _checkpoint_steps(workdir)
     if step is not None and step not in steps:
         raise ConversionError(f"step {step} not found in {directory}; available steps: {steps}")
     params, meta = load_params(workdir, step)
+    if model is None and exportable(meta):
+        model = exportable(meta)[0]
     if model not in exportable(meta):
         raise ConversionError(f"--model {model} is not available for this checkpoint (objective {meta.objective}); "
                               f"available: {list(exportable(meta))}")
+    if model == "deberta_discriminator":
+        params = fold_shared_embeddings(params)
     cfg = meta.tower(model)
     if cfg is None:
         raise ConversionError(f"the checkpoint meta has no 'generator' entry: cannot rebuild --model {model}")
@@ -145,8 +154,11 @@ def load(workdir: str, model: str = "mlm", step: int | None = None,
 
 
 def exportable(meta: CheckpointMeta) -> tuple[str, ...]:
-    """The model kinds a checkpoint of `meta` exports: an MLM run whose positions start after the padding id
-    (position_offset, configs/roberta.py or an imported RoBERTa) is a RoBERTa."""
+    """The model kinds a checkpoint of `meta` exports (the first: the default). An MLM run whose positions
+    start after the padding id (position_offset: configs/roberta.py or an imported RoBERTa) is a RoBERTa; one
+    with relative attention a DeBERTa."""
+    if meta.objective == "mlm" and meta.model.relative_attention:
+        return DEBERTA_MLM
     if meta.objective == "mlm" and meta.model.position_offset:
         return ("roberta_mlm",)
     return EXPORTABLE.get(meta.objective, ())

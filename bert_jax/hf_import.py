@@ -10,7 +10,12 @@ ones (`embeddings.*`, `encoder.*`, as BertModel writes them), and writes `W/chec
 head (a bare encoder) gets a freshly initialised one, with our initialiser. What the folder holds that we do not
 train (the pooler, an NSP or other head, buffers; its config.json; a sentence-transformers folder's modules) is
 kept in `W/hf_extras/` (`bert_jax.hf_extras`) for the export to write back. Architectures our encoder cannot
-represent (relative positions, another activation, a decoder) raise `ConversionError` (one line).
+represent (BERT's relative position_embedding_type, another activation, a decoder) raise `ConversionError` (one
+line).
+
+DeBERTa-v2/v3 (model_type "deberta-v2": DebertaV2ForMaskedLM, or a bare DebertaV2Model whose MLM head then starts
+fresh) becomes an MLM run's tree on our encoder with disentangled attention (model kind "deberta_mlm"); a
+convolution layer (v2-xlarge), separate position projections or the non-legacy MLM head are refused.
 
 RoBERTa (config.json model_type "roberta"; RobertaForMaskedLM, or a bare RobertaModel whose head then starts fresh)
 is the same model of ours (objective mlm, exported as `roberta_mlm`) with `position_offset` = its pad_token_id + 1:
@@ -92,8 +97,10 @@ def _read_config(hf_dir: str, model_types: tuple[str, ...] = ("bert",)) -> tuple
     with open(path, encoding="utf-8") as f:
         hf_config = json.load(f)
     try:
+        if hf_config.get("model_type") == "deberta-v2" and "deberta-v2" in model_types:
+            return EncoderConfig(**hf_mapping.deberta_config_kwargs(hf_config)), hf_config
         return EncoderConfig(**hf_mapping.encoder_config_kwargs(hf_config, model_types)), hf_config
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise ConversionError(f"{hf_dir}: {e}") from None
 
 
@@ -246,44 +253,43 @@ def import_hf(hf_dir: str, out_workdir: str, *, overwrite: bool = False, generat
     if _model_type(hf_dir) == "electra":
         return _import_electra(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir,
                                generator_fraction=generator_fraction, read=read, log=log)
-    # RoBERTa (model_type "roberta"): the MLM model of BERT with its positions after the padding id.
-    model = "roberta_mlm" if _model_type(hf_dir) == "roberta" else "mlm"
+    kind = {"roberta": "roberta_mlm", "deberta-v2": "deberta_mlm"}.get(_model_type(hf_dir), "mlm")
     return _import_bert(hf_dir, out_workdir, overwrite=overwrite, generator_dir=generator_dir, read=read, log=log,
-                        model=model)
+                        kind=kind)
 
 
 def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_dir: str | None, read: ReadWeights,
-                 log: Log, model: str = "mlm") -> dict:
-    """A BERT (`model` "mlm") or RoBERTa ("roberta_mlm") folder: both are our BertForMaskedLM, objective mlm."""
-    spec = hf_mapping.MODELS[model]
+                 log: Log, kind: str = "mlm") -> dict:
+    """A BERT folder (`kind` "mlm"), a RoBERTa one ("roberta_mlm": positions after the padding id) or a
+    DeBERTa-v2/v3 one ("deberta_mlm"): each an MLM run's checkpoint, our BertForMaskedLM's tree."""
+    spec = hf_mapping.MODELS[kind]
     cfg, _ = _read_config(hf_dir, (spec.model_type,))
     if generator_dir is not None:
         raise ConversionError(f"--generator applies to ELECTRA only; {hf_dir} is a {spec.model_type} folder")
     _prepare_workdir(out_workdir, overwrite)
 
     bar = progress(desc="import: read weights", total=3, unit="stage")
-    tensors = hf_mapping.normalize_names(read(hf_dir), model)
+    tensors = hf_mapping.normalize_names(read(hf_dir), kind)
     bar.update(1)
     bar.set_description("import: map tensors")
-    head_initialised = not hf_mapping.head_present(tensors, cfg, model)
+    head_initialised = not hf_mapping.head_present(tensors, cfg, kind)
     fallback = None
     if head_initialised:
-        head = "lm_head" if model == "roberta_mlm" else "cls.predictions"
+        head = "lm_head" if kind == "roberta_mlm" else "cls.predictions"
         log(f"{hf_dir} has no MLM head ({head}.*): it starts freshly initialised")
-        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES[model](cfg, nnx.Rngs(0)))["mlm_head"]}
-    params = _from_hf(tensors, cfg, model, hf_dir, fallback)
-    ignored = hf_mapping.unused_names(tensors, model)
+        fallback = {"mlm_head": init_params(lambda: MODEL_CLASSES[kind](cfg, nnx.Rngs(0)))["mlm_head"]}
+    params = _from_hf(tensors, cfg, kind, hf_dir, fallback)
+    ignored = hf_mapping.unused_names(tensors, kind)
     _report_ignored(ignored, log)
     bar.update(1)
     bar.set_description("import: save checkpoint")
     meta = CheckpointMeta(step=0, objective="mlm", model=cfg,
                           imported_from=_provenance(hf_dir, None, {"mlm_head": head_initialised}))
-    kept = _keep({model: (hf_dir, tensors)}, out_workdir, log)
+    kept = _keep({kind: (hf_dir, tensors)}, out_workdir, log)
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": model,
-            "mlm_head_initialised": head_initialised,
+    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": kind, "mlm_head_initialised": head_initialised,
             "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 

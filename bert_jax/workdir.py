@@ -118,8 +118,9 @@ class CheckpointMeta:
     fingerprint: dict | None = None
 
     def tower(self, name: str) -> EncoderConfig | None:
-        """The config of one exported model: "mlm" / "discriminator" -> `model`, "generator" -> `generator`."""
-        return self.generator if name == "generator" else self.model
+        """The config of one exported model: "mlm" / "discriminator" -> `model`, "generator" -> `generator`
+        (and so for DeBERTa's "deberta_*" kinds)."""
+        return self.generator if name.endswith("generator") else self.model
 
     @property
     def data_batches(self) -> int:

@@ -65,6 +65,18 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.scan_unroll = 1
     # Pallas GPU kernels, '+'-joined (bert_jax/kernels): hash_dropout, layernorm, gelu, adamw; "": plain XLA
     m.kernels = ""
+    # DeBERTa's disentangled attention (configs/deberta.py; Hugging Face's DebertaV2Config names): c2p/p2c terms
+    # over relative distances, log-bucketed beyond position_buckets / 2 (<= 0: none); relative embeddings
+    # shared by all layers (2 x position_buckets, or 2 x max_relative_positions, -1: max_position_embeddings),
+    # normalised by a LayerNorm where norm_rel_ebd = "layer_norm"; position_biased_input False drops the
+    # absolute position embeddings; share_att_key: positions go through the layers' query/key projections.
+    m.relative_attention = False
+    m.position_buckets = -1
+    m.max_relative_positions = -1
+    m.pos_att_type = "p2c|c2p"
+    m.share_att_key = True
+    m.norm_rel_ebd = "layer_norm"
+    m.position_biased_input = True
     return m
 
 

@@ -60,6 +60,7 @@ def test_benchmark_without_the_backend_fails_with_one_line():
 
 @pytest.mark.parametrize("args, message", [
     (["--configs", "mini,nope"], "error: --configs: unknown size 'nope'"),
+    (["--configs", "deberta:mini"], "error: --configs: unknown size 'mini'; choose from ['base', 'large', 'small', 'tiny', 'xsmall']"),
     (["--ab", "attention=einsum"], "error: --ab 'attention=einsum': expected KEY=A,B"),
     (["--steps", "0"], "error: --steps=0 must be >= 1"),
     (["--model", "attention=cudnn"], "error: --model: model.attention='cudnn' needs model.dtype='bfloat16'"),
@@ -261,7 +262,8 @@ def test_attention_switch_reaches_the_model_config():
     assert EncoderConfig.from_section(config.model, 100).attention == "dot_product"
 
 
-@pytest.mark.parametrize("file, size, layers", [("bert", "base", 12), ("electra", "small", 12), ("bert", "large", 24)])
+@pytest.mark.parametrize("file, size, layers", [("bert", "base", 12), ("electra", "small", 12), ("bert", "large", 24),
+                                               ("deberta", "xsmall", 12)])
 def test_gpu_preset(file, size, layers):
     """`SIZE,gpu`: bf16, cuDNN attention (no attention dropout), the scan unrolled, tanh GELU, the kernels that
     measured faster; nothing else changes."""

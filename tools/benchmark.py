@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 
-from tools.benchmark_worker import ROOT, model_configs
+from tools.benchmark_worker import ROOT, model_configs, recipe_module
 
 GRID = [(128, 32), (128, 128), (512, 32), (512, 128)]  # (seq_len, batch) on small
 DEFAULT_PEER_SCRIPT = "/work/shared/bench/peer_throughput.py"
@@ -150,10 +150,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="mini,small,medium",
-                    help="comma list of sizes from configs/common.py SIZES (default: %(default)s); '' for none")
+                    help="comma list of sizes from configs/common.py SIZES (default: %(default)s), or of DeBERTa "
+                    "recipes as deberta:SIZE (configs/deberta.py); '' for none")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--objective", choices=("mlm", "electra"), default="mlm")
+    ap.add_argument("--objective", choices=("mlm", "electra", "deberta_rtd"), default="mlm",
+                    help="deberta_rtd: DeBERTa-v3's RTD, with deberta:SIZE configs")
     ap.add_argument("--max-predictions", type=int, default=-1,
                     help="prediction slots per row; -1: ceil(0.15 x seq_len) (20 at seq 128, as the configs)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per config (median reported)")
@@ -196,22 +198,32 @@ def _overrides(items: list[str], ap_error) -> dict:
 
 def _typed(key: str, value: str):
     """accum and scan_unroll are ints, the dropout rates floats, the rest strings (EncoderConfig checks them)."""
-    return int(value) if key in ("accum", "scan_unroll") else float(value) if key.endswith("dropout") else value
+    if key in ("accum", "scan_unroll", "position_buckets", "max_relative_positions"):
+        return int(value)
+    return float(value) if key.endswith("dropout") else value
+
+
+def _check_size(c: str, flag: str, fail) -> None:
+    """SIZE (configs/bert.py) or deberta:SIZE; else `fail` with one line."""
+    from configs import common
+    recipe, _, size = c.rpartition(":")
+    if recipe not in ("", "bert", "deberta"):
+        fail(f"{flag}: unknown recipe {recipe!r} in {c!r}; SIZE (configs/bert.py) or deberta:SIZE")
+    sizes = recipe_module(c).SIZES if recipe == "deberta" else common.SIZES
+    if size not in sizes:
+        fail(f"{flag}: unknown size {size!r}; choose from {sorted(sizes)}")
 
 
 def check_args(args) -> tuple[list[str], dict, list]:
     """Validates everything before any subprocess runs; exits with one `error:` line."""
-    from configs import common
-
     def fail(msg):
         sys.exit(f"error: {msg}")
 
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
-        if c not in common.SIZES:
-            fail(f"--configs: unknown size {c!r}; choose from {sorted(common.SIZES)}")
-    if args.ab_config and args.ab_config not in common.SIZES:
-        fail(f"--ab-config: unknown size {args.ab_config!r}; choose from {sorted(common.SIZES)}")
+        _check_size(c, "--configs", fail)
+    if args.ab_config:
+        _check_size(args.ab_config, "--ab-config", fail)
     for key, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps),
                        ("--rounds", args.rounds)):
         if value < 1:

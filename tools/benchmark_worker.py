@@ -57,10 +57,9 @@ def bench_config(spec: dict, overrides: dict):
     """The training config of one benchmark row: `configs/bert.py:SIZE` (its optimizer settings and document
     attention included) at vocabulary 30522, dropout 0.1, the row's sequence length, batch and objective
     (ELECTRA: the same model as discriminator, with the recipes' generator fraction), plus `overrides` of
-    `model.*` keys (and `accum`: optim.grad_accum_steps). No evaluation; one device."""
-    from configs import bert
-
-    c = bert.get_config(spec["size"])
+    `model.*` keys (and `accum`: optim.grad_accum_steps). No evaluation; one device. A size `RECIPE:SIZE`
+    (e.g. `deberta:base`) is `configs/RECIPE.py:SIZE` instead."""
+    c = recipe_module(spec["size"]).get_config(spec["size"].rpartition(":")[2])
     c.model.vocab_size = VOCAB_SIZE
     c.model.max_position_embeddings = max(c.model.max_position_embeddings, spec["seq_len"])
     c.model.hidden_dropout = c.model.attention_dropout = 0.1
@@ -75,6 +74,13 @@ def bench_config(spec: dict, overrides: dict):
         for key, value in spec.get(section, {}).items():
             c[section][key] = value
     return c
+
+
+def recipe_module(size: str):
+    """The recipe module of a benchmark size: configs.bert for `SIZE`, configs.RECIPE for `RECIPE:SIZE`."""
+    import importlib
+
+    return importlib.import_module(f"configs.{size.rpartition(':')[0] or 'bert'}")
 
 
 def model_configs(size: str, seq_len: int, overrides: dict):

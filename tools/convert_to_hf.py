@@ -6,7 +6,10 @@
 `--model` picks what to export: `mlm` (a BERT checkpoint) as BertForMaskedLM, `roberta_mlm` (a configs/roberta.py
 run or an imported RoBERTa: positions after the padding id) as RobertaForMaskedLM; from an ELECTRA checkpoint,
 `discriminator` as ElectraForPreTraining or `generator` as ElectraForMaskedLM (each with the shared
-embeddings; ElectraConfig with that tower's sizes and embedding_size).
+embeddings; ElectraConfig with that tower's sizes and embedding_size). DeBERTa (configs/deberta.py):
+`deberta_mlm` (an MLM run) or `deberta_generator` as DebertaV2ForMaskedLM; `deberta_discriminator` (a
+DeBERTa-v3 RTD run) as a bare DebertaV2Model, the generator's word embeddings plus the learned difference
+folded into its own, which DebertaV2ForSequenceClassification loads (--verify compares its hidden states).
 
 Writes config.json (BertConfig or ElectraConfig), model.safetensors (HF tensor names; the MLM decoder
 weight is tied to the word embeddings and not written), and the tokenizer files (vocab.txt,
@@ -105,8 +108,10 @@ def verify_folder(out: str, source: ExportSource, texts: list[str] | None = None
     figures = {"tokenizer_ids_match": tokenizer_match, "texts": len(texts),
                "tokens": int(batch["attention_mask"].sum())}
     ok = tokenizer_match
-    for name, theirs, ours in (("logits", res.logits.numpy(), logits_ours),
-                               ("hidden", res.hidden_states[-1].numpy(), h_ours)):
+    compared = [("hidden", res.hidden_states[-1].numpy(), h_ours)]
+    if getattr(res, "logits", None) is not None:  # a bare encoder (DeBERTa-v3's discriminator) has none
+        compared.insert(0, ("logits", res.logits.numpy(), logits_ours))
+    for name, theirs, ours in compared:
         figures[f"max_abs_diff_{name}"] = float(np.abs(theirs - ours)[real].max())
         figures[f"tolerance_{name}"] = TOLERANCE * max(1.0, float(np.abs(ours[real]).max()))
         ok = ok and figures[f"max_abs_diff_{name}"] <= figures[f"tolerance_{name}"]
@@ -182,7 +187,7 @@ def _load_exported(out: str, model: str):
     return loaded
 
 
-def convert(workdir: str, out: str, step: int | None = None, model: str = "mlm", verify: bool = False,
+def convert(workdir: str, out: str, step: int | None = None, model: str | None = "mlm", verify: bool = False,
             overwrite: bool = False, sentence_transformers: bool = False) -> dict:
     """Writes the HF folder `out` from checkpoint `step` (default: newest) of `workdir` (a sentence-transformers
     folder when `sentence_transformers`); -> a summary dict (with the verification figures when `verify`).
@@ -214,8 +219,9 @@ def _failure(fig: dict) -> str:
     if "st_max_rel_diff_embedding" in fig and not fig["st_ok"]:
         return (f"verification failed: SentenceTransformer embeddings differ from our mean-pooled hidden states by "
                 f"{fig['st_max_rel_diff_embedding']:.3g} relative (tolerance {fig['st_tolerance']:.3g})")
-    return (f"verification failed: logits diff {fig['max_abs_diff_logits']:.3g} (tolerance "
-            f"{fig['tolerance_logits']:.3g}), hidden diff {fig['max_abs_diff_hidden']:.3g} "
+    logits = (f"logits diff {fig['max_abs_diff_logits']:.3g} (tolerance {fig['tolerance_logits']:.3g}), "
+              if "max_abs_diff_logits" in fig else "")
+    return (f"verification failed: {logits}hidden diff {fig['max_abs_diff_hidden']:.3g} "
             f"(tolerance {fig['tolerance_hidden']:.3g}), tokenizer ids match: {fig['tokenizer_ids_match']}")
 
 
@@ -224,7 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/ and tokenizer/)")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("--model", default="mlm", help=f"one of {', '.join(MODEL_CLASSES)}")
+    parser.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_CLASSES)} (default: the first "
+                        "the checkpoint exports: mlm, discriminator, deberta_mlm or deberta_discriminator)")
     parser.add_argument("--sentence-transformers", action="store_true",
                         help="write a sentence-transformers folder (bare encoder, mean pooling; the head beside it)")
     parser.add_argument("--verify", action="store_true", help="load with transformers and compare outputs")
@@ -237,7 +244,8 @@ def main(argv=None) -> int:
     except (ConversionError, CorruptCheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     if args.verify:
-        print(f"max abs diff: logits {summary['max_abs_diff_logits']:.3g}, "
+        logits = (f"logits {summary['max_abs_diff_logits']:.3g}, " if "max_abs_diff_logits" in summary else "")
+        print(f"max abs diff: {logits}"
               f"last hidden state {summary['max_abs_diff_hidden']:.3g}; tokenizer ids match: "
               f"{summary['tokenizer_ids_match']}")
     print(json.dumps(summary))

@@ -67,8 +67,11 @@ def read_weights(hf_dir: str) -> dict:
 def next_commands(workdir: str, objective: str, model: str = "mlm") -> list[str]:
     """The commands that continue pretraining from `workdir`: pretokenize text with its own vocabulary, then
     train with init_from (the model's shape comes from the checkpoint; DATA, RUN and the source are the user's)."""
-    recipe = {"electra": "configs/electra.py:base"}.get(objective, "configs/roberta.py:base" if model == "roberta_mlm"
-                                                        else "configs/bert.py:base")
+    recipe = "configs/electra.py:base" if objective == "electra" else "configs/bert.py:base"
+    if model == "roberta_mlm":
+        recipe = "configs/roberta.py:base"
+    if model == "deberta_mlm":
+        recipe = "configs/deberta.py:base --config.objective.name=mlm"
     return [f"python -m data_pipeline.pretokenize --source YOUR_TEXT --out DATA --vocab {workdir}/tokenizer",
             f"python -m bert_jax.training --config {recipe} --workdir RUN --config.init_from={workdir} "
             "--config.data.dir=DATA"]
@@ -76,8 +79,8 @@ def next_commands(workdir: str, objective: str, model: str = "mlm") -> list[str]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf", required=True, help="a Hugging Face BERT folder, or an ELECTRA discriminator "
-                        "(ElectraForPreTraining / ElectraModel) folder (config.json + weights)")
+    parser.add_argument("--hf", required=True, help="a Hugging Face BERT or DeBERTa-v2/v3 folder, or an ELECTRA "
+                        "discriminator (ElectraForPreTraining / ElectraModel) folder (config.json + weights)")
     parser.add_argument("--generator", default=None,
                         help="ELECTRA only: the generator's folder (ElectraForMaskedLM, same embeddings)")
     parser.add_argument("--generator-fraction", type=float, default=0.25,

@@ -102,7 +102,7 @@ def check(config, num_devices: int, vocab_size: int) -> dict:
     widths = [("model.num_heads", m.num_heads, tensor, "mesh.tensor"),
               ("model.intermediate_size", m.intermediate_size, tensor, "mesh.tensor"),
               ("model.hidden_size", m.hidden_size, fsdp, "mesh.fsdp")]
-    if config.objective.name == "electra":
+    if config.objective.name in ("electra", "deberta_rtd"):  # two towers
         from bert_jax.models import EncoderConfig, generator_config
         try:
             gen = generator_config(EncoderConfig(vocab_size, m.hidden_size, num_heads=m.num_heads,

@@ -5,6 +5,7 @@ Face (`hf_mapping.MODELS` has one table per kind), run on their own by conversio
 """
 
 from bert_jax.models.config import EncoderConfig
+from bert_jax.models.deberta import DebertaDiscriminator, DebertaGenerator, DebertaRtdForPretraining
 from bert_jax.models.electra import ElectraDiscriminator, ElectraForPretraining, ElectraGenerator, generator_config
 from bert_jax.models.encoder import BertEncoder
 from bert_jax.models.heads import BertForMaskedLM
@@ -13,7 +14,11 @@ from bert_jax.models.heads import BertForMaskedLM
 # embeddings (their parameter paths are those of the pretraining tree, less the other tower).
 MODEL_CLASSES = {"mlm": BertForMaskedLM, "discriminator": ElectraDiscriminator, "generator": ElectraGenerator,
                  # RoBERTa: an MLM run whose positions start after the padding id (EncoderConfig.position_offset).
-                 "roberta_mlm": BertForMaskedLM}
+                 "roberta_mlm": BertForMaskedLM,
+                 # DeBERTa: an MLM run is BertForMaskedLM's tree on a relative-attention encoder.
+                 "deberta_mlm": BertForMaskedLM, "deberta_generator": DebertaGenerator,
+                 "deberta_discriminator": DebertaDiscriminator}
 
 __all__ = ["EncoderConfig", "BertEncoder", "BertForMaskedLM", "ElectraForPretraining", "ElectraGenerator",
-           "ElectraDiscriminator", "generator_config", "MODEL_CLASSES"]
+           "ElectraDiscriminator", "generator_config", "MODEL_CLASSES",
+           "DebertaRtdForPretraining", "DebertaGenerator", "DebertaDiscriminator"]

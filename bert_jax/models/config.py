@@ -59,6 +59,20 @@ class EncoderConfig:
     # position_offset + i of the table (Hugging Face's padding_idx + 1 = 2), and padding tokens read row
     # position_offset - 1. max_position_embeddings counts every row (RoBERTa: 514 for 512 tokens). 0: BERT.
     position_offset: int = 0
+    # DeBERTa (He et al., 2021), with Hugging Face's DebertaV2Config names: disentangled attention adds to each
+    # query-key score the content-to-position (c2p) and position-to-content (p2c) terms over the relative
+    # distance, bucketed logarithmically beyond position_buckets / 2 (<= 0: no buckets, clipped at
+    # max_relative_positions; -1 there: max_position_embeddings). The relative position embeddings (2 x the
+    # span) and their LayerNorm (norm_rel_ebd "layer_norm") are shared by all layers; the layers' own query and
+    # key projections map them (share_att_key, as every released v2/v3 model). The scores are scaled by
+    # 1/sqrt(head_dim x the number of terms). position_biased_input False: no absolute positions at the input.
+    relative_attention: bool = False
+    position_buckets: int = -1
+    max_relative_positions: int = -1
+    pos_att_type: str = "p2c|c2p"
+    share_att_key: bool = True
+    norm_rel_ebd: str = "layer_norm"
+    position_biased_input: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "kernels", tuple(self.kernels))  # a list when read back from JSON
@@ -91,6 +105,20 @@ class EncoderConfig:
         if self.attention == "cudnn" and self.attention_dropout > 0:
             raise ValueError(f"model.attention='cudnn' has no attention dropout: set model.attention_dropout=0 "
                              f"(not {self.attention_dropout}), or training would run the einsum path")
+        self._check_relative()
+
+    def _check_relative(self):
+        """The DeBERTa fields: what Hugging Face's DebertaV2Model computes and we do too."""
+        bad = set(self.pos_att_types) - {"c2p", "p2c"}
+        if bad:
+            raise ValueError(f"model.pos_att_type={self.pos_att_type!r}: terms are c2p and/or p2c joined by '|'")
+        if self.norm_rel_ebd not in ("layer_norm", "none"):
+            raise ValueError(f"model.norm_rel_ebd={self.norm_rel_ebd!r}: choose layer_norm or none")
+        if self.relative_attention and not self.share_att_key:
+            raise ValueError("model.share_att_key=False (separate position projections) is not supported: "
+                             "every released DeBERTa-v2/v3 model shares them")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size} must be >= 0 (0: no token types)")
 
     @classmethod
     def from_section(cls, m, vocab_size: int) -> "EncoderConfig":
@@ -103,7 +131,8 @@ class EncoderConfig:
             attention_dropout=m.attention_dropout, layer_norm_eps=m.layer_norm_eps,
             initializer_range=m.initializer_range, dtype=m.dtype, remat=m.remat, attention=m.attention,
             last_layer=m.last_layer, scan_unroll=m.scan_unroll, hidden_act=m.hidden_act,
-            kernels=parse_kernels(m.get("kernels", "")), position_offset=m.get("position_offset", 0))
+            kernels=parse_kernels(m.get("kernels", "")), position_offset=m.get("position_offset", 0),
+            **{f: m.get(f, default) for f, default in _RELATIVE_DEFAULTS.items()})
 
     @property
     def head_dim(self) -> int:
@@ -120,5 +149,30 @@ class EncoderConfig:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     @property
+    def pos_att_types(self) -> tuple[str, ...]:
+        """The disentangled terms, e.g. ("p2c", "c2p"); () without relative attention."""
+        if not self.relative_attention:
+            return ()
+        return tuple(t.strip() for t in self.pos_att_type.lower().split("|") if t.strip())
+
+    @property
+    def relative_span(self) -> int:
+        """Half the number of relative position embeddings: the bucket count, else max_relative_positions."""
+        if self.position_buckets > 0:
+            return self.position_buckets
+        return self.max_relative_positions if self.max_relative_positions > 0 else self.max_position_embeddings
+
+    @property
+    def max_relative(self) -> int:
+        """max_relative_positions, resolved (-1: max_position_embeddings)."""
+        return self.max_relative_positions if self.max_relative_positions > 0 else self.max_position_embeddings
+
+    @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+
+# The DeBERTa fields of the `model` section and their defaults (a section written before them reads as BERT).
+_RELATIVE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EncoderConfig)
+                      if f.name in ("relative_attention", "position_buckets", "max_relative_positions",
+                                    "pos_att_type", "share_att_key", "norm_rel_ebd", "position_biased_input")}

@@ -15,6 +15,7 @@ from flax import nnx
 from bert_jax.models.config import EncoderConfig
 from bert_jax.sharding import constrain_activations
 from bert_jax.models.layers import Dense, EncoderLayer, LayerNorm, dropout_for, gather_positions, param
+from bert_jax.models.layers import RelativeInputs, relative_inputs
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -30,20 +31,25 @@ class Embeddings(nnx.Module):
         init = nnx.initializers.truncated_normal(cfg.initializer_range)
         h = cfg.embed_dim
         self.word = param(rngs, init, (cfg.vocab_size, h), ("vocab", "embed"))
-        self.position = param(rngs, init, (cfg.max_position_embeddings, h), (None, "embed"))
-        self.token_type = param(rngs, init, (cfg.type_vocab_size, h), (None, "embed"))
+        # DeBERTa may have neither (position_biased_input False, type_vocab_size 0).
+        self.position = (param(rngs, init, (cfg.max_position_embeddings, h), (None, "embed"))
+                         if cfg.position_biased_input else None)
+        self.token_type = (param(rngs, init, (cfg.type_vocab_size, h), (None, "embed"))
+                           if cfg.type_vocab_size > 0 else None)
         self.norm = LayerNorm(h, cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, token_type_ids, key, position_ids=None):
+    def __call__(self, input_ids, token_type_ids, key, position_ids=None, word=None):
         """position_ids [B, S] (e.g. restarting at each packed document); None: 0..S-1 in every row. Both read
-        the table from row `cfg.position_offset` on (RoBERTa's)."""
+        the table from row `cfg.position_offset` on (RoBERTa's). `word` [V, E]: the word embeddings to use in
+        place of our own (DeBERTa-v3's shared embeddings)."""
         seq_len, offset = input_ids.shape[1], self.cfg.position_offset
-        positions = (self.position[...][None, offset:offset + seq_len] if position_ids is None
+        x = jnp.take(self.word[...] if word is None else word, input_ids, axis=0)
+        if self.position is not None:
+            x = x + (self.position[...][None, offset:offset + seq_len] if position_ids is None
                      else jnp.take(self.position[...], position_ids + offset, axis=0))
-        x = (jnp.take(self.word[...], input_ids, axis=0)
-             + positions
-             + jnp.take(self.token_type[...], token_type_ids, axis=0))
+        if self.token_type is not None:
+            x = x + jnp.take(self.token_type[...], token_type_ids, axis=0)
         x = self.norm(x.astype(self.cfg.compute_dtype))
         return dropout_for(self.cfg)(x, self.cfg.hidden_dropout, key)
 
@@ -64,6 +70,25 @@ class LayerStack(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.cfg = cfg
+        # DeBERTa: the relative position embeddings and their LayerNorm, shared by all layers (outside the scan).
+        rel_embeddings = rel_norm = None
+        if cfg.relative_attention:
+            init = nnx.initializers.truncated_normal(cfg.initializer_range)
+            rel_embeddings = param(rngs, init, (2 * cfg.relative_span, cfg.hidden_size), (None, "embed"))
+            if cfg.norm_rel_ebd == "layer_norm":
+                rel_norm = LayerNorm(cfg.hidden_size, cfg, rngs)
+        self.rel_embeddings, self.rel_norm = nnx.data(rel_embeddings), nnx.data(rel_norm)
+
+    def relative(self, seq_len: int, positions=None) -> RelativeInputs | None:
+        """DeBERTa's relative inputs for queries at every index (positions None) or at `positions` [B, P];
+        None without relative attention."""
+        if self.rel_embeddings is None:
+            return None
+        emb = self.rel_embeddings[...].astype(self.cfg.compute_dtype)
+        if self.rel_norm is not None:
+            emb = self.rel_norm(emb)
+        query_index = jnp.arange(seq_len, dtype=jnp.int32)[None] if positions is None else positions
+        return relative_inputs(self.cfg, emb, query_index.astype(jnp.int32), seq_len)
 
     def layer_keys(self, layers_key):
         return None if layers_key is None else jax.random.split(layers_key, self.cfg.num_layers)
@@ -79,20 +104,22 @@ class LayerStack(nnx.Module):
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         bias = attention_bias(attention_mask, segment_ids)
+        rel = self.relative(x.shape[1])
         if positions is None or self.cfg.last_layer == "all":
-            h = self._scan(self.layers, x, bias, layer_keys)
+            h = self._scan(self.layers, x, bias, layer_keys, rel)
             return h if positions is None else gather_positions(h, positions)
         first, last = split_last_layer(self.layers)
         if self.cfg.num_layers > 1:
-            x = self._scan(first, x, bias, None if layer_keys is None else layer_keys[:-1])
-        return last(x, bias, None if layer_keys is None else layer_keys[-1], positions)
+            x = self._scan(first, x, bias, None if layer_keys is None else layer_keys[:-1], rel)
+        return last(x, bias, None if layer_keys is None else layer_keys[-1], positions,
+                    self.relative(x.shape[1], positions))
 
-    def _scan(self, layers, x, bias, layer_keys):
+    def _scan(self, layers, x, bias, layer_keys, rel=None):
         """The stacked `layers` applied in turn (nnx.scan, remat per the config): [B, S, H] -> [B, S, H]."""
         deterministic = layer_keys is None
 
         def body(layer, h, key):
-            return constrain_activations(layer(h, bias, None if deterministic else key))
+            return constrain_activations(layer(h, bias, None if deterministic else key, rel=rel))
 
         if self.cfg.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat])

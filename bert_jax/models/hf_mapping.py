@@ -63,6 +63,8 @@ class Row:
     ours: str  # path into our params dict
     hf: str  # HF tensor name; may contain {base} and {i}
     transform: Transform = IDENTITY
+    # Whether the row exists for a config (DeBERTa's optional position and token-type embeddings); None: always.
+    when: Callable[[EncoderConfig], bool] | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -148,7 +150,8 @@ class ModelSpec:
 
     def rows(self, cfg) -> tuple[Row, ...]:
         project = self.project_rows if cfg.embed_dim != cfg.hidden_size else ()
-        return self.encoder_rows + project + self.head_rows
+        rows = self.encoder_rows + project + self.head_rows
+        return tuple(row for row in rows if row.when is None or row.when(cfg))
 
 
 def _electra_spec(tower: str, architecture: str, head_rows: tuple[Row, ...], tied: dict) -> ModelSpec:
@@ -158,6 +161,54 @@ def _electra_spec(tower: str, architecture: str, head_rows: tuple[Row, ...], tie
         project_rows=_dense(f"{tower}/embeddings_project", "{base}.embeddings_project"), tied=tied,
         # Buffers that older writers saved.
         ignored_prefixes=("electra.embeddings.position_ids", "electra.embeddings.token_type_ids"))
+
+
+def _deberta_rows(encoder: str) -> tuple[Row, ...]:
+    """Hugging Face's DebertaV2Model under {base}: the embeddings (absolute positions only where
+    position_biased_input, token types only where type_vocab_size > 0), the layers (query_proj, key_proj,
+    value_proj in place of BERT's query/key/value) and the relative embeddings with their LayerNorm, which
+    our encoder at `encoder` holds beside its stacked layers."""
+    emb, layers, hf_l = f"{encoder}/embeddings", f"{encoder}/layers", _HF_L
+    position = lambda cfg: cfg.position_biased_input  # noqa: E731
+    types = lambda cfg: cfg.type_vocab_size > 0  # noqa: E731
+    rel_norm = lambda cfg: cfg.relative_attention and cfg.norm_rel_ebd == "layer_norm"  # noqa: E731
+    return (
+        Row(f"{emb}/word", "{base}.embeddings.word_embeddings.weight"),
+        Row(f"{emb}/position", "{base}.embeddings.position_embeddings.weight", when=position),
+        Row(f"{emb}/token_type", "{base}.embeddings.token_type_embeddings.weight", when=types),
+        *_layer_norm(f"{emb}/norm", "{base}.embeddings.LayerNorm"),
+        *_dense(f"{layers}/attention/query", f"{hf_l}.attention.self.query_proj", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/key", f"{hf_l}.attention.self.key_proj", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/value", f"{hf_l}.attention.self.value_proj", HEADS_IN, HEADS_BIAS),
+        *_dense(f"{layers}/attention/output", f"{hf_l}.attention.output.dense", HEADS_OUT),
+        *_layer_norm(f"{layers}/attention_norm", f"{hf_l}.attention.output.LayerNorm"),
+        *_dense(f"{layers}/intermediate", f"{hf_l}.intermediate.dense"),
+        *_dense(f"{layers}/output", f"{hf_l}.output.dense"),
+        *_layer_norm(f"{layers}/output_norm", f"{hf_l}.output.LayerNorm"),
+        Row(f"{encoder}/rel_embeddings", "{base}.encoder.rel_embeddings.weight",
+            when=lambda cfg: cfg.relative_attention),
+        Row(f"{encoder}/rel_norm/scale", "{base}.encoder.LayerNorm.weight", when=rel_norm),
+        Row(f"{encoder}/rel_norm/bias", "{base}.encoder.LayerNorm.bias", when=rel_norm),
+    )
+
+
+def _deberta_spec(architecture: str, encoder: str, head: str | None) -> ModelSpec:
+    """DeBERTa-v2/v3: DebertaV2ForMaskedLM (legacy head: BERT's `cls.predictions.*`) with the MLM head at
+    `head`, or (head None) the bare DebertaV2Model, as the released v3 discriminators are."""
+    head_rows = ()
+    tied = {}
+    if head is not None:
+        head_rows = (*_dense(f"{head}/transform", "cls.predictions.transform.dense"),
+                     *_layer_norm(f"{head}/norm", "cls.predictions.transform.LayerNorm"),
+                     Row(f"{head}/bias", "cls.predictions.bias"))
+        tied = {"cls.predictions.decoder.weight": f"{encoder}/embeddings/word",
+                "cls.predictions.decoder.bias": f"{head}/bias"}
+    return ModelSpec(architecture=architecture, base="deberta", model_type="deberta-v2",
+                     base_architecture="DebertaV2Model", encoder_rows=_deberta_rows(encoder), head_rows=head_rows,
+                     tied=tied,
+                     # position_ids: a buffer older writers saved; mask_predictions: the RTD head of Microsoft's
+                     # released v3 checkpoints, which transformers ignores too; lm_predictions: the non-legacy head.
+                     ignored_prefixes=("deberta.embeddings.position_ids", "mask_predictions.", "lm_predictions."))
 
 
 # --model name -> spec.
@@ -186,6 +237,12 @@ MODELS: dict[str, ModelSpec] = {
     "discriminator": _electra_spec("discriminator", "ElectraForPreTraining", DISCRIMINATOR_HEAD_ROWS, {}),
     "generator": _electra_spec("generator", "ElectraForMaskedLM", GENERATOR_HEAD_ROWS,
                                {"generator_lm_head.weight": "embeddings/word"}),
+    # DeBERTa: an MLM run (BertForMaskedLM's tree on a relative-attention encoder), and the two towers of
+    # DeBERTa-v3's RTD (models/deberta.py): the generator with its MLM head, the discriminator as a backbone
+    # whose word embeddings are the generator's plus the learned difference, folded on export.
+    "deberta_mlm": _deberta_spec("DebertaV2ForMaskedLM", "encoder", "mlm_head"),
+    "deberta_generator": _deberta_spec("DebertaV2ForMaskedLM", "generator/encoder", "generator/mlm_head"),
+    "deberta_discriminator": _deberta_spec("DebertaV2Model", "discriminator/encoder", None),
 }
 
 
@@ -343,6 +400,8 @@ def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict
     """A transformers BertConfig or ElectraConfig (as a config.json dict) for our EncoderConfig of the
     exported model (for ELECTRA: that tower's)."""
     spec = MODELS[model]
+    if spec.model_type == "deberta-v2":
+        return deberta_hf_config(cfg, pad_token_id, spec.architecture)
     sizes = {"embedding_size": cfg.embed_dim} if spec.model_type == "electra" else {}
     if spec.model_type == "roberta":
         check_roberta(cfg, pad_token_id)
@@ -441,3 +500,87 @@ def roberta_config_kwargs(hf_config: dict, refuse: Callable[[str], None]) -> dic
     kwargs["layer_norm_eps"] = float(hf_config.get("layer_norm_eps", 1e-5))
     kwargs["position_offset"] = int(hf_config.get("pad_token_id", 1)) + 1
     return kwargs
+
+
+def deberta_hf_config(cfg: EncoderConfig, pad_token_id: int, architecture: str) -> dict:
+    """A transformers DebertaV2Config (config.json dict) for our relative-attention EncoderConfig."""
+    return {
+        "architectures": [architecture],
+        "model_type": "deberta-v2",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": HF_ACTIVATION[cfg.hidden_act],
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.initializer_range,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": int(pad_token_id),
+        "relative_attention": cfg.relative_attention,
+        "position_buckets": cfg.position_buckets,
+        "max_relative_positions": cfg.max_relative_positions,
+        "pos_att_type": [t for t in cfg.pos_att_types] or None,
+        "share_att_key": cfg.share_att_key,
+        "norm_rel_ebd": cfg.norm_rel_ebd,
+        "position_biased_input": cfg.position_biased_input,
+        "pooler_hidden_size": cfg.hidden_size,
+        "pooler_dropout": 0,
+        "pooler_hidden_act": "gelu",
+        "legacy": True,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+
+
+def deberta_config_kwargs(hf_config: dict) -> dict:
+    """EncoderConfig keyword arguments from a DebertaV2Config dict; ValueError (one line) for what our encoder
+    does not compute (a convolution layer, separate position projections, an embedding projection,
+    attention_head_size other than hidden/heads)."""
+    def refuse(why):
+        raise ValueError(f"cannot import this model: {why}")
+
+    if hf_config.get("conv_kernel_size", 0) > 0:
+        refuse(f"conv_kernel_size={hf_config['conv_kernel_size']} (DeBERTa-v2-xlarge's convolution layer)")
+    if hf_config.get("relative_attention") and not hf_config.get("share_att_key", False):
+        refuse("share_att_key=false (separate position projections)")
+    if hf_config.get("embedding_size", hf_config["hidden_size"]) != hf_config["hidden_size"]:
+        refuse("embedding_size differs from hidden_size")
+    if hf_config.get("attention_head_size", hf_config["hidden_size"] // hf_config["num_attention_heads"]) \
+            != hf_config["hidden_size"] // hf_config["num_attention_heads"]:
+        refuse("attention_head_size differs from hidden_size / num_attention_heads")
+    if not hf_config.get("legacy", True):
+        refuse("legacy=false (the lm_predictions MLM head; ours is the legacy cls.predictions one)")
+    hidden_act = FROM_HF_ACTIVATION.get(hf_config.get("hidden_act", "gelu"))
+    if hidden_act is None:
+        refuse(f"hidden_act={hf_config['hidden_act']!r} (only gelu or its tanh approximation)")
+    pos_att = hf_config.get("pos_att_type") or []
+    if isinstance(pos_att, str):
+        pos_att = pos_att.lower().split("|")
+    if pos_att and not hf_config.get("relative_attention"):
+        # transformers then scales the scores by the terms it does not compute; we scale by those we compute.
+        refuse(f"pos_att_type={pos_att} without relative_attention")
+    return {
+        "vocab_size": int(hf_config["vocab_size"]),
+        "hidden_size": int(hf_config["hidden_size"]),
+        "num_layers": int(hf_config["num_hidden_layers"]),
+        "num_heads": int(hf_config["num_attention_heads"]),
+        "intermediate_size": int(hf_config["intermediate_size"]),
+        "max_position_embeddings": int(hf_config.get("max_position_embeddings", 512)),
+        "type_vocab_size": int(hf_config.get("type_vocab_size", 0)),
+        "hidden_dropout": float(hf_config.get("hidden_dropout_prob", 0.1)),
+        "attention_dropout": float(hf_config.get("attention_probs_dropout_prob", 0.1)),
+        "layer_norm_eps": float(hf_config.get("layer_norm_eps", 1e-7)),
+        "initializer_range": float(hf_config.get("initializer_range", 0.02)),
+        "hidden_act": hidden_act,
+        "relative_attention": bool(hf_config.get("relative_attention", False)),
+        "position_buckets": int(hf_config.get("position_buckets", -1)),
+        "max_relative_positions": int(hf_config.get("max_relative_positions", -1)),
+        "pos_att_type": "|".join(t.strip() for t in pos_att if t.strip()),
+        "share_att_key": bool(hf_config.get("share_att_key", False)) or not hf_config.get("relative_attention"),
+        "norm_rel_ebd": str(hf_config.get("norm_rel_ebd", "none")).lower(),
+        "position_biased_input": bool(hf_config.get("position_biased_input", True)),
+    }

@@ -5,10 +5,11 @@ Every parameter is created through `param()` so that it carries logical axis nam
 Dropout takes an explicit PRNG key (None = deterministic) so the step stays a pure function of its inputs.
 """
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bert_jax.kernels import gelu as gelu_kernel, hash_dropout, layernorm as layernorm_kernel
@@ -160,36 +161,66 @@ class SelfAttention(nnx.Module):
                              "(choose einsum or dot_product)")
 
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, rel: "RelativeInputs | None" = None) -> jax.Array:
         """x [B, S, H], additive bias [B, 1, S, S] or [B, 1, 1, S] -> [B, S, H]. With `positions` [B, P], only
-        those rows query (keys and values still come from every position) -> [B, P, H]."""
+        those rows query (keys and values still come from every position) -> [B, P, H]. `rel` (DeBERTa): the
+        relative position embeddings and the indices of those queries (`relative_inputs`)."""
         dt = x.dtype
         x_q = x
         if positions is not None:
             x_q = gather_positions(x, positions)
             if bias.shape[2] > 1:  # per-query bias (segments): keep the chosen queries' rows
                 bias = jnp.take_along_axis(bias, positions[:, None, :, None], axis=2)
+        key, pos_key = jax.random.split(key) if key is not None and rel is not None else (key, None)
         if self.cfg.attention != "einsum" and (key is None or self.cfg.attention_dropout == 0.0):
-            return self._fused(x_q, x, bias)
+            return self._fused(x_q, x, bias, rel, pos_key)
 
         # Heads-major [B, heads, S, kv] before the two batched matmuls: on XLA:CPU this layout runs the
         # attention forward ~2x and its backward ~1.5x faster than contracting [B, S, heads, kv] in place.
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (self.query(x_q), self.key(x), self.value(x)))
-        q = q * jnp.asarray(self.cfg.head_dim ** -0.5, dt)
+        if rel is not None:
+            bias = bias + self._relative_scores(q, k, rel, pos_key)
+        q = q * jnp.asarray(self.scale, dt)
         scores = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         probs = dropout_for(self.cfg)(probs, self.cfg.attention_dropout, key)
         return self.output(jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3))
 
-    def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array) -> jax.Array:
+    @property
+    def scale(self) -> float:
+        """1/sqrt(head_dim x the number of score terms): 1 for BERT, 3 for DeBERTa's c2p + p2c."""
+        return (self.cfg.head_dim * (1 + len(self.cfg.pos_att_types))) ** -0.5
+
+    def _relative_scores(self, q: jax.Array, k: jax.Array, rel: "RelativeInputs", key) -> jax.Array:
+        """DeBERTa's disentangled terms, scaled: q [B, N, T, D], k [B, N, S, D] (heads-major) -> [B, N, T, S]
+        float32. c2p: each query against the key projection of the relative embedding of its distance to the
+        key; p2c: each key against the query projection of the embedding of its distance to the query. Both
+        are computed against all 2 x span embeddings ([.., 2 span]) and then gathered, as Hugging Face does."""
+        dt = q.dtype
+        emb = dropout_for(self.cfg)(rel.embeddings.astype(dt), self.cfg.hidden_dropout, key)
+        score = jnp.zeros((), jnp.float32)
+        if "c2p" in self.cfg.pos_att_types:
+            c2p = jnp.einsum("bntd,rnd->bntr", q, self.key(emb))
+            score = score + jnp.take_along_axis(c2p, rel.c2p[:, None], axis=-1).astype(jnp.float32)
+        if "p2c" in self.cfg.pos_att_types:
+            p2c = jnp.einsum("bnsd,rnd->bnsr", k, self.query(emb))
+            score = score + jnp.take_along_axis(p2c, rel.p2c[:, None], axis=-1).swapaxes(-1, -2).astype(jnp.float32)
+        return score * self.scale
+
+    def _fused(self, x_q: jax.Array, x: jax.Array, bias: jax.Array, rel: "RelativeInputs | None" = None,
+               pos_key=None) -> jax.Array:
         """jax.nn.dot_product_attention on [B, S, heads, kv] (no dropout: it has none), written by XLA or, for
-        attention='cudnn', by cuDNN's fused kernel (which wants even lengths and a bias row per query)."""
-        q, k, v, bias = self.query(x_q), self.key(x), self.value(x), bias.astype(x.dtype)
+        attention='cudnn', by cuDNN's fused kernel (which wants even lengths and a bias row per query).
+        DeBERTa's relative terms go in as the kernel's bias, [B, heads, T, S]."""
+        q, k, v = self.query(x_q), self.key(x), self.value(x)
+        if rel is not None:
+            bias = bias + self._relative_scores(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), rel, pos_key)
+        bias = bias.astype(x.dtype)
         implementation, num_queries = None, q.shape[1]
         if self.cfg.attention == "cudnn":
             implementation = "cudnn"
             q, k, v, bias = even_lengths(q, k, v, bias)
-        ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.cfg.head_dim ** -0.5,
+        ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
                                            implementation=implementation)
         return self.output(ctx[:, :num_queries])
 
@@ -200,7 +231,7 @@ def even_lengths(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array):
     kernels with a bias refuse odd lengths (e.g. the last layer's queries at 77 prediction slots at seq 512).
     A padded query row is dropped by the caller; a padded key gets the bias -1e9, so no query attends it."""
     T, S = q.shape[1], k.shape[1]
-    bias = jnp.broadcast_to(bias, (bias.shape[0], 1, T, S))
+    bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], T, S))
     pad_t, pad_s = T % 2, S % 2
     if pad_t:
         q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
@@ -227,11 +258,12 @@ class EncoderLayer(nnx.Module):
                              f"the CPU, for tests); this backend is {jax.default_backend()!r}")
 
     def __call__(self, x: jax.Array, bias: jax.Array, key: jax.Array | None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, rel: "RelativeInputs | None" = None) -> jax.Array:
         """x [B, S, H] -> [B, S, H]; with `positions` [B, P] the outputs at those positions only, [B, P, H]
-        (the same values: only the queries, the output projection and the MLP run on fewer rows)."""
+        (the same values: only the queries, the output projection and the MLP run on fewer rows). `rel`:
+        DeBERTa's relative inputs for these queries."""
         k_attn, k_h1, k_h2 = jax.random.split(key, 3) if key is not None else (None, None, None)
-        attn = self.attention(x, bias, k_attn, positions)
+        attn = self.attention(x, bias, k_attn, positions, rel)
         if positions is not None:
             x = gather_positions(x, positions)
         x = self._add_norm(self.attention_norm, attn, x, k_h1)
@@ -250,3 +282,44 @@ class EncoderLayer(nnx.Module):
             return layernorm_kernel.residual_dropout_layernorm(x, residual, norm.scale[...], norm.bias[...], key,
                                                                rate=rate, eps=norm.eps)
         return norm(residual + dropout_for(self.cfg)(x, rate, key))
+
+
+class RelativeInputs(NamedTuple):
+    """What DeBERTa's attention reads besides the hidden states: the shared relative position embeddings
+    [2 span, H] (after their LayerNorm), and for each query-key pair the column of the c2p scores
+    ([B|1, T, S], a column of [T, 2 span]) and for each key-query pair the column of the p2c scores
+    ([B|1, S, T], a column of [S, 2 span])."""
+
+    embeddings: jax.Array
+    c2p: jax.Array
+    p2c: jax.Array
+
+
+def log_bucket(distance: np.ndarray, buckets: int, max_position: int) -> np.ndarray:
+    """Hugging Face's make_log_bucket_position in numpy, in the same float32 steps: distances within
+    buckets/2 stay as they are, longer ones map logarithmically onto the rest, reaching buckets/2 - 1 more at
+    max_position - 1 (and beyond it, further, to be clipped by the caller)."""
+    distance = np.asarray(distance, np.int64)
+    mid = buckets // 2
+    abs_pos = np.where((distance < mid) & (distance > -mid), mid - 1, np.abs(distance))
+    ratio = np.log(abs_pos.astype(np.float32) / np.float32(mid)) / np.log(np.float32((max_position - 1) / mid))
+    log_pos = np.ceil(ratio * np.float32(mid - 1)) + np.float32(mid)
+    return np.where(abs_pos <= mid, distance, log_pos * np.sign(distance)).astype(np.int64)
+
+
+def relative_inputs(cfg: EncoderConfig, embeddings: jax.Array, query_index: jax.Array,
+                    seq_len: int) -> RelativeInputs:
+    """The indices of DeBERTa's relative terms for queries at `query_index` [B|1, T] (their index in the
+    row) against the keys 0..seq_len-1. The bucket of each distance is a numpy table built at trace time
+    (the length is static), so the log is that of `log_bucket` whatever the device.
+
+    Distances are index differences: in a packed row they are the distances within each document (the
+    attention bias masks every pair across documents), the same as per-document position ids would give."""
+    span = cfg.relative_span
+    distance = np.arange(-(seq_len - 1), seq_len)
+    bucket = log_bucket(distance, span, cfg.max_relative) if cfg.position_buckets > 0 else distance
+    c2p_table = jnp.asarray(np.clip(bucket + span, 0, 2 * span - 1), jnp.int32)
+    p2c_table = jnp.asarray(np.clip(-bucket + span, 0, 2 * span - 1), jnp.int32)
+    dist = query_index[:, :, None] - jnp.arange(seq_len, dtype=jnp.int32)[None, None, :]  # query - key
+    return RelativeInputs(embeddings, c2p_table[dist + seq_len - 1],
+                          p2c_table[seq_len - 1 - dist.swapaxes(1, 2)])  # key - query
