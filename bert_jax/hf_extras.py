@@ -52,6 +52,9 @@ CONFIG = "config.json"
 ST_MODULES = "modules.json"
 ST_CONFIG = "config_sentence_transformers.json"
 ST_POOLING = "1_Pooling"
+# An MLM run that started from an ELECTRA discriminator keeps that discriminator's head here, under its Hugging
+# Face names; the MLM export writes it beside the model, where no loader looks (`keep_discriminator_head`).
+DISCRIMINATOR_HEAD = "discriminator_head.safetensors"
 # Keys of the imported config.json that would describe the original, not the export.
 _STALE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype")
 
@@ -146,8 +149,21 @@ def load(workdir: str, model: str) -> Extras | None:
     if os.path.isfile(os.path.join(where, CONFIG)):
         with open(os.path.join(where, CONFIG), encoding="utf-8") as f:
             config = json.load(f)
+    head = (DISCRIMINATOR_HEAD,) if os.path.isfile(os.path.join(where, DISCRIMINATOR_HEAD)) else ()
     return Extras(directory=where, tensors=tensors, config=config,
-                  files=tuple(sentence_transformers_files(where)))
+                  files=tuple(sentence_transformers_files(where)) + head)
+
+
+def keep_discriminator_head(workdir: str, electra_params: dict, disc_cfg) -> list[str]:
+    """Writes `W/hf_extras/mlm/discriminator_head.safetensors`: the head of the ELECTRA discriminator an MLM
+    run starts from (`discriminator_predictions.*`), which that run does not train; its export copies the
+    file beside the model (`copy_files`), so nothing the original had is lost. -> the names written."""
+    tensors = {n: v for n, v in hf_mapping.to_hf(electra_params, disc_cfg, "discriminator").items()
+               if n.startswith("discriminator_predictions.")}
+    out = directory(workdir, "mlm")
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, DISCRIMINATOR_HEAD), metadata={"format": "pt"})
+    return sorted(tensors)
 
 
 def st_module_files(hidden_size: int, max_seq_length: int, model_args: dict | None = None) -> dict:
@@ -225,8 +241,8 @@ def export_config(ours: dict, extras: Extras | None, architectures: list[str]) -
 
 
 def copy_files(extras: Extras | None, out: str) -> list[str]:
-    """Copies the sentence-transformers files and folders into `out` (replacing those there) and writes the
-    generated ones; -> their paths."""
+    """Copies the sentence-transformers files and folders (and a kept discriminator head) into `out`
+    (replacing those there) and writes the generated ones; -> their paths."""
     if extras is None:
         return []
     for name in extras.files:

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from bert_jax import builder, checkpointing, fault, input_pipeline, optim, profiling, sharding, train_state
+from bert_jax import builder, checkpointing, fault, hf_extras, input_pipeline, optim, profiling, sharding
+from bert_jax import train_state
 from bert_jax import metrics as metrics_lib
 from bert_jax import workdir as workdir_lib
 from bert_jax.builder import Run
@@ -48,6 +49,7 @@ class Trainer:
 
     def __init__(self, run: Run, workdir: str, preempt: fault.PreemptionWatch):
         self.run, self.workdir, self.preempt = run, workdir, preempt
+        self._discriminator = None  # (ELECTRA params, config) when an MLM run starts from a discriminator
         self.profiler = profiling.StepProfiler(workdir_lib.profile(workdir), run.train.profile_steps)
         os.makedirs(workdir, exist_ok=True)
         self.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -108,6 +110,7 @@ class Trainer:
             params, meta = checkpointing.load_params(run.init_from)
             if meta.objective == "electra" and run.objective_name == "mlm":
                 fresh = sharding.init_params(run.model_fn, run.mesh, run.layout.shardings.params, run.rules)
+                self._discriminator = (params, meta.model)  # its head is kept for the export (hf_extras)
                 params = discriminator_as_mlm(params, jax.device_get(fresh["mlm_head"]))
             train_state.check_shapes(params, run.layout.abstract.params)
         except ValueError as e:
@@ -125,6 +128,8 @@ class Trainer:
                         dirs_exist_ok=True)
         if run.init_from:  # what an imported HF folder held beyond our params, for the export (bert_jax.hf_extras)
             workdir_lib.copy_hf_extras(run.init_from, w)
+        if self._discriminator is not None:
+            hf_extras.keep_discriminator_head(w, *self._discriminator)
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -183,8 +183,8 @@ def test_init_from_sets_the_shape_and_refuses_what_contradicts_it(tmp_path):
 @pytest.mark.slow
 def test_mlm_continues_from_an_electra_discriminator(docstring_shards, tmp_path):
     """An ELECTRA run's discriminator under a fresh MLM head: the MLM run starts from its embeddings and
-    layers (after one step at a vanishing learning rate they are still the discriminator's) and its loss is
-    finite."""
+    layers (after one step at a vanishing learning rate they are still the discriminator's), its loss is
+    finite, and its export (a BertForMaskedLM, --verify) carries the discriminator's head beside the model."""
     def config(recipe, **train):
         c = recipe.get_config("tiny")
         with c.unlocked():
@@ -213,3 +213,13 @@ def test_mlm_continues_from_an_electra_discriminator(docstring_shards, tmp_path)
     with open(os.path.join(mlm_dir, "metrics.jsonl"), encoding="utf-8") as f:
         losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
     assert len(losses) == 1 and np.isfinite(losses[0])
+    # Nothing lost: the discriminator's head, which the MLM run does not train, comes out beside its export.
+    convert_to_hf.convert(electra_dir, str(tmp_path / "hf_electra"), model="discriminator")
+    summary = convert_to_hf.convert(mlm_dir, str(tmp_path / "hf_mlm"), verify=True)
+    assert summary["ok"] and summary["architecture"] == "BertForMaskedLM"
+    head = load_file(str(tmp_path / "hf_mlm" / "discriminator_head.safetensors"))
+    original = load_file(str(tmp_path / "hf_electra" / "model.safetensors"))
+    assert sorted(head) == sorted(n for n in original if n.startswith("discriminator_predictions."))
+    assert len(head) == 4
+    for name, value in head.items():
+        np.testing.assert_array_equal(value, original[name])
