@@ -39,6 +39,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 from safetensors import safe_open
@@ -46,6 +47,7 @@ from safetensors.numpy import save_file
 
 from bert_jax import workdir as workdir_lib
 from bert_jax.models import hf_mapping
+from data_pipeline import paths
 
 TENSORS = "tensors.safetensors"
 CONFIG = "config.json"
@@ -117,9 +119,12 @@ def sentence_transformers_files(hf_dir: str) -> list[str]:
 def keep(hf_dir: str, tensors: dict, workdir: str, model: str) -> dict:
     """Writes `W/hf_extras/<model>/` for the HF folder `hf_dir`: `tensors` (the extra ones, {HF name: array}),
     its config.json and its sentence-transformers files; -> {"tensors": names, "files": relative paths}."""
-    out = directory(workdir, model)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    final = out = directory(workdir, model)
+    paths.rmtree(final)
+    if paths.is_remote(final):  # written locally (safetensors, copytree need local files), then uploaded
+        out = tempfile.mkdtemp(prefix="bert_jax_hf_extras_")
+    else:
+        os.makedirs(out)
     if tensors:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out, TENSORS),
                   metadata={"format": "pt"})
@@ -130,14 +135,18 @@ def keep(hf_dir: str, tensors: dict, workdir: str, model: str) -> dict:
             shutil.copytree(src, os.path.join(out, name))
         else:
             shutil.copyfile(src, os.path.join(out, name))
+    if out != final:
+        paths.copy_tree(out, final)
+        shutil.rmtree(out, ignore_errors=True)
     return {"tensors": sorted(tensors), "files": files}
 
 
 def load(workdir: str, model: str) -> Extras | None:
     """The extras kept for `model` in `workdir` (an import's, or carried by init_from), else None."""
     where = directory(workdir, model)
-    if not os.path.isdir(where):
+    if not paths.isdir(where):
         return None
+    where = paths.local_copy(where)  # an object-store workdir's: read from a local copy (safetensors, globs)
     tensors = {}
     if os.path.isfile(os.path.join(where, TENSORS)):
         with safe_open(os.path.join(where, TENSORS), "np") as f:

@@ -255,4 +255,10 @@ def summary_lines(workdir: str, objective: str, steps_run: int, final_step: int,
             f"final eval: {evals}" if evals else "final eval: none in this run",
             f"checkpoint: {paths.join(checkpoint_dir, str(final_step))}",
             f"metrics: {workdir_lib.metrics(workdir)}; tensorboard --logdir {workdir}",
-            f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {workdir}/hf{model}"]
+            f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {_hf_out(workdir)}{model}"]
+
+
+def _hf_out(workdir: str) -> str:
+    """Where the printed export command writes: beside a local workdir, in the current folder for an
+    object-store one (the export's folder is local: transformers reads local folders)."""
+    return f"{paths.basename(workdir)}_hf" if paths.is_remote(workdir) else f"{workdir}/hf"
