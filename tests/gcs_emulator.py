@@ -20,7 +20,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+
+import pytest
+
+from tests.gcs_proxy import HOSTS as HOSTS_SERVED
 
 PROXY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_proxy.py")
 
@@ -60,6 +66,13 @@ class GcsEmulator:
         self.proxy_port = None
 
     def start(self) -> "GcsEmulator":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "GcsEmulator":
         host = f"127.0.0.1:{self.port}"
         log = open(os.path.join(self.dir, "emulator.log"), "wb")  # pylint: disable=consider-using-with
         self._procs.append(subprocess.Popen(
@@ -93,17 +106,31 @@ class GcsEmulator:
         urllib.request.urlopen(req, timeout=10).read()
         return f"gs://{name}"
 
-    def objects(self, bucket: str) -> list[str]:
-        """Names of the objects in `bucket`, straight from the emulator's JSON API."""
-        names, token = [], ""
+    def object_records(self, bucket: str) -> list[dict]:
+        """The objects in `bucket` (name, generation, size, ...), straight from the emulator's JSON API."""
+        items, token = [], ""
         while True:
             with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?maxResults=1000{token}",
                                         timeout=10) as r:
                 page = json.load(r)
-            names += [o["name"] for o in page.get("items", [])]
+            items += page.get("items", [])
             if not page.get("nextPageToken"):
-                return names
+                return items
             token = f"&pageToken={page['nextPageToken']}"
+
+    def objects(self, bucket: str) -> list[str]:
+        return [o["name"] for o in self.object_records(bucket)]
+
+    def read(self, bucket: str, name: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist (asked of the emulator itself: no client cache)."""
+        quoted = urllib.parse.quote(name, safe="")
+        try:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o/{quoted}?alt=media", timeout=10) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
 
     def proxy_log(self) -> list[str]:
         with open(os.path.join(self.dir, "proxy.log"), encoding="utf-8") as f:
@@ -134,3 +161,25 @@ def connect_targets(log: str) -> set[str]:
     """The IP addresses that the traced processes tried to connect to (AF_INET and AF_INET6)."""
     with open(log, encoding="utf-8") as f:
         return {m.group(3) or m.group(4) for m in _CONNECT.finditer(f.read())}
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A started emulator with the bucket `bert-jax-test`, its variables set in this process (restored after
+    the module) so that in-process gs:// reads reach it too; subprocesses take `emulator.env()`."""
+    emulator = GcsEmulator(str(tmp_path_factory.mktemp("gcs"))).start()
+    try:
+        emulator.bucket = emulator.create_bucket("bert-jax-test")
+        env = emulator.env()
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield emulator
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        emulator.stop()
