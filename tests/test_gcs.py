@@ -21,7 +21,7 @@ from data_pipeline import paths
 from tests.gcs_emulator import HOSTS_SERVED, connect_targets, gcs, traced  # noqa: F401  (gcs: the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 12
+STEPS = 10
 
 
 def _env(emulator, cache_dir):
@@ -35,7 +35,7 @@ def _env(emulator, cache_dir):
 def _train_command(data_dir, workdir):
     flags = {"data.dir": data_dir, "data.seq_len": 64, "data.shuffle_buffer": 200, "model.num_layers": 1,
              "model.hidden_size": 32, "model.num_heads": 2, "model.intermediate_size": 64, "train.batch_size": 8,
-             "train.log_every": 1, "train.eval_every": 0, "optim.warmup_steps": 2, "checkpoint.every": 5,
+             "train.log_every": 1, "train.eval_every": 0, "optim.warmup_steps": 2, "checkpoint.every": 0,
              "checkpoint.max_to_keep": 2, "train.steps": STEPS}
     return ([sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny", "--workdir", workdir]
             + [f"--config.{k}={v}" for k, v in flags.items()])
