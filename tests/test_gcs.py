@@ -208,3 +208,23 @@ def _wait_for_steps(proc, log_path, n, timeout=300.0):
             raise AssertionError(f"the run ended before step {n}:\n{open(log_path).read()[-3000:]}")
         time.sleep(0.05)
     raise TimeoutError(f"no step {n} in {timeout} s")
+
+
+@pytest.mark.slow
+def test_two_processes_train_into_a_bucket_workdir(gcs, bucket_data, tmp_path):
+    """tests/test_multihost.py's 2-process run (2 x 2 CPU devices, jax.distributed on 127.0.0.1) with its data
+    and workdir in the bucket: the same losses as one process fed the same rows, metrics written once,
+    orbax's multi-process checkpoint restorable on one device, both lock objects released."""
+    from tests import test_multihost  # pylint: disable=import-outside-toplevel  (its launcher and reference)
+    workdir = f"{gcs.bucket}/multihost"
+    results = test_multihost._launch(workdir, bucket_data["dir"], 2, log_dir=str(tmp_path),  # noqa: SLF001
+                                     env_extra=gcs.env(), overrides={"train.eval_every": 0})
+    for i, (code, output) in enumerate(results):
+        assert code == 0, f"process {i} exited with {code}:\n{output[-3000:]}"
+    records = [json.loads(line) for line in paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+    steps = test_multihost.STEPS
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, steps + 1))  # process 0 only
+    losses, _ = test_multihost._reference_run(bucket_data["dir"])  # noqa: SLF001
+    np.testing.assert_allclose([r["train/loss"] for r in records if "train/loss" in r], losses, rtol=1e-5)
+    assert checkpointing.load_params(workdir)[1].step == steps
+    assert gcs.read("bert-jax-test", "multihost/lock-0") is None and gcs.read("bert-jax-test", "multihost/lock-1") is None
