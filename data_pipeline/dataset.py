@@ -26,7 +26,9 @@ truncation error met while reading is mapped to a DataError naming the shard by 
 error: rows of that shard may already be in batches, so skipping it then would not be clean).
 
 `data_dir` may be an object-store URL (gs://...): tf.data reads it natively, the size checks go through
-`data_pipeline.paths` (in threads), and each file is read in 8 MiB requests with its records prefetched.
+`data_pipeline.paths` (in threads, once: published objects do not change), each file is read in 8 MiB
+requests with its records prefetched, and the next window is opened while this one is consumed (the same
+order of rows as on a local disk).
 
 TensorFlow is imported lazily (only when a dataset is built) so that `import data_pipeline.dataset` stays
 cheap; TF is kept off any GPU, which belongs to JAX.
@@ -51,6 +53,7 @@ from data_pipeline.manifest import Manifest
 
 _BAD_RECORD = "bad record length in shard "
 _REMOTE_READ_BYTES = 8 << 20
+_REMOTE_WINDOWS_AHEAD = 4  # windows read at once from object storage (the consumer takes them in order)
 
 
 def _tf():
@@ -74,6 +77,7 @@ class StreamStats:
     skipped_shards: list = dataclasses.field(default_factory=list)
     recent_windows: list = dataclasses.field(default_factory=list)
     error: Exception | None = None  # a DataError raised by the planner (tf.data would wrap it)
+    checked: set = dataclasses.field(default_factory=set)  # object-store shards found good once: not rechecked
 
 
 @dataclasses.dataclass
@@ -138,6 +142,7 @@ def _shard_ok(path: str, rows: int) -> str | None:
 def _window_stream(plan: Plan, start_batch: int, repeat: bool, stats: StreamStats):
     """Yields (files, shuffle seed, rows to skip, rows to take) for each window from batch `start_batch` on."""
     bad: dict[int, bool] = {i: True for i, path in enumerate(plan.files) if path in stats.skipped_shards}
+    bad.update({i: False for i, path in enumerate(plan.files) if path in stats.checked})
 
     def usable(i):
         if i not in bad:
@@ -251,14 +256,17 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
                      process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
                      window_shards=window_shards, skip_corrupt_shards=skip_corrupt_shards)
     stats = StreamStats()
+    remote = paths.is_remote(data_dir)
     if not skip_corrupt_shards:
         check_shards(data_dir, manifest, split, process_index, process_count)
+        good = plan.files
     else:  # known (and counted) from the start; a shard that goes bad later is caught when planned
         stats.skipped_shards = [p for p, bad in zip(plan.files, _map_io(_shard_ok, plan.files, plan.rows)) if bad]
+        good = [p for p in plan.files if p not in stats.skipped_shards]
+    if remote:  # an object never changes once published: checked once here (in threads), not per window
+        stats.checked = set(good)
     tf = _tf()
     cycle = plan.window_shards
-
-    remote = paths.is_remote(data_dir)
 
     def read_file(path):
         # Object storage: bigger reads (each a ranged GET) and records prefetched per file, so the latency
@@ -285,7 +293,14 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, shuffle: bool = 
         lambda: _window_stream(plan, skip_batches, repeat, stats),
         output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int64),
                           tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
-    ds = ds.flat_map(window)
+    if remote:
+        # The next window's files open and fill its shuffle buffer while this window is consumed. A block is a
+        # whole window (no window holds more rows than `block`), so the order is exactly flat_map's.
+        block = plan.window_shards * max(plan.rows)
+        ds = ds.interleave(window, cycle_length=_REMOTE_WINDOWS_AHEAD, block_length=block,
+                           num_parallel_calls=_REMOTE_WINDOWS_AHEAD, deterministic=True)
+    else:
+        ds = ds.flat_map(window)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(_batch_parser(tf, manifest, batch_size, drop_remainder), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)

@@ -149,6 +149,20 @@ def test_pretokenize_into_a_bucket_publishes_the_manifest_last_and_validates(gcs
 
 
 @pytest.mark.slow
+def test_reading_the_bucket_gives_the_local_batches(bucket_data):
+    """The object-store reader (windows read ahead in parallel) yields exactly the batches of a local copy of
+    the same dataset, from the start and resumed mid-stream."""
+    from data_pipeline import dataset  # pylint: disable=import-outside-toplevel
+    local = paths.local_copy(bucket_data["dir"])
+    for window_shards, skip in ((1, 0), (2, 5)):
+        streams = [dataset.make_dataset(d, "train", 32, seed=3, shuffle_buffer=100, window_shards=window_shards,
+                                        skip_batches=skip).as_numpy_iterator() for d in (bucket_data["dir"], local)]
+        for _ in range(80):  # 2,560 rows: more than the ~2,300 of an epoch (300-row shards): windows and epochs
+            remote_batch, local_batch = (next(s) for s in streams)
+            np.testing.assert_array_equal(remote_batch["input_ids"], local_batch["input_ids"])
+
+
+@pytest.mark.slow
 def test_train_in_a_bucket_sigterm_resume_lock_and_export(gcs, bucket_data, tmp_path):
     base, data = bucket_data["base"], bucket_data["dir"]
     env = _env(gcs, base / "jax_cache")
