@@ -229,7 +229,7 @@ def write(data_dir: str, manifest: Manifest) -> None:
 def write_json(file: str, obj) -> None:
     """`obj` as indented JSON in `file`, written to a temporary file, flushed and renamed over it (on object
     storage: uploaded as one object once complete; `data_pipeline.paths.atomic_write`)."""
-    with paths.atomic_write(file, "w", encoding="utf-8") as f:
+    with paths.atomic_write(file, "w", encoding="utf-8", fsync=True) as f:
         json.dump(obj, f, indent=1)
 
 

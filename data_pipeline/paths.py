@@ -142,17 +142,19 @@ def open(path: str, mode: str = "r", encoding: str | None = None) -> IO:  # noqa
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", encoding: str | None = None, tmp_suffix: str = ".tmp"):
+def atomic_write(path: str, mode: str = "wb", encoding: str | None = None, fsync: bool = False):
     """Yields a file to write; `path` shows the new content only after the block finished without error.
 
-    Local: written to `path + tmp_suffix`, flushed, fsynced and renamed over `path` (as always). URL: spooled
-    to a local temporary file and uploaded as one object on success; on an error nothing is uploaded."""
+    Local: written to `path + ".tmp"` (flushed and fsynced when `fsync`) and renamed over `path`, as always.
+    URL: spooled to a local temporary file and uploaded as one object on success; on an error nothing is
+    uploaded."""
     if not is_remote(path):
-        tmp = path + tmp_suffix
+        tmp = path + ".tmp"
         with builtins.open(tmp, mode, encoding=encoding) as f:  # pylint: disable=unspecified-encoding
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         return
     with tempfile.TemporaryFile(mode="w+b") as spool:
@@ -186,8 +188,8 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """`text` into `path`, atomically (see `atomic_write`)."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
+    """`text` into `path`, atomically and durably (see `atomic_write`)."""
+    with atomic_write(path, "w", encoding="utf-8", fsync=True) as f:
         f.write(text)
 
 
