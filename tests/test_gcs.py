@@ -109,6 +109,30 @@ def test_lock_object_refuses_a_second_run_and_a_stale_one_is_broken_only_on_requ
     assert lock_info() is None
 
 
+def test_a_truncated_shard_object_is_named_before_any_batch(gcs, tmp_path):
+    """An object cut short (an upload that did not come from our writer) is refused by the reader before it
+    yields anything, and by validate, both naming the object."""
+    from data_pipeline import dataset, validate  # pylint: disable=import-outside-toplevel
+    from data_pipeline.errors import DataError  # pylint: disable=import-outside-toplevel
+    from data_pipeline.manifest import Manifest, SpecialIds, Split  # pylint: disable=import-outside-toplevel
+    from tests.helpers import write_shards  # pylint: disable=import-outside-toplevel
+    rows = np.random.default_rng(0).integers(5, 100, size=(64, 16))
+    shards = write_shards(rows, "train", str(tmp_path), 2, "uint16", 0)
+    manifest_lib.write(str(tmp_path), Manifest(seq_len=16, vocab_size=100, dtype="uint16",
+                                               special_ids=SpecialIds(0, 1, 2, 3, 4),
+                                               splits={"train": Split(rows=64, shards=tuple(shards))}))
+    data = f"{gcs.bucket}/truncated"
+    paths.copy_tree(str(tmp_path), data)
+    assert [b["input_ids"].shape for b in dataset.make_dataset(data, "train", 32, repeat=False).as_numpy_iterator()] \
+        == [(32, 16), (32, 16)]
+    bad = f"{data}/{shards[1].file}"
+    with paths.atomic_write(bad) as f:
+        f.write(paths.read_bytes(os.path.join(str(tmp_path), shards[1].file))[:-7])
+    with pytest.raises(DataError, match=f"shard {bad} has .* bytes, expected 32 records"):
+        dataset.make_dataset(data, "train", 32)
+    assert any(p.startswith(f"{bad}: ") for p in validate.check(data))
+
+
 # ---------------------------------------------------------------------------------------------- the CLIs
 
 @pytest.fixture(name="bucket_data", scope="module")
