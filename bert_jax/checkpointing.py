@@ -10,6 +10,10 @@ notice): every save records a fingerprint of the state in its meta (two wrapping
 bits, one of them position-weighted; exact, so independent of the mesh), checked after each restore.
 `restore_newest_good` walks back from the newest checkpoint to the first one that restores and matches,
 moving the bad ones aside (never deleting them).
+
+The folder may be an object-store URL (gs://bucket/run/checkpoints): orbax writes it through tensorstore and
+etils.epath and commits a step on object storage by writing its commit marker last; our few own file
+operations go through `data_pipeline.paths`.
 """
 
 import dataclasses
@@ -27,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from bert_jax import workdir as workdir_lib
 from bert_jax.workdir import CheckpointMeta
+from data_pipeline import paths
 
 
 class CorruptCheckpointError(ValueError):
@@ -41,7 +46,7 @@ class Checkpointer:
         """Keeps the newest `max_to_keep` checkpoints plus every step that is a multiple of `keep_every` (> 0).
         Temporary folders of saves that a crash interrupted are removed on start, unless `read_only` (readers
         such as tools must not touch the folder of a run that may be live)."""
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.abspath(directory)  # a gs:// URL goes to orbax unchanged
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                keep_period=keep_every or None, read_only=read_only,
                                                cleanup_tmp_directories=not read_only, create=not read_only)
@@ -104,10 +109,15 @@ class Checkpointer:
     def quarantine(self, step: int) -> str:
         """Moves checkpoint `step` out of the manager's folder (to `<directory>-bad/<step>-<time>`): kept for
         a post-mortem, and no longer in the way of a new save of the same step."""
-        target = os.path.join(self.directory + "-bad", f"{step}-{int(time.time())}")
+        target = paths.join(self.directory + "-bad", f"{step}-{int(time.time())}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            source = paths.join(self.directory, str(step))
+            if paths.is_remote(source):  # object storage has no folder rename: copy, then delete
+                paths.copy_tree(source, target)
+                paths.rmtree(source)
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.move(source, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine {step}")
         self._manager.reload()
@@ -120,7 +130,7 @@ class Checkpointer:
         if step not in self.all_steps():
             raise ValueError(f"checkpoint step {step} not found in {self.directory}; "
                              f"available: {self.all_steps()}")
-        path = os.path.join(self.directory, str(step), "state")
+        path = paths.join(self.directory, str(step), "state")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with ocp.StandardCheckpointer() as reader:
             tree = reader.metadata(path).item_metadata
@@ -141,14 +151,14 @@ class Checkpointer:
         """{step: bytes on disk} of every checkpoint."""
         sizes = {}
         for step in self.all_steps():
-            root = os.path.join(self.directory, str(step))
-            sizes[step] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+            root = paths.join(self.directory, str(step))
+            sizes[step] = sum(paths.getsize(f) for f in paths.walk_files(root))
         return sizes
 
     def state_metadata(self, step: int) -> Any:
         """The saved tree of array metadata (shape, dtype) of checkpoint `step`, read without any array."""
         with ocp.StandardCheckpointer() as reader:
-            return reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+            return reader.metadata(paths.join(self.directory, str(step), "state")).item_metadata
 
     def restore_meta(self, step: int) -> CheckpointMeta:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -165,7 +175,7 @@ class Checkpointer:
 
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file (the data manifest, recorded in every checkpoint's meta)."""
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -231,9 +241,9 @@ def _read_only(workdir: str) -> Checkpointer:
     """A read-only Checkpointer on `workdir/checkpoints` (or `workdir` itself when it is the checkpoints
     folder); ValueError when there is none, or no checkpoint in it."""
     directory = workdir_lib.checkpoints(workdir)
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         directory = workdir
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise ValueError(f"no checkpoints folder in {workdir}")
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     if ckpt.latest_step() is None:

@@ -8,9 +8,14 @@ the consecutive skips that the step reports and stops the run after too many.
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import signal
+import socket
+import sys
+import threading
+import time
 
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
@@ -18,6 +23,7 @@ from jax.experimental import multihost_utils
 from bert_jax import workdir as workdir_lib
 from bert_jax.models.config import EncoderConfig
 from bert_jax.workdir import CheckpointMeta
+from data_pipeline import paths
 
 
 class FaultError(RuntimeError):
@@ -30,8 +36,17 @@ def check_workdir(workdir: str, need_bytes: int = 0) -> None:
     """Raises FaultError (one line) unless `workdir` can be created, written and holds `need_bytes` free.
 
     A probe file is written, flushed to disk and removed: permission bits alone do not tell (root ignores them,
-    read-only mounts do not show in them), and a full disk only shows when a write fails.
+    read-only mounts do not show in them), and a full disk only shows when a write fails. On object storage a
+    probe object is written and removed (there is no free space to ask about).
     """
+    if paths.is_remote(workdir):
+        try:
+            probe = paths.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+            paths.write_text(probe, "probe")
+            paths.remove(probe)
+        except Exception as e:  # noqa: BLE001  each object store client raises its own types
+            raise FaultError(f"workdir {workdir} is not writable: {_first_line(e)}") from None
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
@@ -49,7 +64,20 @@ def check_workdir(workdir: str, need_bytes: int = 0) -> None:
                          f"MiB that one checkpoint needs")
 
 
-class WorkdirLock:
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def WorkdirLock(workdir: str, process_index: int = 0, break_lock: bool = False):  # noqa: N802  (a class to callers)
+    """The lock of `workdir` for this process: a `FileLock` on a local disk, an `ObjectLock` on object storage
+    (where there is no flock). `break_lock` takes over an object lock left by a run that died."""
+    if paths.is_remote(workdir):
+        return ObjectLock(workdir, process_index, break_lock)
+    return FileLock(workdir, process_index)
+
+
+class FileLock:
     """An exclusive fcntl lock on `workdir/lock-{process_index}` held for the life of the run.
 
     A second run on the same workdir fails at once instead of writing into the same checkpoint folder. The
@@ -60,7 +88,7 @@ class WorkdirLock:
         self.path = workdir_lib.lock(workdir, process_index)
         self._fd = None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> "FileLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,6 +107,100 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class ObjectLock:
+    """The workdir lock on object storage (gs://): the object `workdir/lock-{process_index}`, created only if
+    absent (a does-not-exist precondition: of two runs starting together exactly one succeeds), holding the
+    owner (host, pid) and a heartbeat rewritten every HEARTBEAT_SECONDS while the run lives, and deleted
+    when it ends. Nothing removes the object of a run killed by SIGKILL or a lost VM, so a second run is told
+    whose lock it is and how old its heartbeat is; with `break_lock` it deletes that lock (precondition: the
+    generation it read) and takes it. A heartbeat that finds its lock taken over warns on stderr."""
+
+    HEARTBEAT_SECONDS = 30.0
+    STALE_SECONDS = 120.0  # four missed heartbeats: the holder is gone, not slow
+
+    def __init__(self, workdir: str, process_index: int = 0, break_lock: bool = False):
+        self.workdir, self.path = workdir, workdir_lib.lock(workdir, process_index)
+        self.break_lock = break_lock
+        self._blob, self._generation = None, None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _body(self) -> str:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+
+    def acquire(self) -> "ObjectLock":
+        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel  (gs:// runs only)
+        scheme, _, rest = self.path.partition("://")
+        if scheme != "gs":
+            raise FaultError(f"workdir {self.workdir}: locks on object storage are implemented for gs:// only")
+        bucket, _, name = rest.partition("/")
+        from google.cloud import storage  # pylint: disable=import-outside-toplevel
+        self._blob = storage.Client().bucket(bucket).blob(name)
+        try:
+            self._blob.upload_from_string(self._body(), if_generation_match=0)
+        except exceptions.PreconditionFailed:
+            self._take_over_or_refuse(exceptions)
+        self._generation = self._blob.generation
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat")
+        self._thread.start()
+        return self
+
+    def _take_over_or_refuse(self, exceptions) -> None:
+        holder = self._blob.bucket.get_blob(self._blob.name)
+        info = {}
+        try:
+            info = json.loads(holder.download_as_bytes()) if holder is not None else {}
+        except (ValueError, exceptions.NotFound):
+            pass
+        age = time.time() - float(info.get("heartbeat", 0))
+        who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, heartbeat {age:.0f} s ago"
+        if not self.break_lock:
+            hint = (f"its heartbeat is older than {self.STALE_SECONDS:.0f} s, so that run is probably gone: "
+                    if age > self.STALE_SECONDS else "if you are sure no run uses it, ")
+            raise FaultError(f"workdir {self.workdir} is in use by a running training process ({who}; lock "
+                             f"{self.path}); two runs must not share a workdir ({hint}run again with "
+                             f"--break_lock to take the lock over)")
+        print(f"warning: breaking the lock {self.path} ({who})", file=sys.stderr, flush=True)
+        try:
+            if holder is not None:
+                holder.delete(if_generation_match=holder.generation)
+            self._blob.upload_from_string(self._body(), if_generation_match=0)
+        except (exceptions.PreconditionFailed, exceptions.NotFound):
+            raise FaultError(f"workdir {self.workdir}: another run took the lock {self.path} while it was "
+                             f"being broken") from None
+
+    def _heartbeat(self) -> None:
+        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            try:
+                self._blob.upload_from_string(self._body(), if_generation_match=self._generation)
+                self._generation = self._blob.generation
+            except exceptions.PreconditionFailed:
+                print(f"warning: the workdir lock {self.path} was taken over by another run", file=sys.stderr,
+                      flush=True)
+                return
+            except Exception as e:  # noqa: BLE001  a transient error: the next beat tries again
+                print(f"warning: workdir lock heartbeat failed ({_first_line(e)})", file=sys.stderr, flush=True)
+
+    def release(self):
+        if self._blob is None:
+            return
+        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._blob.delete(if_generation_match=self._generation)
+        except (exceptions.PreconditionFailed, exceptions.NotFound):
+            pass  # taken over meanwhile: the lock is someone else's now
+        self._blob = None
 
     def __enter__(self):
         return self.acquire()

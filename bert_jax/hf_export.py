@@ -43,6 +43,7 @@ from bert_jax.models import MODEL_CLASSES, EncoderConfig, hf_mapping
 from bert_jax.workdir import CheckpointMeta
 from bert_jax.models.deberta import fold_shared_embeddings
 from data_pipeline import manifest as manifest_lib
+from data_pipeline import paths
 from data_pipeline.manifest import SpecialIds
 from data_pipeline.tokenization import SPM_FILE, Tokenizer
 
@@ -94,6 +95,9 @@ def _check_model(model: str | None) -> None:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
+    if paths.is_remote(out):
+        raise ConversionError(f"--out {out}: the Hugging Face folder must be local (transformers reads local "
+                              "folders); --workdir may be on object storage")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace its files")
 
@@ -101,7 +105,7 @@ def _check_out(out: str, overwrite: bool) -> None:
 def _checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     """(checkpoints folder, its committed steps); ConversionError when there is none."""
     directory = workdir_lib.checkpoints(workdir)
-    if not os.path.isdir(directory):  # checked first: the Checkpointer would create the folder
+    if not paths.isdir(directory):  # checked first: the Checkpointer would create the folder
         raise ConversionError(f"{workdir} holds no checkpoints (no {directory} folder)")
     # read_only: a reader must not clean up the temporary folders of a run that may be saving right now.
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
@@ -168,10 +172,10 @@ def _load_tokenizer(tokenizer_dir: str) -> Tokenizer:
     """Our tokenizer in `tokenizer_dir`: a WordPiece vocabulary (vocab.txt), a SentencePiece model (spm.model) or a
     tokenizer.json (an imported SentencePiece-based or byte-level one; vocab.json + merges.txt too); each kind
     writes its Hugging Face tokenizer files (`Tokenizer.save_hf`)."""
-    if not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE, "tokenizer.json",
-                                                                         "vocab.json")):
-        raise ConversionError(f"no tokenizer vocabulary at {os.path.join(tokenizer_dir, 'vocab.txt')} "
-                              f"(nor a SentencePiece model at {os.path.join(tokenizer_dir, SPM_FILE)}, nor a "
+    if not any(paths.isfile(paths.join(tokenizer_dir, n)) for n in ("vocab.txt", SPM_FILE, "tokenizer.json",
+                                                                     "vocab.json")):
+        raise ConversionError(f"no tokenizer vocabulary at {paths.join(tokenizer_dir, 'vocab.txt')} "
+                              f"(nor a SentencePiece model at {paths.join(tokenizer_dir, SPM_FILE)}, nor a "
                               f"tokenizer.json)")
     return Tokenizer.load(tokenizer_dir)
 
@@ -180,7 +184,7 @@ def _special_ids(workdir: str, tokenizer: Tokenizer) -> SpecialIds:
     """The special-token ids: those of the data manifest the run trained on when the workdir has its copy,
     else the tokenizer's (an imported checkpoint has no data yet)."""
     file = workdir_lib.data_manifest(workdir)
-    if os.path.isfile(file):
+    if paths.isfile(file):
         return manifest_lib.read(file).special_ids
     return SpecialIds(pad=tokenizer.pad_id, unk=tokenizer.unk_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id,
                       mask=tokenizer.mask_id)

@@ -39,13 +39,16 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save as save_bytes
 from safetensors.numpy import save_file
 
 from bert_jax import workdir as workdir_lib
 from bert_jax.models import hf_mapping
+from data_pipeline import paths
 
 TENSORS = "tensors.safetensors"
 CONFIG = "config.json"
@@ -120,9 +123,12 @@ def sentence_transformers_files(hf_dir: str) -> list[str]:
 def keep(hf_dir: str, tensors: dict, workdir: str, model: str) -> dict:
     """Writes `W/hf_extras/<model>/` for the HF folder `hf_dir`: `tensors` (the extra ones, {HF name: array}),
     its config.json and its sentence-transformers files; -> {"tensors": names, "files": relative paths}."""
-    out = directory(workdir, model)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    final = out = directory(workdir, model)
+    paths.rmtree(final)
+    if paths.is_remote(final):  # written locally (safetensors, copytree need local files), then uploaded
+        out = tempfile.mkdtemp(prefix="bert_jax_hf_extras_")
+    else:
+        os.makedirs(out)
     if tensors:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out, TENSORS),
                   metadata={"format": "pt"})
@@ -133,14 +139,18 @@ def keep(hf_dir: str, tensors: dict, workdir: str, model: str) -> dict:
             shutil.copytree(src, os.path.join(out, name))
         else:
             shutil.copyfile(src, os.path.join(out, name))
+    if out != final:
+        paths.copy_tree(out, final)
+        shutil.rmtree(out, ignore_errors=True)
     return {"tensors": sorted(tensors), "files": files}
 
 
 def load(workdir: str, model: str) -> Extras | None:
     """The extras kept for `model` in `workdir` (an import's, or carried by init_from), else None."""
     where = directory(workdir, model)
-    if not os.path.isdir(where):
+    if not paths.isdir(where):
         return None
+    where = paths.local_copy(where)  # an object-store workdir's: read from a local copy (safetensors, globs)
     tensors = {}
     if os.path.isfile(os.path.join(where, TENSORS)):
         with safe_open(os.path.join(where, TENSORS), "np") as f:
@@ -161,8 +171,9 @@ def keep_discriminator_head(workdir: str, electra_params: dict, disc_cfg) -> lis
     tensors = {n: v for n, v in hf_mapping.to_hf(electra_params, disc_cfg, "discriminator").items()
                if n.startswith("discriminator_predictions.")}
     out = directory(workdir, "mlm")
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, DISCRIMINATOR_HEAD), metadata={"format": "pt"})
+    paths.makedirs(out)
+    with paths.atomic_write(paths.join(out, DISCRIMINATOR_HEAD), "wb") as f:
+        f.write(save_bytes(tensors, metadata={"format": "pt"}))
     return sorted(tensors)
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Callable, Iterator
 
 import jax
@@ -53,6 +52,7 @@ from bert_jax.hf_export import TOKENIZER_FILES, ConversionError
 from bert_jax.models import MODEL_CLASSES, ElectraForPretraining, EncoderConfig, hf_mapping
 from bert_jax.models.electra import check_towers, generator_config
 from bert_jax.workdir import CheckpointMeta
+from data_pipeline import paths
 from data_pipeline.progress import progress
 from data_pipeline.tokenization import Tokenizer
 
@@ -159,13 +159,13 @@ def _prepare_workdir(out_workdir: str, overwrite: bool) -> None:
     """Empties the workdir's checkpoints, tokenizer and kept extras when `overwrite`; refuses to clobber them
     otherwise."""
     ckpt_dir, tok_dir = workdir_lib.checkpoints(out_workdir), workdir_lib.tokenizer(out_workdir)
-    if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
+    if paths.exists(ckpt_dir) and paths.listdir(ckpt_dir):
         if not overwrite:
             raise ConversionError(f"{ckpt_dir} already exists; pass --overwrite to replace it")
-        shutil.rmtree(ckpt_dir)
-        shutil.rmtree(tok_dir, ignore_errors=True)
+        paths.rmtree(ckpt_dir)
+        paths.rmtree(tok_dir)
     # No checkpoint: what an earlier, interrupted import kept belongs to no one.
-    shutil.rmtree(workdir_lib.hf_extras(out_workdir), ignore_errors=True)
+    paths.rmtree(workdir_lib.hf_extras(out_workdir))
 
 
 # The tokenizer files an import copies: an export's, and a byte-level BPE's vocab.json + merges.txt (RoBERTa).
@@ -174,10 +174,10 @@ IMPORT_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt")
 
 def _copy_tokenizer(hf_dir: str, tok_dir: str, log: Log) -> list[str]:
     """Copies the HF tokenizer files of `hf_dir` into `tok_dir`; -> the names copied."""
-    os.makedirs(tok_dir, exist_ok=True)
+    paths.makedirs(tok_dir)
     copied = [n for n in IMPORT_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     for name in copied:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
+        paths.copy(os.path.join(hf_dir, name), paths.join(tok_dir, name))
     if not _has_vocabulary(copied):
         log(f"{hf_dir} has no vocab.txt, tokenizer.json or vocab.json + merges.txt: {tok_dir} has no vocabulary, "
             "add it before training/export")
@@ -289,7 +289,7 @@ def _import_bert(hf_dir: str, out_workdir: str, *, overwrite: bool, generator_di
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "model": kind, "mlm_head_initialised": head_initialised,
+    return {"workdir": paths.abspath(out_workdir), "step": 0, "model": kind, "mlm_head_initialised": head_initialised,
             "ignored": ignored, "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}
 
@@ -317,7 +317,7 @@ def _import_electra(hf_dir: str, out_workdir: str, *, overwrite: bool, generator
     copied = _save(hf_dir, out_workdir, params, meta, log)
     bar.update(1)
     bar.close()
-    return {"workdir": os.path.abspath(out_workdir), "step": 0, "objective": "electra",
+    return {"workdir": paths.abspath(out_workdir), "step": 0, "objective": "electra",
             **{f"{name}_initialised": fresh for name, fresh in initialised.items()}, "ignored": ignored,
             "kept": kept["tensors"], "kept_files": kept["files"], "tokenizer_files": copied,
             "parameters": int(sum(x.size for x in _leaves(params)))}

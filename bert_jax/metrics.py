@@ -8,7 +8,6 @@ as one line. `RunClock` turns a log interval into throughput, MFU and an ETA; `s
 
 import datetime
 import json
-import os
 import sys
 import time
 
@@ -20,6 +19,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bert_jax import flops
 from bert_jax import workdir as workdir_lib
+from data_pipeline import paths
 
 # Peak dense matmul TFLOP/s per chip in bfloat16 (vendor figures), for `train.peak_tflops_per_device=-1`.
 # Matched against `jax.devices()[0].device_kind` by substring, first match wins; CPUs are not listed
@@ -76,14 +76,39 @@ class TensorBoardWriter:
         self._writer.close()
 
 
+class ObjectLog:
+    """An append-only text file on object storage, where an object cannot be appended to: the lines are kept
+    in memory (after what the object already held: a resumed run continues it) and the whole object is
+    uploaded at most every `flush_secs` and on `flush()`, instead of being rewritten for every line."""
+
+    def __init__(self, path: str, flush_secs: float = 30.0):
+        self.path, self.flush_secs = path, flush_secs
+        self._text = paths.read_text(path) if paths.exists(path) else ""
+        self._dirty, self._last = False, time.monotonic()
+
+    def append(self, line: str) -> None:
+        self._text += line
+        self._dirty = True
+        if time.monotonic() - self._last >= self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            paths.write_text(self.path, self._text)
+            self._dirty, self._last = False, time.monotonic()
+
+
 class MetricWriter:
     """Appends one JSON object per record to `workdir/metrics.jsonl`, mirrors it to TensorBoard and prints
-    a compact line (the training line: step, loss, accuracy, learning rate, tokens/s, MFU, data wait, ETA)."""
+    a compact line (the training line: step, loss, accuracy, learning rate, tokens/s, MFU, data wait, ETA).
+    On object storage the file is an `ObjectLog` (flushed as a whole object every 30 s and at `close`)."""
 
     def __init__(self, workdir: str, enabled: bool = True, stream=None, tensorboard: bool = True):
         self.enabled = enabled
         self.path = workdir_lib.metrics(workdir)
         self.stream = stream
+        self.remote = paths.is_remote(workdir)
+        self._object_log = ObjectLog(self.path) if enabled and self.remote else None
         self.tb = TensorBoardWriter(workdir_lib.tensorboard(workdir)) if enabled and tensorboard else None
 
     def _out(self):
@@ -94,11 +119,15 @@ class MetricWriter:
             return
         now = time.time()
         record = {"step": int(step), "time": round(now, 3), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._object_log is not None:
+            self._object_log.append(json.dumps(record) + "\n")
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.scalars(step, values, now)
-            self.tb.flush()  # a record every log interval: cheap, and dashboards stay current
+            if not self.remote:  # object storage: the writer's own timer (every 10 s) re-uploads the file
+                self.tb.flush()  # a record every log interval: cheap, and dashboards stay current
         shown = format_line(values)
         print(f"{prefix}step {step}: {shown}{suffix}", file=self._out(), flush=True)
 
@@ -106,7 +135,16 @@ class MetricWriter:
         if self.enabled:
             print(message, file=self._out(), flush=True)
 
+    def flush(self):
+        """Metrics on object storage are uploaded now (before a pause that may end the process)."""
+        if self._object_log is not None:
+            self._object_log.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self):
+        if self._object_log is not None:
+            self._object_log.flush()
         if self.tb is not None:
             self.tb.close()
             self.tb = None
@@ -215,6 +253,12 @@ def summary_lines(workdir: str, objective: str, steps_run: int, final_step: int,
     return [f"done: step {final_step}, {steps_run * tokens_per_step:,} tokens in this run "
             f"({final_step * tokens_per_step:,} in all) in {format_duration(seconds)}",
             f"final eval: {evals}" if evals else "final eval: none in this run",
-            f"checkpoint: {os.path.join(checkpoint_dir, str(final_step))}",
+            f"checkpoint: {paths.join(checkpoint_dir, str(final_step))}",
             f"metrics: {workdir_lib.metrics(workdir)}; tensorboard --logdir {workdir}",
-            f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {workdir}/hf{model}"]
+            f"to Hugging Face: python -m tools.convert_to_hf --workdir {workdir} --out {_hf_out(workdir)}{model}"]
+
+
+def _hf_out(workdir: str) -> str:
+    """Where the printed export command writes: beside a local workdir, in the current folder for an
+    object-store one (the export's folder is local: transformers reads local folders)."""
+    return f"{paths.basename(workdir)}_hf" if paths.is_remote(workdir) else f"{workdir}/hf"

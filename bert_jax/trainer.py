@@ -11,8 +11,6 @@ The loop itself holds no policy: the step is `run.step` (pure, jitted once), bat
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Collection
 
@@ -29,18 +27,21 @@ from bert_jax.errors import ConfigError
 from bert_jax.models.electra import discriminator_as_mlm
 from bert_jax.workdir import CheckpointMeta
 from data_pipeline import manifest as manifest_lib
+from data_pipeline import paths
 from data_pipeline.progress import progress
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str, explicit: Collection[str] = ()) -> dict:
+def train_and_evaluate(config: ConfigDict, workdir: str, explicit: Collection[str] = (),
+                       break_lock: bool = False) -> dict:
     """Trains to config.train.steps (resuming from workdir if it holds checkpoints); returns the last metrics.
     `explicit`: the config keys set on the command line (they must agree with an init_from checkpoint).
     The config, the data and init_from are checked before anything is written to the workdir; the workdir
-    must be writable and is locked for the run; SIGTERM/SIGINT save a checkpoint and return."""
+    must be writable and is locked for the run; SIGTERM/SIGINT save a checkpoint and return. `break_lock`:
+    take over the lock object a dead run left in an object-store workdir (bert_jax.fault.ObjectLock)."""
     run = builder.from_config(config, jax.device_count(), jax.process_count(), explicit=explicit)
     input_pipeline.check_train_shards(run.data, run.manifest)
     fault.check_workdir(workdir)
-    with fault.WorkdirLock(workdir, jax.process_index()), fault.PreemptionWatch() as preempt:
+    with fault.WorkdirLock(workdir, jax.process_index(), break_lock), fault.PreemptionWatch() as preempt:
         return Trainer(run, workdir, preempt).train()
 
 
@@ -51,7 +52,7 @@ class Trainer:
         self.run, self.workdir, self.preempt = run, workdir, preempt
         self._discriminator = None  # (ELECTRA params, config) when an MLM run starts from a discriminator
         self.profiler = profiling.StepProfiler(workdir_lib.profile(workdir), run.train.profile_steps)
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         self.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
         t = run.train
         self.flops_per_step = metrics_lib.step_flops(run.model_cfg, run.generator_cfg, t.batch_size,
@@ -121,11 +122,13 @@ class Trainer:
     def _snapshot_inputs(self) -> None:
         """The workdir is self-contained: the config, the data manifest and the tokenizer files."""
         run, w = self.run, self.workdir
-        with open(workdir_lib.config_file(w), "w", encoding="utf-8") as f:
-            f.write(run.config_json)
-        shutil.copyfile(manifest_lib.path(run.data.dir), workdir_lib.data_manifest(w))
-        shutil.copytree(os.path.join(run.data.dir, run.manifest.tokenizer.dir), workdir_lib.tokenizer(w),
-                        dirs_exist_ok=True)
+        if paths.is_remote(w):  # one whole object each, written only when complete
+            paths.write_text(workdir_lib.config_file(w), run.config_json)
+        else:
+            with open(workdir_lib.config_file(w), "w", encoding="utf-8") as f:
+                f.write(run.config_json)
+        paths.copy(manifest_lib.path(run.data.dir), workdir_lib.data_manifest(w))
+        paths.copy_tree(paths.join(run.data.dir, run.manifest.tokenizer.dir), workdir_lib.tokenizer(w))
         if run.init_from:  # what an imported HF folder held beyond our params, for the export (bert_jax.hf_extras)
             workdir_lib.copy_hf_extras(run.init_from, w)
         if self._discriminator is not None:
@@ -162,7 +165,10 @@ class Trainer:
             eval_batches = input_pipeline.eval_batches(run.data, run.manifest, t.batch_size, t.eval_batches,
                                                        run.batch_sharding)
         self.writer.log(f"training steps {start_step} -> {t.steps}, batch {t.batch_size} x {run.data.seq_len}")
-        last, final_step, seconds = self._loop(start_step, batches, train_ds, eval_batches)
+        try:
+            last, final_step, seconds = self._loop(start_step, batches, train_ds, eval_batches)
+        finally:  # metrics on object storage are buffered: upload them even when the loop raised
+            self.writer.flush()
         if start_step >= t.steps:
             self.writer.log(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={t.steps}")
         self.profiler.stop()

@@ -24,7 +24,9 @@ from bert_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/bert.py:tiny.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and logs (or gs://bucket/run).")
+_BREAK_LOCK = flags.DEFINE_bool("break_lock", False, "Take over the lock object that a dead run left in an "
+                                "object-store workdir (the error naming it says how old its heartbeat is).")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 
 
@@ -55,7 +57,7 @@ def main(argv):
     try:
         distributed.initialize()  # before any other JAX call
         explicit = config_flags.get_override_values(flags.FLAGS["config"])  # keys set on the command line
-        trainer.train_and_evaluate(config, _WORKDIR.value, explicit=set(explicit))
+        trainer.train_and_evaluate(config, _WORKDIR.value, explicit=set(explicit), break_lock=_BREAK_LOCK.value)
     except (ConfigError, DataError, FaultError, distributed.DistributedError) as e:
         sys.exit(f"error: {e}")
 

@@ -13,6 +13,8 @@
     W/profile/                 jax.profiler traces, when asked for
     W/lock-<process>           held by a running training process (bert_jax.fault.WorkdirLock)
 
+W may be an object-store URL (gs://bucket/run): every path is built and read through `data_pipeline.paths`.
+
 Training (`bert_jax.trainer`) and `tools.import_from_hf` both write checkpoints whose meta is a
 `CheckpointMeta`; resume checks, conversion, init_from and the FLOPs count read it back through
 `CheckpointMeta.from_json`, which also reads checkpoints written before this dataclass existed.
@@ -21,11 +23,10 @@ Training (`bert_jax.trainer`) and `tools.import_from_hf` both write checkpoints 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from typing import Any
 
 from bert_jax.models.config import EncoderConfig
+from data_pipeline import paths
 
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
@@ -38,55 +39,55 @@ HF_EXTRAS = "hf_extras"
 
 
 def checkpoints(workdir: str) -> str:
-    return os.path.join(workdir, CHECKPOINTS)
+    return paths.join(workdir, CHECKPOINTS)
 
 
 def config_file(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG)
+    return paths.join(workdir, CONFIG)
 
 
 def data_manifest(workdir: str) -> str:
-    return os.path.join(workdir, DATA_MANIFEST)
+    return paths.join(workdir, DATA_MANIFEST)
 
 
 def tokenizer(workdir: str) -> str:
-    return os.path.join(workdir, TOKENIZER)
+    return paths.join(workdir, TOKENIZER)
 
 
 def metrics(workdir: str) -> str:
-    return os.path.join(workdir, METRICS)
+    return paths.join(workdir, METRICS)
 
 
 def tensorboard(workdir: str) -> str:
-    return os.path.join(workdir, TENSORBOARD)
+    return paths.join(workdir, TENSORBOARD)
 
 
 def profile(workdir: str) -> str:
-    return os.path.join(workdir, PROFILE)
+    return paths.join(workdir, PROFILE)
 
 
 def hf_extras(workdir: str) -> str:
-    return os.path.join(workdir, HF_EXTRAS)
+    return paths.join(workdir, HF_EXTRAS)
 
 
 def copy_hf_extras(src_workdir: str, dst_workdir: str) -> bool:
     """Carries `src_workdir`'s hf_extras (an import's, or a run's that started from one) into `dst_workdir`,
     replacing any there; -> whether there was any. `src_workdir` may also be its checkpoints folder, as
-    init_from may name it."""
+    init_from may name it. Either may be an object-store URL."""
     src = hf_extras(src_workdir)
-    if not os.path.isdir(src) and os.path.basename(os.path.normpath(src_workdir)) == CHECKPOINTS:
-        src = hf_extras(os.path.dirname(os.path.normpath(src_workdir)))
-    if not os.path.isdir(src):
+    if not paths.isdir(src) and paths.basename(src_workdir.rstrip("/")) == CHECKPOINTS:
+        src = hf_extras(paths.dirname(src_workdir.rstrip("/")))
+    if not paths.isdir(src):
         return False
     dst = hf_extras(dst_workdir)
-    if os.path.abspath(src) != os.path.abspath(dst):
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst)
+    if paths.abspath(src) != paths.abspath(dst):
+        paths.rmtree(dst)
+        paths.copy_tree(src, dst)
     return True
 
 
 def lock(workdir: str, process_index: int) -> str:
-    return os.path.join(workdir, f"lock-{process_index}")
+    return paths.join(workdir, f"lock-{process_index}")
 
 
 def _encoder_config(fields: dict) -> EncoderConfig:

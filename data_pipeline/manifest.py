@@ -2,7 +2,8 @@
 pretokenized dataset (the tf.data reader, validate, training's config checks, masking, eval batch counts,
 resume checks, conversion's special ids, the planner).
 
-    DIR/manifest.json     written last, atomically: a folder with a manifest is complete
+    DIR/manifest.json     written last, atomically: a folder with a manifest is complete (DIR may be a
+                          gs:// URL: every access goes through data_pipeline.paths)
     DIR/{split}-{i:05d}-of-{n:05d}.tfrecord    the shards it lists (see data_pipeline.records)
     DIR/tokenizer/        the tokenizer files it lists
 
@@ -18,6 +19,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from data_pipeline import paths
 from data_pipeline.errors import DataError
 
 FORMAT = "bert_jax.pretokenized.v1"
@@ -179,13 +181,13 @@ class Manifest:
 
 
 def path(data_dir: str) -> str:
-    return os.path.join(data_dir, FILENAME)
+    return paths.join(data_dir, FILENAME)
 
 
 def read(file: str) -> Manifest:
     """The manifest in the JSON file `file` (a dataset's manifest.json, or a workdir's copy of it)."""
     try:
-        with open(file, encoding="utf-8") as f:
+        with paths.open(file, encoding="utf-8") as f:
             obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: invalid JSON ({e})") from None
@@ -197,17 +199,26 @@ def load(data_dir: str) -> Manifest:
     shard exists. Raises DataError (one line, naming the path) when anything is missing or malformed."""
     if not data_dir:
         raise DataError("data.dir is empty: point it at a folder written by `python -m data_pipeline.pretokenize`")
-    if not os.path.isdir(data_dir):
+    if not paths.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist")
     file = path(data_dir)
-    if not os.path.isfile(file):
+    if not paths.isfile(file):
         raise DataError(f"{data_dir!r} has no {FILENAME} (not a pretokenized dataset, or unfinished)")
     manifest = read(file)
+    present = _listing(data_dir)
     for name, split in manifest.splits.items():
         for shard in split.shards:
-            if not os.path.isfile(os.path.join(data_dir, shard.file)):
+            if shard.file not in present:
                 raise DataError(f"{file}: shard {shard.file!r} of split {name!r} is missing")
     return manifest
+
+
+def _listing(data_dir: str):
+    """The names in `data_dir` that are files: one listing instead of a stat per shard (on object storage each
+    stat is a round trip, and a dataset may have thousands of shards)."""
+    if paths.is_remote(data_dir):
+        return set(paths.listdir(data_dir))
+    return {n for n in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, n))}
 
 
 def write(data_dir: str, manifest: Manifest) -> None:
@@ -216,13 +227,10 @@ def write(data_dir: str, manifest: Manifest) -> None:
 
 
 def write_json(file: str, obj) -> None:
-    """`obj` as indented JSON in `file`, written to a temporary file, flushed and renamed over it."""
-    tmp = file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """`obj` as indented JSON in `file`, written to a temporary file, flushed and renamed over it (on object
+    storage: uploaded as one object once complete; `data_pipeline.paths.atomic_write`)."""
+    with paths.atomic_write(file, "w", encoding="utf-8", fsync=True) as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
 
 
 def synthetic(seq_len: int, vocab_size: int, special_ids: SpecialIds, train_rows: int = 0,

@@ -9,6 +9,10 @@ into `[CLS] ... [SEP]` rows -> write parts of `--shard-rows` rows -> name the fi
 `DIR/{split}-{i:05d}-of-{n:05d}.tfrecord` (`data_pipeline.shards`) -> write `DIR/manifest.json`
 (`data_pipeline.manifest`).
 
+`--source` and `--out` may be object-store URLs (gs://bucket/folder; `data_pipeline.paths`): each part and
+shard is uploaded as one object once complete, the tokenizer is trained in a local folder and uploaded,
+and the manifest, uploaded last, is what makes the dataset visible.
+
 Memory stays flat: documents are streamed (the source is read once per split, plus once to train a
 tokenizer), at most a few batches are in flight, and rows go to disk as a part fills.
 
@@ -26,15 +30,19 @@ The record format (a `tf.train.Example` per row, ids as little-endian uint16 or 
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 from data_pipeline import encoding
 from data_pipeline import manifest as manifest_lib
+from data_pipeline import paths
 from data_pipeline import records
 from data_pipeline import shards as shards_lib
 from data_pipeline.errors import DataError
@@ -84,7 +92,7 @@ def _load_given_tokenizer(vocab: str, kind: str | None, lowercase: bool | None) 
 
 def _read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable ({e}); pass --overwrite to start over") from None
@@ -95,10 +103,10 @@ def _existing_run(out_dir: str, args: dict, overwrite: bool, log) -> tuple[Manif
     (None, progress state) for an unfinished run to resume, (None, None) to start afresh (after clearing
     this tool's files). DataError when it holds a run with other arguments and not `overwrite`."""
     manifest_path = manifest_lib.path(out_dir)
-    progress_path = os.path.join(out_dir, shards_lib.PROGRESS)
-    if os.path.isdir(out_dir) and overwrite:
+    progress_path = paths.join(out_dir, shards_lib.PROGRESS)
+    if paths.isdir(out_dir) and overwrite:
         shards_lib.clear_tool_files(out_dir)
-    elif os.path.exists(manifest_path):
+    elif paths.exists(manifest_path):
         obj = _read_json(manifest_path)
         if isinstance(obj, dict) and obj.get("args") == args:
             manifest = Manifest.from_json(obj, manifest_path)
@@ -107,14 +115,14 @@ def _existing_run(out_dir: str, args: dict, overwrite: bool, log) -> tuple[Manif
             return manifest, None
         raise DataError(f"{out_dir} already holds a pretokenized dataset ({manifest_lib.FILENAME}) made with "
                         "other arguments; pass --overwrite to replace it")
-    elif os.path.exists(progress_path):
+    elif paths.exists(progress_path):
         state = _read_json(progress_path)
         if not isinstance(state, dict) or state.get("args") != args:
             raise DataError(f"{out_dir} holds an unfinished run ({shards_lib.PROGRESS}) with other arguments; "
                             "run again with the same arguments to resume, or pass --overwrite to start over")
         log("resuming: " + ", ".join(f"{s} {len(v['parts'])} parts" for s, v in state["splits"].items()))
         return None, state
-    elif os.path.isdir(out_dir):
+    elif paths.isdir(out_dir):
         shards_lib.clear_tool_files(out_dir)  # a run killed before its first progress.json: nothing to keep
     return None, None
 
@@ -155,6 +163,20 @@ def _get_tokenizer(tok_dir: str, state: dict | None, given: Tokenizer | None,
     tok = _train_tokenizer(kind, train_documents(), vocab_size, tok_dir, lowercase, source)
     log(f"trained {tok.kind} vocab of {tok.vocab_size} in {time.time() - start:.1f}s")
     return tok
+
+
+def _local_tokenizer_dir(tok_dir: str, resuming: bool) -> str:
+    """Where this run keeps its tokenizer files: `tok_dir` itself on a local disk. For an object-store
+    `--out` a local folder (the encoding workers and the tokenizer libraries read local files only): the
+    resumed run's tokenizer downloaded from `tok_dir`, or an empty one that is uploaded to `tok_dir` once
+    the tokenizer is trained or saved."""
+    if not paths.is_remote(tok_dir):
+        return tok_dir
+    if resuming:
+        return paths.local_copy(tok_dir)
+    local = tempfile.mkdtemp(prefix="bert_jax_tokenizer_")
+    atexit.register(shutil.rmtree, local, True)
+    return local
 
 
 def _document_reader(source: str, validation_fraction: float, **source_args) -> Callable[[str], Iterator[str]]:
@@ -269,17 +291,19 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
     done, state = _existing_run(out_dir, args, overwrite, log)
     if done is not None:
         return done
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     documents = _document_reader(source, validation_fraction, text_field=text_field, cache_dir=cache_dir,
                                  max_documents=max_documents, txt_mode=txt_mode, tfds_split=tfds_split,
                                  tfds_data_dir=tfds_data_dir)
     start = time.time()
-    tok_dir = os.path.join(out_dir, shards_lib.TOKENIZER_DIR)
+    tok_dir = _local_tokenizer_dir(paths.join(out_dir, shards_lib.TOKENIZER_DIR), resuming=state is not None)
     tok = _get_tokenizer(tok_dir, state, given,
                          lambda: itertools.islice(documents("train"), tokenizer_train_documents),
                          kind=args["tokenizer"], vocab_size=vocab_size, lowercase=lowercase is not False,
                          source=source, log=log)
-    progress_path = os.path.join(out_dir, shards_lib.PROGRESS)
+    if paths.is_remote(out_dir) and state is None:  # published before progress.json names the run
+        paths.copy_tree(tok_dir, paths.join(out_dir, shards_lib.TOKENIZER_DIR))
+    progress_path = paths.join(out_dir, shards_lib.PROGRESS)
     if state is None:
         state = {"args": args, "vocab_hash": tok.vocab_hash,
                  "splits": {s: {"parts": [], "complete": False} for s in SPLITS}}

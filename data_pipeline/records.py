@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from data_pipeline import paths
 from data_pipeline.errors import DataError
 
 HEADER_BYTES = 12  # uint64 length + its uint32 crc
@@ -35,7 +36,7 @@ def numpy_dtype(dtype: str) -> str:
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -119,7 +120,7 @@ def frame_records(records: list[bytes]) -> bytes:
 def framed_records(path: str) -> Iterator[bytes]:
     """Whole framed records (length, crc, payload, crc) of a TFRecord file, to copy without re-encoding;
     the payload is `record[HEADER_BYTES:-FOOTER_BYTES]`."""
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         while True:
             header = f.read(HEADER_BYTES)
             if not header:
@@ -133,8 +134,8 @@ def read_records(path: str) -> Iterator[bytes]:
 
     CRCs are not checked: validate's sha256 comparison against the manifest already catches corrupted bytes."""
     n = 0
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = paths.getsize(path)
+    with paths.open(path, "rb") as f:
         while True:
             header = f.read(HEADER_BYTES)
             if not header:

@@ -8,19 +8,22 @@
 A part restarts packing at a document boundary, so it depends only on its own documents: a killed run
 resumes after the last recorded part and gives bitwise the same shards. At the end the parts are renamed
 to shards (one shard per part), or re-cut into exactly `num_shards` contiguous shards.
+
+On object storage (DIR a gs:// URL, through `data_pipeline.paths`) a part or shard is spooled locally and
+uploaded as one object when complete, so no `.tmp` object exists and none is ever half-written; naming a
+part as a shard is a server-side copy. The manifest, written last, is what makes the dataset visible.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
 from typing import Callable
 
 import numpy as np
 
 from data_pipeline import manifest as manifest_lib
+from data_pipeline import paths
 from data_pipeline import records
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest, Shard
@@ -61,7 +64,7 @@ def _write_part(path: str, docs, shard_rows: int, seq_len: int, tokenizer, dtype
             count["documents"] += bool(ids.size)
             yield ids
 
-    with open(path + ".tmp", "wb") as f:
+    with paths.atomic_write(path) as f:  # visible under its name only once complete (object storage too)
         batch = []
         for row in pack_documents(part_docs(), seq_len, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id):
             batch.append(records.serialize_row(row, dtype))
@@ -71,7 +74,6 @@ def _write_part(path: str, docs, shard_rows: int, seq_len: int, tokenizer, dtype
                 f.write(records.frame_records(batch))
                 batch = []
         f.write(records.frame_records(batch))
-    os.replace(path + ".tmp", path)
     return count
 
 
@@ -81,9 +83,9 @@ def write_split(split: str, docs, out_dir: str, state: dict, save: Callable[[], 
     split's progress entry) and calling `save` after each, so a killed run can resume after it."""
     parts = state["parts"]
     while docs.has_next():
-        path = os.path.join(out_dir, part_name(split, len(parts)))
+        path = paths.join(out_dir, part_name(split, len(parts)))
         count = _write_part(path, docs, shard_rows, seq_len, tokenizer, dtype)
-        parts.append({"file": os.path.basename(path), "rows": count["rows"], "tokens": count["tokens"],
+        parts.append({"file": paths.basename(path), "rows": count["rows"], "tokens": count["tokens"],
                       "documents": count["documents"], "consumed": count["consumed"],
                       "text_bytes": count["text_bytes"], "sha256": records.file_sha256(path)})
         save()
@@ -104,10 +106,10 @@ def finalize_split(split: str, state: dict, out_dir: str, num_shards: int | None
     shards = []
     for i, part in enumerate(parts):
         name = shard_name(split, i, len(parts))
-        src, dst = os.path.join(out_dir, part["file"]), os.path.join(out_dir, name)
-        if os.path.exists(src):
-            os.replace(src, dst)
-        elif not (os.path.exists(dst) and records.file_sha256(dst) == part["sha256"]):  # renamed by a killed run?
+        src, dst = paths.join(out_dir, part["file"]), paths.join(out_dir, name)
+        if paths.exists(src):
+            paths.replace(src, dst)
+        elif not (paths.exists(dst) and records.file_sha256(dst) == part["sha256"]):  # renamed by a killed run?
             raise DataError(f"{src}: part listed in {PROGRESS} is missing; pass --overwrite to start over")
         # "documents": the shard packs exactly its own documents (the next ones in the split's order).
         shards.append(Shard(file=name, rows=part["rows"], tokens=part["tokens"], documents=part["documents"],
@@ -119,20 +121,19 @@ def _recut(split: str, parts: list[dict], out_dir: str, num_shards: int, pad_id:
     """Copy the parts' records into `num_shards` contiguous shards (shard i: rows [i*n/k, (i+1)*n/k))."""
     np_dtype = records.numpy_dtype(dtype)
     total = sum(p["rows"] for p in parts)
-    framed = itertools.chain.from_iterable(records.framed_records(os.path.join(out_dir, p["file"])) for p in parts)
+    framed = itertools.chain.from_iterable(records.framed_records(paths.join(out_dir, p["file"])) for p in parts)
     shards = []
     for i in range(num_shards):
         n = (i + 1) * total // num_shards - i * total // num_shards
         name = shard_name(split, i, num_shards)
-        path = os.path.join(out_dir, name)
+        path = paths.join(out_dir, name)
         tokens = 0
-        with open(path + ".tmp", "wb") as f:
+        with paths.atomic_write(path) as f:
             for record in itertools.islice(framed, n):
                 f.write(record)
                 payload = record[records.HEADER_BYTES:-records.FOOTER_BYTES]
                 ids = np.frombuffer(records.parse_example(payload)["input_ids"], np_dtype)
                 tokens += _non_pad_tokens(ids, pad_id)
-        os.replace(path + ".tmp", path)
         shards.append(Shard(file=name, rows=n, tokens=tokens, sha256=records.file_sha256(path)))
     return shards
 
@@ -143,28 +144,28 @@ def clear_tool_files(out_dir: str) -> None:
     """Remove only the files pretokenize writes (shards, parts, progress, tokenizer): never anything else."""
     # The manifest first: a crash below never leaves one next to missing shards.
     for name in (manifest_lib.FILENAME, PROGRESS):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    for name in os.listdir(out_dir):
-        path = os.path.join(out_dir, name)
+        if paths.exists(paths.join(out_dir, name)):
+            paths.remove(paths.join(out_dir, name))
+    for name in paths.listdir(out_dir):
+        path = paths.join(out_dir, name)
         if _SHARD_RE.match(name) or name.endswith(".json.tmp"):
-            os.remove(path)
-        elif name == TOKENIZER_DIR and os.path.isdir(path):
-            shutil.rmtree(path)
+            paths.remove(path)
+        elif name == TOKENIZER_DIR and paths.isdir(path):
+            paths.rmtree(path)
 
 
 def remove_unrecorded_parts(out_dir: str, split: str, state: dict) -> None:
     """Delete part files (and temporaries) of `split` that its progress entry does not list: a killed run's
     half work."""
     recorded = {p["file"] for p in state["parts"]}
-    for name in os.listdir(out_dir):
+    for name in paths.listdir(out_dir):
         if name.startswith(f"{split}-part-") and _SHARD_RE.match(name) and name not in recorded:
-            os.remove(os.path.join(out_dir, name))
+            paths.remove(paths.join(out_dir, name))
 
 
 def remove_leftovers(out_dir: str, manifest: Manifest) -> None:
     """After the manifest is written: parts, temporaries and progress.json are no longer needed."""
     keep = {s.file for split in manifest.splits.values() for s in split.shards}
-    for name in os.listdir(out_dir):
+    for name in paths.listdir(out_dir):
         if (_SHARD_RE.match(name) and name not in keep) or name == PROGRESS:
-            os.remove(os.path.join(out_dir, name))
+            paths.remove(paths.join(out_dir, name))

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Iterator
 
+from data_pipeline import paths
 from data_pipeline.docstrings import docstring_documents, pretraining_documents
 from data_pipeline.errors import DataError
 
@@ -23,6 +24,8 @@ __all__ = ["TFDS_PREFIX", "docstring_documents", "file_documents", "iter_documen
 
 
 def _resolve_files(pattern: str) -> list[str]:
+    if paths.is_remote(pattern):
+        return _resolve_remote(pattern)
     if os.path.isdir(pattern):
         files = []
         for dirpath, dirnames, filenames in os.walk(pattern):
@@ -38,10 +41,25 @@ def _resolve_files(pattern: str) -> list[str]:
     return files
 
 
+def _resolve_remote(pattern: str) -> list[str]:
+    """The files of an object-store folder, a single object, or a glob (a `*` in the last part), sorted;
+    names starting with "." left out as locally."""
+    if any(c in pattern for c in "*?["):
+        files = [p for p in paths.glob(pattern) if not paths.isdir(p)]
+    elif paths.isdir(pattern):
+        files = [p for p in paths.walk_files(pattern)
+                 if not any(part.startswith(".") for part in p[len(pattern.rstrip("/")) + 1:].split("/"))]
+    else:
+        files = [pattern] if paths.exists(pattern) else []
+    if not files:
+        raise DataError(f"no input files match {pattern!r}")
+    return sorted(files)
+
+
 def _open_text(path: str):
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(paths.open(path, "rb") if paths.is_remote(path) else path, "rt", encoding="utf-8")
+    return paths.open(path, encoding="utf-8")
 
 
 def _txt_documents(path: str, txt_mode: str) -> Iterator[str]:
@@ -143,7 +161,7 @@ def source_bytes(source: str) -> int | None:
     files = _resolve_files(source)
     if any(f.endswith(".gz") for f in files):
         return None
-    return sum(os.path.getsize(f) for f in files)
+    return sum(paths.getsize(f) for f in files)
 
 
 def iter_documents(source: str, *, text_field: str = "text", cache_dir: str | None = None,

@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from data_pipeline import paths
 from data_pipeline import tokenizer_backends as backends
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest
@@ -78,8 +79,10 @@ class Tokenizer(abc.ABC):
 
         `lowercase=None` takes the case handling from the files (a WordPiece `tokenizer_config.json`, ours or a
         Hugging Face one with `do_lower_case`, defaulting to uncased; the SentencePiece model itself); a
-        SentencePiece model refuses a `lowercase` that disagrees with it.
+        SentencePiece model refuses a `lowercase` that disagrees with it. An object-store URL (gs://...) is
+        read from a local copy (`data_pipeline.paths.local_copy`).
         """
+        path = paths.local_copy(path)
         if _is_sentencepiece(path):
             return SentencePieceTokenizer.from_file(path, lowercase)
         if _is_tokenizer_json(path):
@@ -688,7 +691,7 @@ def word_start_table(data_dir: str, manifest: Manifest) -> bytes:
     tokenizer's size differs from the manifest's vocab_size."""
     if manifest.tokenizer is None:
         raise DataError(f"{data_dir}: the manifest names no tokenizer folder")
-    tok_dir = os.path.join(data_dir, manifest.tokenizer.dir)
+    tok_dir = paths.join(data_dir, manifest.tokenizer.dir)
     mask = np.asarray(Tokenizer.load(tok_dir).word_start_mask(), dtype=bool)
     if mask.shape != (manifest.vocab_size,):
         raise DataError(f"{tok_dir}: the tokenizer has {mask.size} tokens, the manifest says "

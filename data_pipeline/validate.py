@@ -4,18 +4,18 @@ For every shard: it exists, its sha256 and record count match the manifest, the 
 and every record is a `tf.train.Example` whose `input_ids` hold `seq_len` ids of the manifest's dtype
 (uint16 or int32), each below `vocab_size`. The tokenizer files are checked against their recorded sha256.
 No TensorFlow is needed (a minimal TFRecord and protobuf reader). Prints `OK`, or one line per problem
-naming the file, and exits 1 when there are problems.
+naming the file, and exits 1 when there are problems. DIR may be an object-store URL (gs://...).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
 from data_pipeline import manifest as manifest_lib
+from data_pipeline import paths
 from data_pipeline import records
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest, Shard
@@ -48,7 +48,7 @@ def _check_records(path: str, manifest: Manifest) -> tuple[int, str | None]:
 
 
 def _check_shard(path: str, shard: Shard, manifest: Manifest) -> list[str]:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         return [f"{path}: missing (listed in the manifest)"]
     problems = []
     digest = records.file_sha256(path)
@@ -66,8 +66,8 @@ def _check_tokenizer(data_dir: str, manifest: Manifest) -> list[str]:
     problems = []
     tok = manifest.tokenizer
     for name, expected in (tok.sha256 if tok else {}).items():
-        file = os.path.join(data_dir, tok.dir, name)
-        if not os.path.isfile(file):
+        file = paths.join(data_dir, tok.dir, name)
+        if not paths.isfile(file):
             problems.append(f"{file}: missing (listed in the manifest)")
         elif (got := records.file_sha256(file)) != expected:
             problems.append(f"{file}: sha256 {got} != manifest {expected}")
@@ -77,7 +77,7 @@ def _check_tokenizer(data_dir: str, manifest: Manifest) -> list[str]:
 def check(data_dir: str) -> list[str]:
     """Problems found in `data_dir` (empty list when the dataset matches its manifest)."""
     path = manifest_lib.path(data_dir)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         return [f"{path}: missing (not a pretokenized dataset, or unfinished)"]
     try:
         manifest = manifest_lib.read(path)
@@ -91,7 +91,7 @@ def check(data_dir: str) -> list[str]:
             if getattr(split, key) != sum(getattr(s, key) for s in split.shards):
                 problems.append(f"{path}: split {name} {key} {getattr(split, key)} != the sum over its shards")
         for shard in split.shards:
-            problems += _check_shard(os.path.join(data_dir, shard.file), shard, manifest)
+            problems += _check_shard(paths.join(data_dir, shard.file), shard, manifest)
     return problems
 
 

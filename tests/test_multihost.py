@@ -78,19 +78,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, data_dir, num_processes, timeout=600):
+def _launch(workdir, data_dir, num_processes, timeout=600, log_dir=None, env_extra=None, overrides=None):
     """Starts the CLI once per process on 127.0.0.1; returns each process's (returncode, output). Every process
     is killed by its pid if any fails or the time runs out, so none is left waiting in a collective. (~30 s
-    on a quiet 2-core machine; the generous limit is for a loaded one.)"""
+    on a quiet 2-core machine; the generous limit is for a loaded one.) `log_dir` (default: the workdir),
+    `env_extra` and `overrides` (of OVERRIDES) serve a workdir on object storage (tests/test_gcs.py)."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
-    args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           **(env_extra or {})}
+    args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(overrides or {})}.items()]
     procs, logs = [], []
     try:
         for i in range(num_processes):
             # pylint: disable-next=consider-using-with
-            log = open(os.path.join(workdir, f"process{i}.log"), "w+", encoding="utf-8")
+            log = open(os.path.join(log_dir or workdir, f"process{i}.log"), "w+", encoding="utf-8")
             logs.append(log)
             procs.append(subprocess.Popen(  # pylint: disable=consider-using-with
                 [sys.executable, "-m", "bert_jax.training", "--config", "configs/bert.py:tiny",

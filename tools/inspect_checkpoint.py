@@ -20,13 +20,14 @@ import numpy as np
 
 from bert_jax import checkpointing
 from bert_jax import workdir as workdir_lib
+from data_pipeline import paths
 
 
 def _directory(workdir: str) -> str:
     directory = workdir_lib.checkpoints(workdir)
-    if os.path.isdir(directory):
+    if paths.isdir(directory):
         return directory
-    if os.path.isdir(workdir):
+    if paths.isdir(workdir):
         return workdir
     raise ValueError(f"{workdir} is not a folder")
 

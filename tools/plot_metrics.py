@@ -12,6 +12,7 @@ import os
 import sys
 
 from bert_jax import workdir as workdir_lib
+from data_pipeline import paths
 
 # name of a panel -> the metric keys it draws (the first accuracy key a run has is used).
 PANELS = (
@@ -29,10 +30,10 @@ class PlotError(ValueError):
 def read_run(path: str) -> list[dict]:
     """The records of a workdir's metrics.jsonl (or of the file itself)."""
     file = path if path.endswith(".jsonl") else workdir_lib.metrics(path)
-    if not os.path.isfile(file):
+    if not paths.isfile(file):
         raise PlotError(f"{file} does not exist: pass a training workdir (it writes {workdir_lib.METRICS})")
     records = []
-    with open(file, encoding="utf-8") as f:
+    with paths.open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -86,11 +87,18 @@ def plot(runs: dict[str, list[dict]], out: str) -> int:
     return lines
 
 
+def _label(workdir: str) -> str:
+    """A run's default label: its workdir's name (of a metrics file: its folder's)."""
+    if paths.is_remote(workdir):
+        return paths.basename(workdir if not workdir.endswith(".jsonl") else paths.dirname(workdir)) or workdir
+    return os.path.basename(os.path.normpath(workdir if not workdir.endswith(".jsonl")
+                                             else os.path.dirname(workdir)) or workdir)
+
+
 def _plot_runs(workdirs: list[str], labels_arg: str, out: str) -> dict:
     """Reads each run, draws them into `out`; -> the summary main prints."""
     labels = labels_arg.split(",") if labels_arg else [
-        os.path.basename(os.path.normpath(w if not w.endswith(".jsonl") else os.path.dirname(w)) or w)
-        for w in workdirs]
+        _label(w) for w in workdirs]
     if len(labels) != len(workdirs):
         raise PlotError(f"--labels has {len(labels)} names for {len(workdirs)} workdirs")
     if len(set(labels)) != len(labels):  # same folder names in different places: keep the lines apart
