@@ -70,13 +70,13 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # shared by all layers (2 x position_buckets, or 2 x max_relative_positions, -1: max_position_embeddings),
     # normalised by a LayerNorm where norm_rel_ebd = "layer_norm"; position_biased_input False drops the
     # absolute position embeddings; share_att_key: positions go through the layers' query/key projections.
-    m.relative_attention = False
-    m.position_buckets = -1
-    m.max_relative_positions = -1
-    m.pos_att_type = "p2c|c2p"
-    m.share_att_key = True
-    m.norm_rel_ebd = "layer_norm"
-    m.position_biased_input = True
+    m.relative_attention = False  # DeBERTa's c2p/p2c terms on (the fields below matter only then)
+    m.position_buckets = -1  # log buckets beyond position_buckets / 2; <= 0: none (distances clipped)
+    m.max_relative_positions = -1  # the span of relative distances; -1: max_position_embeddings
+    m.pos_att_type = "p2c|c2p"  # which relative terms the scores add
+    m.share_att_key = True  # positions go through the layers' own query/key projections
+    m.norm_rel_ebd = "layer_norm"  # a LayerNorm on the shared relative embeddings ("none": without)
+    m.position_biased_input = True  # absolute position embeddings at the input (DeBERTa-v3: False)
     return m
 
 
