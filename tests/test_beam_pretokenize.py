@@ -5,9 +5,11 @@ import os
 
 import pytest
 
+from data_pipeline import paths
 from data_pipeline import pretokenize as pretokenize_cli
 from data_pipeline.pretokenize import pretokenize
 from data_pipeline.sources import docstring_documents
+from tests.gcs_emulator import gcs  # noqa: F401  (the fixture)
 
 ARGS = {"vocab_size": 600, "seq_len": 64, "validation_fraction": 0.1, "shard_rows": 40}
 
@@ -79,3 +81,26 @@ def test_unknown_runner_is_refused_before_any_work(local_run, tmp_path, capsys):
     assert "error: runner must be one of DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, got 'LocalRunner'" \
         in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_direct_runner_from_and_into_a_bucket(gcs, local_run):  # noqa: F811
+    """Corpus and output on the GCS emulator (127.0.0.1): the workers read the tokenizer from the bucket and
+    publish parts there; every object equals the local path's file of the same name (the manifest but for the
+    source it names), no scratch is left."""
+    src, local_out = local_run
+    corpus, out = f"{gcs.bucket}/beam/docs.jsonl", f"{gcs.bucket}/beam/out"
+    paths.write_text(corpus, open(src, encoding="utf-8").read())
+    pretokenize(corpus, out, runner="DirectRunner", beam_args=["--direct_num_workers=2",
+                                                               "--direct_running_mode=multi_threading"], **ARGS)
+    objects = {o[len("beam/out/"):] for o in gcs.objects("bert-jax-test")
+               if o.startswith("beam/out/") and not o.endswith("/")}
+    local_files = folder_bytes(local_out)
+    assert objects == set(local_files)
+    differ = [n for n, data in local_files.items() if paths.read_bytes(f"{out}/{n}") != data]
+    assert differ == ["manifest.json"]  # which names the source: a gs:// URL here
+    beam_manifest = json.loads(paths.read_text(f"{out}/manifest.json"))
+    local_manifest = json.loads(local_files["manifest.json"])
+    for m in (beam_manifest, local_manifest):
+        del m["source"], m["args"]["source"]
+    assert beam_manifest == local_manifest
