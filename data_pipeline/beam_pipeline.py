@@ -48,10 +48,13 @@ def _import_beam():
     return beam, PipelineOptions
 
 
-def check_runner(runner: str) -> None:
-    """DataError for an unknown runner or a missing Apache Beam, before pretokenize trains or writes anything."""
+def check_runner(runner: str, out_dir: str) -> None:
+    """DataError for an unknown runner, a missing Apache Beam, or a Dataflow run into a local folder (its
+    workers write the parts, on machines that do not see it), before pretokenize trains or writes anything."""
     if runner not in RUNNERS:
         raise DataError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner == "DataflowRunner" and not paths.is_remote(out_dir):
+        raise DataError(f"--out {out_dir}: DataflowRunner's workers cannot write a local folder; give a gs:// URL")
     _import_beam()
 
 

@@ -277,7 +277,7 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
                      tokenizer_train_documents=tokenizer_train_documents)
     if runner is not None:  # before anything is trained or written: Beam installed, a known runner
         from data_pipeline import beam_pipeline  # pylint: disable=import-outside-toplevel  (Beam is optional)
-        beam_pipeline.check_runner(runner)
+        beam_pipeline.check_runner(runner, out_dir)
     shard_rows = shard_rows or MAX_ROWS_PER_SHARD
     given = _load_given_tokenizer(vocab, tokenizer, lowercase) if vocab else None
     is_tfds = source.startswith("tfds:")

@@ -83,6 +83,16 @@ def test_unknown_runner_is_refused_before_any_work(local_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_dataflow_into_a_local_folder_is_refused_before_any_work(local_run, tmp_path, capsys):
+    src, _ = local_run
+    out = tmp_path / "o"
+    rc = pretokenize_cli.main(["--source", src, "--out", str(out), "--runner", "DataflowRunner", "--project=p"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip() == (f"error: --out {out}: DataflowRunner's workers cannot write a local "
+                                               "folder; give a gs:// URL")
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_direct_runner_from_and_into_a_bucket(gcs, local_run):  # noqa: F811
     """Corpus and output on the GCS emulator (127.0.0.1): the workers read the tokenizer from the bucket and
