@@ -164,24 +164,34 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, bytes]]:
-    """(field number, payload) of the length-delimited fields of a protobuf message; other wire types skipped."""
+def message_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field of a serialized protobuf message, in order: an int for
+    varints (wire 0), the payload for length-delimited fields (2), the raw 8 or 4 bytes for fixed64/fixed32
+    (1, 5); ValueError if malformed."""
     pos = 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         wire = key & 7
-        if wire == 2:
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 2:
             length, pos = _read_varint(buf, pos)
             if pos + length > len(buf):
                 raise ValueError("truncated field")
-            yield key >> 3, buf[pos:pos + length]
-            pos += length
-        elif wire == 0:
-            _, pos = _read_varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
         elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
+            size = 8 if wire == 1 else 4
+            if pos + size > len(buf):
+                raise ValueError("truncated field")
+            value, pos = buf[pos:pos + size], pos + size
         else:
             raise ValueError(f"unsupported wire type {wire}")
+        yield key >> 3, wire, value
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, bytes]]:
+    """(field number, payload) of the length-delimited fields of a protobuf message; other wire types skipped."""
+    return ((number, value) for number, wire, value in message_fields(buf) if wire == 2)
 
 
 def parse_example(record: bytes) -> dict[str, bytes]:

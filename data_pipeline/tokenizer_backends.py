@@ -16,9 +16,12 @@ import io
 import itertools
 import json
 import os
+import struct
 import tempfile
+import types
 from typing import Iterable, Sequence
 
+from data_pipeline import records
 from data_pipeline.errors import DataError
 
 
@@ -123,20 +126,46 @@ def train_wordpiece_tokens(texts: Iterable[str], vocab_size: int, work_dir: str,
     return specials + alphabet + continuations + rest[len(alphabet):]
 
 
+# SentencePiece's piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
+SP_NORMAL, SP_UNKNOWN, SP_USER_DEFINED = 1, 2, 4
+
+
+def sentencepiece_model_spec(model_bytes: bytes) -> types.SimpleNamespace:
+    """The fields of a serialized SentencePiece ModelProto that the tokenizers here need, read with
+    `records.message_fields` (field numbers and proto2 defaults of sentencepiece_model.proto) rather than the
+    `sentencepiece_model_pb2` module, whose generated code pins the protobuf runtime's major version (0.2.3
+    needs protobuf 7; apache-beam caps it below 7): pieces [(piece, score, type)], model_type (1 unigram,
+    2 bpe, 3 word, 4 char), unk_id, byte_fallback, split_by_whitespace, and the normalizer's name,
+    precompiled_charsmap, add_dummy_prefix, remove_extra_whitespaces. ValueError if malformed."""
+    pieces, trainer, normalizer = [], {}, {}
+    for number, wire, value in records.message_fields(model_bytes):
+        if wire != 2:
+            continue
+        if number == 1:
+            piece = {1: b"", 2: b"\0\0\0\0", 3: SP_NORMAL}
+            piece.update((n, v) for n, _, v in records.message_fields(value))
+            pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
+        elif number in (2, 3):  # trainer_spec, normalizer_spec (last value of each field wins, as in protobuf)
+            (trainer if number == 2 else normalizer).update((n, v) for n, _, v in records.message_fields(value))
+    return types.SimpleNamespace(
+        pieces=pieces, model_type=trainer.get(3, 1), unk_id=trainer.get(40, 0),
+        byte_fallback=bool(trainer.get(35, 0)), split_by_whitespace=bool(trainer.get(22, 1)),
+        normalizer_name=normalizer.get(1, b"").decode("utf-8"), precompiled_charsmap=normalizer.get(2, b""),
+        add_dummy_prefix=bool(normalizer.get(3, 1)), remove_extra_whitespaces=bool(normalizer.get(4, 1)))
+
+
 def sentencepiece_processor(model_bytes: bytes, source: str):
     """(SentencePieceProcessor, model type name, lowercase) of a serialized model; DataError if it is none."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
 
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     except (RuntimeError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{source}: not a SentencePiece model ({reason})") from None
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_bytes)
-    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "unigram")
-    return sp, model_type, proto.normalizer_spec.name.endswith("_cf")
+    spec = sentencepiece_model_spec(model_bytes)
+    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(spec.model_type, "unigram")
+    return sp, model_type, spec.normalizer_name.endswith("_cf")
 
 
 def sentencepiece_hf_backend(model_bytes: bytes, special_tokens: Sequence[tuple[str, int]], cls: str, sep: str):
@@ -157,22 +186,18 @@ def sentencepiece_hf_backend(model_bytes: bytes, special_tokens: Sequence[tuple[
       Face tokenizer (fill-mask depends on it); our own `encode` treats such text as ordinary text instead
       (see `Tokenizer.encode_hf_batch`).
     """
-    from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, \
         pre_tokenizers, processors
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_bytes)
-    trainer, norm = proto.trainer_spec, proto.normalizer_spec
-    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
-    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
-    unk_id = next((i for i, (_, _, t) in enumerate(pieces) if t == Piece.UNKNOWN), trainer.unk_id)
-    byte_fallback = bool(trainer.byte_fallback)
-    if trainer.model_type == 1:  # unigram
+    spec = sentencepiece_model_spec(model_bytes)
+    pieces = spec.pieces
+    unk_id = next((i for i, (_, _, t) in enumerate(pieces) if t == SP_UNKNOWN), spec.unk_id)
+    byte_fallback = spec.byte_fallback
+    if spec.model_type == 1:  # unigram
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk_id, byte_fallback=byte_fallback)
-    elif trainer.model_type == 2:  # bpe
+    elif spec.model_type == 2:  # bpe
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        mergeable = {p: i for i, (p, _, t) in enumerate(pieces) if t in (Piece.NORMAL, Piece.USER_DEFINED)}
+        mergeable = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SP_NORMAL, SP_USER_DEFINED)}
         merges = []
         for piece, i in mergeable.items():
             for k in range(1, len(piece)):
@@ -184,24 +209,24 @@ def sentencepiece_hf_backend(model_bytes: bytes, special_tokens: Sequence[tuple[
         model = models.BPE(vocab, [m[-1] for m in merges], unk_token=pieces[unk_id][0], fuse_unk=True,
                            byte_fallback=byte_fallback)
     else:
-        raise DataError(f"a SentencePiece {({3: 'word', 4: 'char'}.get(trainer.model_type, trainer.model_type))} "
+        raise DataError(f"a SentencePiece {({3: 'word', 4: 'char'}.get(spec.model_type, spec.model_type))} "
                         f"model has no Hugging Face tokenizer here (unigram and BPE have)")
     tok = HFTokenizer(model)
-    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
-    if norm.remove_extra_whitespaces:
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
         # Only " " counts, as in SentencePiece (after the character map, which turns tabs and newlines into it).
         steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if steps:
         tok.normalizer = normalizers.Sequence(steps)
-    prepend = "always" if norm.add_dummy_prefix else "never"
+    prepend = "always" if spec.add_dummy_prefix else "never"
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend,
-                                                 split=bool(trainer.split_by_whitespace))
+                                                 split=spec.split_by_whitespace)
     if byte_fallback:
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1 if norm.add_dummy_prefix else 0, 0)])
+                                         decoders.Strip(" ", 1 if spec.add_dummy_prefix else 0, 0)])
     else:
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend,
-                                         split=bool(trainer.split_by_whitespace))
+                                         split=spec.split_by_whitespace)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in special_tokens])
     ids = dict(special_tokens)
     tok.post_processor = processors.TemplateProcessing(

@@ -67,6 +67,32 @@ def test_layout_ids_and_roundtrip(trained, docs, tmp_path):
     assert again.vocab_hash == tok.vocab_hash and again.encode_batch(docs[:50]) == ids[:50]
 
 
+def test_model_spec_reads_the_proto_as_sentencepiece_does(trained, docs):
+    """tokenizer_backends.sentencepiece_model_spec (our own protobuf reader, no sentencepiece_model_pb2) gives
+    every piece, score and type as SentencePiece's processor reports them, and the trainer/normalizer fields."""
+    import sentencepiece as spm
+    from data_pipeline import tokenizer_backends as backends
+
+    kind, out = trained
+    with open(os.path.join(out, "spm.model"), "rb") as f:
+        model = f.read()
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    spec = backends.sentencepiece_model_spec(model)
+    assert len(spec.pieces) == sp.get_piece_size() == 600
+    assert [p for p, _, _ in spec.pieces] == [sp.id_to_piece(i) for i in range(600)]
+    assert [s for _, s, _ in spec.pieces] == [sp.get_score(i) for i in range(600)]
+    types = [t for _, _, t in spec.pieces]
+    assert [i for i, t in enumerate(types) if t == 2] == [i for i in range(600) if sp.is_unknown(i)] == [1]
+    assert [i for i, t in enumerate(types) if t == 3] == [i for i in range(600) if sp.is_control(i)] == [0, 2, 3, 4]
+    assert [i for i, t in enumerate(types) if t not in (1, 2, 3)] == []
+    assert spec.model_type == {"sentencepiece-unigram": 1, "sentencepiece-bpe": 2}[kind]
+    assert (spec.unk_id, spec.byte_fallback, spec.split_by_whitespace) == (1, False, True)
+    assert spec.normalizer_name == "nmt_nfkc_cf" and len(spec.precompiled_charsmap) > 1000
+    assert spec.add_dummy_prefix and spec.remove_extra_whitespaces
+    with pytest.raises(ValueError, match="truncated"):
+        backends.sentencepiece_model_spec(model[:-1])
+
+
 def test_cased(docs, tmp_path):
     out = train_tokenizer("sentencepiece-unigram", docs[:600], 400, str(tmp_path / "c"), lowercase=False)
     tok = Tokenizer.load(out)
