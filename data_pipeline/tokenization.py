@@ -196,6 +196,13 @@ def _write_config(out_dir: str, config: dict) -> None:
         json.dump(config, f, indent=2)
 
 
+def _marked_word_starts(tokens: Sequence[str], marker: str, special_ids: Iterable[int]) -> np.ndarray:
+    """[len(tokens)] bool: the tokens that start with the word-start `marker`, and the special tokens."""
+    mask = np.array([t.startswith(marker) for t in tokens], dtype=bool)
+    mask[list(special_ids)] = True
+    return mask
+
+
 class WordPieceTokenizer(Tokenizer):
     """A WordPiece tokenizer with BERT's special tokens; see the module docstring."""
 
@@ -383,9 +390,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def word_start_mask(self) -> np.ndarray:
         """SentencePiece: pieces starting with "▁" (a word start) and the special pieces."""
-        mask = np.array([p.startswith("\u2581") for p in self._pieces], dtype=bool)
-        mask[list(self.special_ids)] = True
-        return mask
+        return _marked_word_starts(self._pieces, "\u2581", self.special_ids)
 
     def save(self, out_dir: str) -> str:
         """spm.model (the exact bytes), spm.vocab (piece and score per line) and tokenizer_config.json."""
@@ -573,9 +578,7 @@ class JsonTokenizer(Tokenizer):
         pre-tokenizer has no marker."""
         if self._marker is None:
             return np.ones(len(self._tokens), dtype=bool)
-        mask = np.array([t.startswith(self._marker) for t in self._tokens], dtype=bool)
-        mask[list(self.special_ids)] = True
-        return mask
+        return _marked_word_starts(self._tokens, self._marker, self.special_ids)
 
     def special_tokens(self) -> dict[str, str]:
         return {f"{role}_token": self._special_tokens[role] for role in _ROLES}

@@ -35,22 +35,25 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
     """`mask(params)` -> a tree of bools, True where weight decay applies (optax.adamw's `mask`)."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
-    def groups(tree, params):
-        decays = jax.tree.leaves(mask(params)) if mask else [True] * len(jax.tree.leaves(params))
+    def decays(params):  # per leaf: True where weight decay applies
+        return jax.tree.leaves(mask(params)) if mask else [True] * len(jax.tree.leaves(params))
+
+    def groups(tree, decay):
         leaves = jax.tree.leaves(tree)
-        return ([x for x, d in zip(leaves, decays) if d], [x for x, d in zip(leaves, decays) if not d])
+        return ([x for x, d in zip(leaves, decay) if d], [x for x, d in zip(leaves, decay) if not d])
 
     def flat(leaves):
         return (jnp.concatenate([x.astype(jnp.float32).ravel() for x in leaves]) if leaves
                 else jnp.zeros((0,), jnp.float32))
 
     def init(params):
-        sizes = [flat(g).shape for g in groups(params, params)]
+        sizes = [flat(g).shape for g in groups(params, decays(params))]
         zeros = tuple(jnp.zeros(s, jnp.float32) for s in sizes)
         return FusedAdamWState(jnp.zeros([], jnp.int32), zeros, zeros)
 
     def update(grads, state, params):
-        g_groups, p_groups = groups(grads, params), groups(params, params)
+        decay = decays(params)
+        g_groups, p_groups = groups(grads, decay), groups(params, decay)
         g_flat = [flat(g) for g in g_groups]
         count = optax.safe_increment(state.count)
         scalars = [schedule(state.count), 1 - b1 ** count.astype(jnp.float32),
@@ -63,20 +66,20 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         for gf, ps, m, v, wd in zip(g_flat, p_groups, state.mu, state.nu, (weight_decay, 0.0)):
             m, v, u = _update(gf, flat(ps), m, v, scalars, b1=b1, b2=b2, eps=eps, weight_decay=wd)
             mu.append(m), nu.append(v), updates.append(u)
-        return _unflatten(updates, g_groups, grads, params, mask), FusedAdamWState(count, tuple(mu), tuple(nu))
+        return _unflatten(updates, g_groups, grads, decay), FusedAdamWState(count, tuple(mu), tuple(nu))
 
     return optax.GradientTransformation(init, update)
 
 
-def _unflatten(updates, g_groups, grads, params, mask):
-    """The two flat update vectors -> a tree shaped like `grads` (each leaf in its gradient's dtype)."""
+def _unflatten(updates, g_groups, grads, decay):
+    """The two flat update vectors -> a tree shaped like `grads` (each leaf in its gradient's dtype; `decay`:
+    per leaf, whether it is in the first vector)."""
     pieces = []
     for u, leaves in zip(updates, g_groups):
         offsets = np.cumsum([0] + [x.size for x in leaves])
         pieces.append([u[a:b].reshape(x.shape).astype(x.dtype) for a, b, x in zip(offsets, offsets[1:], leaves)])
-    decays = jax.tree.leaves(mask(params)) if mask else [True] * len(jax.tree.leaves(params))
     it = [iter(pieces[0]), iter(pieces[1])]
-    return jax.tree.unflatten(jax.tree.structure(grads), [next(it[0] if d else it[1]) for d in decays])
+    return jax.tree.unflatten(jax.tree.structure(grads), [next(it[0] if d else it[1]) for d in decay])
 
 
 def _update(g, p, m, v, scalars, *, b1, b2, eps, weight_decay):

@@ -405,11 +405,14 @@ def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict
     sizes = {"embedding_size": cfg.embed_dim} if spec.model_type == "electra" else {}
     if spec.model_type == "roberta":
         check_roberta(cfg, pad_token_id)
+    return {"architectures": [spec.architecture], "model_type": spec.model_type, **_shared_hf_config(cfg, pad_token_id),
+            **sizes, "position_embedding_type": "absolute", "tie_word_embeddings": True, "dtype": "float32"}
+
+
+def _shared_hf_config(cfg: EncoderConfig, pad_token_id: int) -> dict:
+    """The config.json fields BertConfig, ElectraConfig, RobertaConfig and DebertaV2Config name alike."""
     return {
-        "architectures": [spec.architecture],
-        "model_type": spec.model_type,
         "vocab_size": cfg.vocab_size,
-        **sizes,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
@@ -422,9 +425,6 @@ def hf_config(cfg: EncoderConfig, pad_token_id: int, model: str = "mlm") -> dict
         "initializer_range": cfg.initializer_range,
         "layer_norm_eps": cfg.layer_norm_eps,
         "pad_token_id": int(pad_token_id),
-        "position_embedding_type": "absolute",
-        "tie_word_embeddings": True,
-        "dtype": "float32",
     }
 
 
@@ -507,19 +507,7 @@ def deberta_hf_config(cfg: EncoderConfig, pad_token_id: int, architecture: str) 
     return {
         "architectures": [architecture],
         "model_type": "deberta-v2",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": HF_ACTIVATION[cfg.hidden_act],
-        "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size,
-        "initializer_range": cfg.initializer_range,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": int(pad_token_id),
+        **_shared_hf_config(cfg, pad_token_id),
         "relative_attention": cfg.relative_attention,
         "position_buckets": cfg.position_buckets,
         "max_relative_positions": cfg.max_relative_positions,
