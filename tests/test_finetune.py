@@ -132,6 +132,23 @@ def test_downstream_pretraining_budgets_have_equal_flops():
     assert downstream._config("mlm", mlm).model.hidden_size == 128  # pylint: disable=protected-access
 
 
+def test_the_tiny_mlm_and_electra_recipes_share_one_optimizer():
+    """configs/common.py TINY_OPTIM and its warmup rule, in both tiny recipes and in tools.downstream's runs;
+    ELECTRA samples its replacements at the paper's temperature 1."""
+    from configs import bert, common, electra
+    from tools import downstream
+
+    for module in (bert, electra):
+        c = module.get_config("tiny")
+        assert {k: c.optim[k] for k in common.TINY_OPTIM} == common.TINY_OPTIM
+        assert c.optim.warmup_steps == common.tiny_warmup_steps(c.train.steps)
+    assert bert.get_config("tiny").optim.warmup_steps == 100  # 1/12 of its 1,200 steps, as before
+    assert electra.get_config("tiny").objective.sampling_temperature == 1.0
+    optims = [dict(downstream._config(name, downstream.pretrain_overrides(  # pylint: disable=protected-access
+        downstream.FULL, "data", name, 760)).optim) for name in ("mlm", "electra")]
+    assert optims[0] == optims[1] and optims[0]["warmup_steps"] == 63
+
+
 def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_path):
     """results.jsonl is a cache: a finished run counts when it used the budget's max_len, lr and (after
     --min-steps) epochs; runs with other settings stay in the file and are neither reused nor reported."""

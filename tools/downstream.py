@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+from configs import common
 from tools import downstream_report
 from tools.downstream_report import MODELS
 
@@ -52,7 +53,7 @@ def log(msg):
 def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) -> dict:
     """--config.KEY=VALUE overrides of the tiny recipe, shared by the FLOPs count and the training command."""
     o = {"data.dir": data_dir, "data.seq_len": budget["seq_len"], "train.batch_size": budget["batch_size"],
-         "train.steps": steps, "optim.warmup_steps": max(1, steps // 12),
+         "train.steps": steps, "optim.warmup_steps": common.tiny_warmup_steps(steps),
          "train.eval_every": max(1, steps // 6), "train.log_every": max(1, steps // 12),
          "checkpoint.every": steps, "train.eval_batches": 10}
     if objective == "electra":

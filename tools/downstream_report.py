@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from bert_jax import workdir as workdir_lib
+from configs import common
 from tools import finetune_hf
 
 MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
@@ -76,6 +77,16 @@ def plot_curves(curves: dict, info: dict, png: str) -> bool:
     return True
 
 
+def optim_note(info: dict) -> str:
+    """The pretraining optimizer both runs used (the recipes' shared one, or the sweep's lr and b2)."""
+    o = info["mlm"]["overrides"]
+    lr = o.get("optim.learning_rate", common.TINY_OPTIM["learning_rate"])
+    b2 = o.get("optim.b2", common.TINY_OPTIM["b2"])
+    chosen = ", chosen by the sweep below" if "optim.learning_rate" in o else ""
+    return (f": AdamW, lr {lr:g}, b2 {b2:g}{chosen}, eps {common.TINY_OPTIM['eps']:g}, weight decay "
+            f"{common.TINY_OPTIM['weight_decay']:g}, linear warmup over 1/12 of the steps then linear decay")
+
+
 def _fmt(v):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
@@ -110,7 +121,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
                      f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
     lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
               "width is set to 128 and its generator is half as wide; the tiny ELECTRA recipe samples the "
-              "replacements at temperature 2). Steps follow from equal FLOPs by "
+              "replacements at temperature 1, the paper's). Both recipes share one optimizer "
+              f"(`configs/common.py` TINY_OPTIM{optim_note(info)}). Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
               "for information.", "",
               "## Fine-tuning", "",
