@@ -176,7 +176,7 @@ def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log
     naming its log (here: no task folder, so the two first runs, the reference's, fail at once)."""
     from tools import downstream
 
-    budget = dict(downstream.FULL, seeds=1)
+    budget = dict(downstream.FULL, seeds=1, ref_all_seeds=1)
     with pytest.raises(SystemExit, match=r"^error: `-m tools.finetune_hf --model .*` failed with exit code 1 "
                                          r"\(see .*finetune_logs.minilm-(all|few)-0.log\)$"):
         downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "no_task"), 8000, jobs=2)
