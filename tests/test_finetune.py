@@ -178,6 +178,35 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     assert downstream_report.summarise(done)["scratch/few"]["accuracy"] == 50.0
 
 
+def test_downstream_sweep_reuses_finished_runs_and_picks_the_lowest_mean_relative_loss(tmp_path):
+    """--sweep: OUT/sweep_{objective}_lr{lr}_b2{b2} runs whose metrics.jsonl has the final eval are reused (none
+    is trained here); the choice minimises the mean over objectives of loss / that objective's best, which here
+    is neither objective's own best setting."""
+    from bert_jax import workdir as workdir_lib
+    from tools import downstream, downstream_report
+
+    budget = dict(downstream.FULL)
+    mlm = downstream.step_flops("mlm", downstream.pretrain_overrides(budget, "data", "mlm", 300), 8000)
+    el = downstream.step_flops("electra", downstream.pretrain_overrides(budget, "data", "electra", 1), 8000)
+    steps = {"mlm": 300, "electra": round(300 * mlm / el)}  # a quarter of the 1,200 MLM steps; equal FLOPs
+    losses = {"mlm": {(1e-3, 0.98): 5.0, (1e-3, 0.999): 5.5, (2e-3, 0.98): 4.8, (2e-3, 0.999): 5.2},
+              "electra": {(1e-3, 0.98): 20.0, (1e-3, 0.999): 19.0, (2e-3, 0.98): 22.0, (2e-3, 0.999): 21.0}}
+    for objective, by_setting in losses.items():
+        for (lr, b2), loss in by_setting.items():
+            path = workdir_lib.metrics(str(tmp_path / f"sweep_{objective}_lr{lr:g}_b2{b2:g}"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:  # an earlier eval, then the final one
+                f.write(json.dumps({"step": 10, "eval/loss": 1.0}) + "\n")
+                f.write(json.dumps({"step": steps[objective], "eval/loss": loss}) + "\n")
+    result = downstream.sweep(str(tmp_path), budget, "data", 8000)
+    assert result["steps"] == steps and len(result["runs"]) == 8
+    # (1e-3, 0.98): (5.0 / 4.8 + 20 / 19) / 2 = 1.0471, below (1e-3, 0.999) 1.0729, (2e-3, 0.98) 1.0789, ...
+    assert result["choice"] == {"lr": 1e-3, "b2": 0.98}
+    assert min(s["score"] for s in result["scores"]) == pytest.approx((5.0 / 4.8 + 20 / 19) / 2)
+    assert json.loads((tmp_path / "sweep.json").read_text()) == result
+    assert "| **0.001** | **0.98** | 5.0000 | 20.0000 | 1.0471 (chosen) |" in downstream_report.sweep_table(result)
+
+
 def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log(tmp_path):
     """With --jobs, a fine-tune process that fails starts no further ones and ends the run with one line
     naming its log (here: no task folder, so the two first runs, the reference-sized all-label ones, fail at

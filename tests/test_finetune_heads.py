@@ -87,7 +87,9 @@ def test_decay_exponent_reads_each_familys_parameter_names(family):
     layer) or 3 (the rest of the encoder), each layer the same number of tensors."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    extra = dict(relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm") if family == "deberta-v2" else {}
+    extra = {}
+    if family == "deberta-v2":  # with its relative embeddings
+        extra = dict(relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm")
     config = AutoConfig.for_model(family, vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=40, num_labels=3, **extra)
     names = [n for n, _ in AutoModelForSequenceClassification.from_config(config).named_parameters()]

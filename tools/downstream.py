@@ -45,9 +45,11 @@ REFERENCE_SIZED = ("minilm", "dapt")
 DAPT_LR = 1e-4  # peak lr of the continued pretraining of all-MiniLM-L6-v2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
-            max_train=None, seeds=3, ref_all_seeds=0, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5)
+            max_train=None, seeds=3, ref_all_seeds=0, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5,
+            sweep_lrs=(1e-3, 2e-3), sweep_b2s=(0.98, 0.999), sweep_fraction=0.25)
 QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
-             max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, min_steps=0, lr_ours=3e-4, lr_ref=5e-5)
+             max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, min_steps=0, lr_ours=3e-4, lr_ref=5e-5,
+             sweep_lrs=(2e-3,), sweep_b2s=(0.98, 0.999), sweep_fraction=0.25)
 
 
 def log(msg):
@@ -140,6 +142,50 @@ def _pretrain_and_export(out: str, info: dict, name: str, overrides: dict, per_s
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         run_cmd(["-m", "tools.convert_to_hf", "--workdir", workdir, "--out", hf_dir, "--model", EXPORTS[name],
                  "--overwrite"])
+
+
+def final_eval_loss(workdir: str, steps: int) -> float | None:
+    """The held-out `eval/loss` of a run's evaluation at step `steps` (its last), from its metrics.jsonl."""
+    from bert_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    path = workdir_lib.metrics(workdir)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        losses = [r["eval/loss"] for r in map(json.loads, f) if "eval/loss" in r and r.get("step") == steps]
+    return losses[-1] if losses else None
+
+
+def sweep(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
+    """Pretrains each objective at `sweep_fraction` of the MLM budget (ELECTRA at equal FLOPs) for every (lr, b2)
+    of the grid into OUT/sweep_{objective}_lr{lr}_b2{b2} (finished runs are reused) and picks the setting with
+    the lowest mean over the two objectives of final eval loss / that objective's best; writes OUT/sweep.json."""
+    mlm_steps = max(1, round(budget["mlm_steps"] * budget["sweep_fraction"]))
+    mlm_step = step_flops("mlm", pretrain_overrides(budget, data_dir, "mlm", mlm_steps), vocab_size)
+    el_step = step_flops("electra", pretrain_overrides(budget, data_dir, "electra", 1), vocab_size)
+    steps = {"mlm": mlm_steps, "electra": max(1, round(mlm_steps * mlm_step / el_step))}
+    grid = [(lr, b2) for lr in budget["sweep_lrs"] for b2 in budget["sweep_b2s"]]
+    runs = []
+    for objective in ("mlm", "electra"):
+        for lr, b2 in grid:
+            workdir = os.path.join(out, f"sweep_{objective}_lr{lr:g}_b2{b2:g}")
+            if final_eval_loss(workdir, steps[objective]) is None:
+                log(f"      sweep: {objective}, lr {lr:g}, b2 {b2:g}, {steps[objective]} steps")
+                _train(objective, workdir, {**pretrain_overrides(budget, data_dir, objective, steps[objective]),
+                                            "optim.learning_rate": lr, "optim.b2": b2})
+            loss = final_eval_loss(workdir, steps[objective])
+            if loss is None:
+                raise SystemExit(f"error: {workdir} has no eval/loss at step {steps[objective]} in its metrics.jsonl")
+            runs.append({"objective": objective, "lr": lr, "b2": b2, "steps": steps[objective], "eval_loss": loss})
+    best = {o: min(r["eval_loss"] for r in runs if r["objective"] == o) for o in steps}
+    scores = [{"lr": lr, "b2": b2, "score": sum(r["eval_loss"] / best[r["objective"]] for r in runs
+                                                if (r["lr"], r["b2"]) == (lr, b2)) / len(steps)} for lr, b2 in grid]
+    choice = min(scores, key=lambda x: x["score"])
+    result = {"fraction": budget["sweep_fraction"], "steps": steps, "runs": runs, "scores": scores,
+              "choice": {"lr": choice["lr"], "b2": choice["b2"]}}
+    with open(os.path.join(out, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    log(f"      chosen: lr {choice['lr']:g}, b2 {choice['b2']:g} (mean loss / best {choice['score']:.4f})")
+    return result
 
 
 def load_info(out: str) -> dict:
@@ -292,6 +338,14 @@ def main(argv=None) -> int:
                         help="seeds of all-MiniLM-L6-v2 with all labels (default 0: ~25 min each on 2 cores; "
                              "the page then quotes the earlier run's figure)")
     parser.add_argument("--max-len", type=int, default=None, help="fine-tuning tokens per example")
+    parser.add_argument("--sweep", action="store_true",
+                        help="before pretraining, pick the shared lr and b2 of the MLM and ELECTRA runs from a grid "
+                             "(runs at --sweep-fraction of the budget; OUT/sweep.json, a table on the page)")
+    parser.add_argument("--sweep-lrs", default=None, metavar="LR,LR", help="the grid's peak learning rates "
+                        "(default 0.001,0.002; --quick 0.002)")
+    parser.add_argument("--sweep-b2s", default=None, metavar="B2,B2", help="the grid's Adam b2 (default 0.98,0.999)")
+    parser.add_argument("--sweep-fraction", type=float, default=None,
+                        help="of --mlm-steps, for each sweep run (default 0.25; ELECTRA at equal FLOPs)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tunes run at a time, each with cores / JOBS torch threads (default 2; 1: one "
                              "after another in this process)")
@@ -299,6 +353,19 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     budget = dict(QUICK if args.quick else FULL)
+    for key, low, high in (("sweep_lrs", 0.0, 1.0), ("sweep_b2s", 0.0, 1.0)):
+        flag = "--" + key.replace("_", "-")
+        if getattr(args, key) is not None:
+            try:
+                budget[key] = tuple(float(v) for v in getattr(args, key).split(","))
+            except ValueError:
+                parser.error(f"{flag} must be comma-separated numbers, got {getattr(args, key)!r}")
+            if not all(low < v < high for v in budget[key]):
+                parser.error(f"{flag} values must be in ({low:g}, {high:g}), got {getattr(args, key)!r}")
+    if args.sweep_fraction is not None:
+        if not 0.0 < args.sweep_fraction <= 1.0:
+            parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")
+        budget["sweep_fraction"] = args.sweep_fraction
     for key in ("mlm_steps", "seeds", "ref_all_seeds", "max_len"):
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
@@ -321,8 +388,13 @@ def main(argv=None) -> int:
         pretokenize.pretokenize("docstrings", data_dir, vocab_size=budget["vocab_size"], seq_len=budget["seq_len"],
                                 max_documents=budget["max_documents"], cache_dir=cache, log=lambda m: log("      " + m))
     manifest = manifest_lib.load(data_dir)
+    swept = None
+    if args.sweep:
+        log(f"[3/5] sweep: lr x b2 for MLM and ELECTRA at {budget['sweep_fraction']:g} of the budget")
+        swept = sweep(out, budget, data_dir, manifest.vocab_size)
     log("[3/5] pretraining MLM and ELECTRA at equal FLOPs")
-    info = pretrain(out, budget, data_dir, manifest.vocab_size)
+    optim = {"optim.learning_rate": swept["choice"]["lr"], "optim.b2": swept["choice"]["b2"]} if swept else None
+    info = pretrain(out, budget, data_dir, manifest.vocab_size, optim)
     log("[4/5] continuing all-MiniLM-L6-v2's pretraining on the docstrings (DAPT) at the MLM run's FLOPs")
     dapt(out, budget, cache, info)
     log("[5/5] fine-tuning")
@@ -330,10 +402,11 @@ def main(argv=None) -> int:
     table = downstream_report.summarise(results)
     command = shlex.join(["python", "-m", "tools.downstream"] + (sys.argv[1:] if argv is None else list(argv)))
     downstream_report.write_results(results_path, command, args.quick, budget, task, manifest, info,
-                                    downstream_report.eval_curves(out, info), table,
-                  results, time.time() - t0)
+                                    downstream_report.eval_curves(out, info), table, swept, results,
+                                    time.time() - t0)
     log(f"wrote {results_path}")
     print(json.dumps({"results": results_path, "table": table, "wall_seconds": round(time.time() - t0, 1),
+                      "sweep": swept and swept["choice"],
                       "pretraining": {k: {"steps": v["steps"], "train_flops": v["train_flops"],
                                           "wall_seconds": v["wall_seconds"]} for k, v in info.items()}}))
     return 0

@@ -144,6 +144,26 @@ def controls_table(table: dict, budget: dict) -> list[str]:
     return lines + [""]
 
 
+def sweep_table(sweep: dict | None) -> list[str]:
+    """The lr x b2 sweep (`--sweep`, OUT/sweep.json): every run's final held-out loss and the choice."""
+    if not sweep:
+        return []
+    lines = ["### The optimizer sweep (`--sweep`)", "",
+             f"Each objective pretrained at {sweep['fraction']:g} of the budget (MLM {sweep['steps']['mlm']} steps, "
+             f"ELECTRA {sweep['steps']['electra']}: equal FLOPs) for each lr x b2; the final held-out `eval/loss` "
+             "(ELECTRA's: generator MLM + 50 x discriminator), and each setting's score, the mean over the two "
+             "objectives of loss / that objective's best. The lowest score is the setting of both runs above.", "",
+             "| lr | b2 | MLM loss | ELECTRA loss | score |", "|---|---|---|---|---|"]
+    for score in sweep["scores"]:
+        loss = {r["objective"]: r["eval_loss"] for r in sweep["runs"]
+                if (r["lr"], r["b2"]) == (score["lr"], score["b2"])}
+        chosen = (score["lr"], score["b2"]) == (sweep["choice"]["lr"], sweep["choice"]["b2"])
+        mark = "**" if chosen else ""
+        lines.append(f"| {mark}{score['lr']:g}{mark} | {mark}{score['b2']:g}{mark} | {loss['mlm']:.4f} | "
+                     f"{loss['electra']:.4f} | {score['score']:.4f}{' (chosen)' if chosen else ''} |")
+    return lines + [""]
+
+
 def dapt_note(info: dict) -> list[str]:
     if "dapt" not in info:
         return []
@@ -172,7 +192,7 @@ def _fmt(v):
 
 
 def write_results(path: str, command: str, quick: bool, budget: dict, task: dict, manifest, info: dict,
-                  curves: dict, table: dict, results: list[dict], total_seconds: float) -> None:
+                  curves: dict, table: dict, sweep: dict | None, results: list[dict], total_seconds: float) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     png = os.path.splitext(path)[0].replace("RESULTS", "pretraining_curves") + ".png"
     if png == path or not png.endswith(".png"):
@@ -206,7 +226,7 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               "replacements at temperature 1, the paper's). Both recipes share one optimizer "
               f"(`configs/common.py` TINY_OPTIM{optim_note(info)}). Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
-              "for information.", "", *dapt_note(info), "",
+              "for information.", "", *dapt_note(info), "", *sweep_table(sweep),
               "## Fine-tuning", "",
               f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
               f"decay, {budget['epochs']} epochs (more when that is fewer than {budget['min_steps']} steps: "
