@@ -223,47 +223,69 @@ def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log
     assert not (tmp_path / "results.jsonl").exists()
 
 
-@pytest.mark.slow  # ~5-8 min: the real task and corpus extracted, two pretraining runs, eight fine-tunes
+@pytest.mark.slow  # ~10 min: the real task and corpus extracted, six pretraining runs, eighteen fine-tunes
 def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp_path):
-    """The documented experiment at its smoke-test budgets (`--quick`), fine-tuning two at a time (`--jobs 2`):
-    the real docstring_origin task, MLM and ELECTRA pretrained at equal FLOPs, exported, the four models
-    fine-tuned with few and all labels, the page and its plot written; run again, nothing runs twice."""
+    """The documented experiment at its smoke-test budgets (`--quick --sweep`), fine-tuning two at a time (the
+    default --jobs 2): the real docstring_origin task, the lr x b2 sweep (a 1 x 1 grid), MLM and ELECTRA
+    pretrained at equal FLOPs with its choice, all-MiniLM-L6-v2's DAPT at the same FLOPs, all exported, the five
+    models fine-tuned with few and all labels and the eight controls with few, the page and its plot written;
+    run again, nothing runs twice."""
     from tools import downstream
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tools.downstream", "--out", str(out), "--quick", "--jobs", "2"]
+    cmd = [sys.executable, "-m", "tools.downstream", "--out", str(out), "--quick", "--sweep"]
     # As a user runs it: one CPU device. (With the suite's 8 fake devices, under the other test worker's load,
     # XLA:CPU's in-process all-gather once missed its rendezvous deadline and aborted a pretraining run.)
     env = {**os.environ, "XLA_FLAGS": ""}  # as test_checkpointing / test_fault_tolerance do
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     table = summary["table"]
-    assert sorted(table) == sorted(f"{m}/{n}" for m, _ in downstream.MODELS for n in ("few", "all"))
+    assert sorted(table) == sorted([f"{m}/{n}" for m, _ in downstream.MODELS for n in ("few", "all")]
+                                   + [f"{c}/few" for c, _, _ in downstream.CONTROLS])
     for cell in table.values():
         assert cell["seeds"] == 1 and 0.0 <= cell["accuracy"] <= 100.0, table
     assert table["mlm/few"]["num_train"] == downstream.QUICK["few"]
     assert table["minilm/all"]["num_train"] == downstream.QUICK["max_train"]
 
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [(r["objective"], r["lr"], r["b2"]) for r in sweep["runs"]] == [("mlm", 2e-3, 0.98), ("electra", 2e-3, 0.98)]
+    assert sweep["steps"]["mlm"] == round(downstream.QUICK["mlm_steps"] / 4) and summary["sweep"] == sweep["choice"]
     info = json.loads((out / "pretraining.json").read_text())
     assert info["mlm"]["steps"] == downstream.QUICK["mlm_steps"]
-    assert abs(info["electra"]["train_flops"] - info["mlm"]["train_flops"]) <= info["electra"]["step_flops"] / 2
-    for name in ("mlm", "electra"):
+    for name in ("mlm", "electra"):  # the sweep's choice, in both runs
+        assert (info[name]["overrides"]["optim.learning_rate"], info[name]["overrides"]["optim.b2"]) == (2e-3, 0.98)
+    for name in ("electra", "dapt"):  # equal training FLOPs, to within half a step
+        assert abs(info[name]["train_flops"] - info["mlm"]["train_flops"]) <= info[name]["step_flops"] / 2
+    assert info["dapt"]["overrides"]["init_from"] == str(out / "minilm_import")
+    assert info["dapt"]["step_flops"] > 5 * info["mlm"]["step_flops"]  # the 6 x 384 model, ~20x ours per token
+    for name in ("mlm", "electra", "dapt"):
         assert (out / f"hf_{name}" / "config.json").exists()
 
     page = (out / "RESULTS.md").read_text()
     assert "QUICK MODE" in page and "| (c) ELECTRA discriminator (ours) |" in page
+    assert "| (e) all-MiniLM-L6-v2 + DAPT on the docstrings (our MLM run's FLOPs) |" in page
+    assert "### The optimizer sweep (`--sweep`)" in page and "(chosen)" in page
+    assert "## Controls (fine-tuning choices)" in page and "| electra@bert_head | electra | --head bert |" in page
+    assert "min wall-clock for the invocation" in page
     assert (out / "pretraining_curves.png").stat().st_size > 10_000
     runs = (out / "results.jsonl").read_text().splitlines()
-    assert len(runs) == 8
+    assert len(runs) == 2 * len(downstream.MODELS) + len(downstream.CONTROLS)
+    # Each control ran with its option (and only it) through the command line.
+    by_name = {json.loads(r)["name"]: json.loads(r) for r in runs}
+    assert {k: by_name["electra@bert_head"][k] for k in ("pooling", "head", "layerwise_lr_decay")} == {
+        "pooling": "cls", "head": "bert", "layerwise_lr_decay": 1.0}
+    assert by_name["mlm+llrd"]["layerwise_lr_decay"] == 0.8 and by_name["mlm+mean"]["pooling"] == "mean"
+    assert by_name["dapt"]["model"] == str(out / "hf_dapt")
     # Each run went through its own `python -m tools.finetune_hf` process, whose log ends with its result.
     logs = sorted(p.name for p in (out / "finetune_logs").glob("*.log"))
-    assert logs == sorted(f"{m}-{n}-0.log" for m, _ in downstream.MODELS for n in ("few", "all"))
+    assert logs == sorted(f"{json.loads(r)['name']}-{json.loads(r)['labels']}-0.log" for r in runs)
     assert json.loads((out / "finetune_logs" / "mlm-few-0.log").read_text().strip().splitlines()[-1]) in (
         {k: v for k, v in json.loads(r).items() if k not in ("name", "labels")} for r in runs)
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "fine-tuning " not in again.stdout and "pretraining mlm" not in again.stdout
+    assert "sweep: mlm" not in again.stdout and "pretraining dapt" not in again.stdout
     assert (out / "results.jsonl").read_text().splitlines() == runs
     assert json.loads(again.stdout.strip().splitlines()[-1])["table"] == table

