@@ -132,6 +132,28 @@ def test_downstream_pretraining_budgets_have_equal_flops():
     assert downstream._config("mlm", mlm).model.hidden_size == 128  # pylint: disable=protected-access
 
 
+def test_downstream_deberta_runs_share_the_optimizer_and_the_flops_budget():
+    """--deberta: configs/deberta.py:tiny with RTD (two towers, temperature 1) and with MLM, the tiny recipes'
+    optimizer, and steps such that each run's training FLOPs are the MLM run's."""
+    from configs import common
+    from tools import downstream
+
+    budget = downstream.FULL
+    f_mlm = downstream.step_flops("mlm", downstream.pretrain_overrides(budget, "data", "mlm", 1200), 8000)
+    for name, objective in (("deberta_rtd", "deberta_rtd"), ("deberta_mlm", "mlm")):
+        overrides = downstream.pretrain_overrides(budget, "data", name, 1)
+        c = downstream._config(name, overrides)  # pylint: disable=protected-access
+        assert c.objective.name == objective and c.model.relative_attention and c.model.hidden_size == 128
+        assert (c.optim.learning_rate, c.optim.b2) == (common.TINY_OPTIM["learning_rate"], common.TINY_OPTIM["b2"])
+        assert objective == "mlm" or c.objective.sampling_temperature == 1.0  # the paper's, as ELECTRA tiny
+        per_step = downstream.step_flops(name, overrides, 8000)
+        steps = round(1200 * f_mlm / per_step)
+        assert abs(steps * per_step - 1200 * f_mlm) <= per_step / 2
+    rtd = downstream.step_flops("deberta_rtd", downstream.pretrain_overrides(budget, "data", "deberta_rtd", 1), 8000)
+    mlm = downstream.step_flops("deberta_mlm", downstream.pretrain_overrides(budget, "data", "deberta_mlm", 1), 8000)
+    assert rtd > mlm  # RTD's generator (as wide, half as deep) costs extra: fewer steps
+
+
 def test_the_tiny_mlm_and_electra_recipes_share_one_optimizer():
     """configs/common.py TINY_OPTIM and its warmup rule, in both tiny recipes and in tools.downstream's runs;
     ELECTRA samples its replacements at the paper's temperature 1."""

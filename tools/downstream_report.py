@@ -14,6 +14,9 @@ from tools import finetune_hf
 MODELS = (("scratch", "(a) random init (BERT shape, our tokenizer)"), ("mlm", "(b) MLM-pretrained (ours)"),
           ("electra", "(c) ELECTRA discriminator (ours)"), ("minilm", "(d) all-MiniLM-L6-v2 (reference)"),
           ("dapt", "(e) all-MiniLM-L6-v2 + DAPT on the docstrings (our MLM run's FLOPs)"))
+# The rows of `--deberta`: configs/deberta.py:tiny pretrained at the MLM run's FLOPs with each objective.
+DEBERTA_MODELS = (("deberta_rtd", "(f) DeBERTa-v3 RTD discriminator (ours, tiny)"),
+                  ("deberta_mlm", "(g) DeBERTa MLM (ours, tiny)"))
 # The controls, fine-tuned with the few labels and every seed: (row, model, tools.finetune_hf options). The head
 # swap puts each encoder under the other family's head and, to compare like with like, under its own (both
 # fresh, on the bare encoder: the default head of an ELECTRA folder is ELECTRA's, of a BERT folder BERT's).
@@ -60,7 +63,7 @@ def eval_curves(out: str, names) -> dict:
 
 def summarise(results: list[dict]) -> dict:
     table = {}
-    for name in [n for n, _ in MODELS] + [n for n, _, _ in CONTROLS]:
+    for name in [n for n, _ in MODELS + DEBERTA_MODELS] + [n for n, _, _ in CONTROLS]:
         for labels in ("few", "all"):
             rs = [r for r in results if r["name"] == name and r["labels"] == labels]
             if not rs:
@@ -164,6 +167,17 @@ def sweep_table(sweep: dict | None) -> list[str]:
     return lines + [""]
 
 
+def deberta_note(info: dict) -> list[str]:
+    if "deberta_rtd" not in info:
+        return []
+    return ["", "`--deberta` (rows f, g): configs/deberta.py:tiny (2 layers, hidden 128, DeBERTa's disentangled "
+            "attention, no absolute positions) pretrained with DeBERTa-v3's replaced-token detection "
+            "(`deberta_rtd`: a generator as wide and half as deep, gradient-disentangled embedding sharing; "
+            "sampling temperature 1) and with MLM (`--config.objective.name=mlm`), each for the MLM run's "
+            "training FLOPs with the shared optimizer, exported by `tools.convert_to_hf` "
+            "(`--model deberta_discriminator` / `deberta_mlm`) and fine-tuned as ours."]
+
+
 def dapt_note(info: dict) -> list[str]:
     if "dapt" not in info:
         return []
@@ -226,7 +240,7 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               "replacements at temperature 1, the paper's). Both recipes share one optimizer "
               f"(`configs/common.py` TINY_OPTIM{optim_note(info)}). Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
-              "for information.", "", *dapt_note(info), "", *sweep_table(sweep),
+              "for information.", "", *dapt_note(info), *deberta_note(info), "", *sweep_table(sweep),
               "## Fine-tuning", "",
               f"`python -m tools.finetune_hf`: whole network, AdamW (weight decay 0.01), 6% warmup then linear "
               f"decay, {budget['epochs']} epochs (more when that is fewer than {budget['min_steps']} steps: "
@@ -241,7 +255,7 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
               "Test accuracy / macro-F1 in %, mean ± std over seeds:", "",
               f"| model | {budget['few']} labels: acc | macro-F1 | all labels: acc | macro-F1 |",
               "|---|---|---|---|---|"]
-    for name, title in MODELS:
+    for name, title in MODELS + tuple(m for m in DEBERTA_MODELS if f"{m[0]}/few" in table):
         cells = []
         for labels in ("few", "all"):
             t = table.get(f"{name}/{labels}")
