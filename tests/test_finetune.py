@@ -245,7 +245,7 @@ def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log
     assert not (tmp_path / "results.jsonl").exists()
 
 
-@pytest.mark.slow  # ~10 min: the real task and corpus extracted, six pretraining runs, eighteen fine-tunes
+@pytest.mark.slow  # ~10-15 min: the real task and corpus, 2 sweep + 2 pretraining runs + DAPT, 18 fine-tunes
 def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp_path):
     """The documented experiment at its smoke-test budgets (`--quick --sweep`), fine-tuning two at a time (the
     default --jobs 2): the real docstring_origin task, the lr x b2 sweep (a 1 x 1 grid), MLM and ELECTRA

@@ -72,7 +72,8 @@ def log(msg):
 
 
 def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) -> dict:
-    """--config.KEY=VALUE overrides of the tiny recipe, shared by the FLOPs count and the training command."""
+    """--config.KEY=VALUE overrides of run `objective`'s recipe (RECIPES: mlm, electra, deberta_rtd, deberta_mlm;
+    DAPT adds its own to mlm's), shared by the FLOPs count and the training command."""
     o = {"data.dir": data_dir, "data.seq_len": budget["seq_len"], "train.batch_size": budget["batch_size"],
          "train.steps": steps, "optim.warmup_steps": common.tiny_warmup_steps(steps),
          "train.eval_every": max(1, steps // 6), "train.log_every": max(1, steps // 12),
