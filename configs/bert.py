@@ -14,9 +14,8 @@ def get_config(arg: str = "tiny"):
     c = common.base_config()
     c.model = common.model_config(arg)
     if arg == "tiny":
-        # ~10 minutes on a 2-core CPU: no dropout (too few steps to overfit), a hot learning rate with
-        # RoBERTa's b2=0.98 (steadier at that rate; measured on the docstring corpus: eval MLM accuracy
-        # 18.7% after 900 steps vs 16.5% after 600 steps with b2=0.999, batch 64).
+        # ~10 minutes on a 2-core CPU: no dropout (too few steps to overfit); the optimizer is the tiny
+        # ELECTRA recipe's (common.TINY_OPTIM: lr and b2 from the sweep in docs/RESULTS.md).
         c.model.hidden_dropout = 0.0
         c.model.attention_dropout = 0.0
         c.data.seq_len = 128
@@ -24,9 +23,7 @@ def get_config(arg: str = "tiny"):
         c.train.steps = 1200
         c.train.log_every = 50
         c.train.eval_every = 200
-        c.optim.learning_rate = 2e-3
-        c.optim.b2 = 0.98
-        c.optim.warmup_steps = 100
+        common.apply_tiny_optim(c)
         c.checkpoint.every = 400
     elif arg in ("mini", "small", "medium"):
         c.train.batch_size = 128

@@ -69,8 +69,9 @@ def get_config(arg: str = "tiny"):
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
     if arg == "tiny":
-        # A minute or two on a 2-core CPU: short relative span, no dropout, a hot learning rate, and ELECTRA
-        # tiny's hotter generator sample (easier replacements for so young a generator).
+        # A minute or two on a 2-core CPU: short relative span, no dropout, a hot learning rate, and a hotter
+        # generator sample (T=2: easier replacements for so young a generator; `tools.downstream --deberta`
+        # trains at the tiny ELECTRA recipe's T=1 and optimizer instead).
         c.model.position_buckets = 32
         c.model.max_relative_positions = 128
         c.model.hidden_dropout = 0.0
