@@ -78,7 +78,7 @@ def pretrain_overrides(budget: dict, data_dir: str, objective: str, steps: int) 
     o = {"data.dir": data_dir, "data.seq_len": budget["seq_len"], "train.batch_size": budget["batch_size"],
          "train.steps": steps, "optim.warmup_steps": common.tiny_warmup_steps(steps),
          "train.eval_every": max(1, steps // 6), "train.log_every": max(1, steps // 12),
-         "checkpoint.every": steps, "train.eval_batches": 10}
+         "checkpoint.every": max(1, steps // 4), "train.eval_batches": 10}
     if objective == "electra":
         o["model.embedding_size"] = -1  # the BERT model's shape (the tiny recipe has 64)
     if objective.startswith("deberta"):  # the tiny MLM / ELECTRA recipes' optimizer and sampling temperature
