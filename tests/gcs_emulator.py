@@ -86,11 +86,14 @@ class GcsEmulator:
         self.proxy_port = int(_wait(lambda: os.path.exists(port_file) and open(port_file).read(), "proxy"))
         return self
 
-    def env(self) -> dict[str, str]:
-        """The variables every client needs (set them before the first gs:// access of a process)."""
+    def env(self, all_through_proxy: bool = False) -> dict[str, str]:
+        """The variables every client needs (set them before the first gs:// access of a process). With
+        `all_through_proxy`, the clients that take an emulator URL go through the proxy too, so that
+        `inject_fault` reaches every request."""
         proxy = f"http://127.0.0.1:{self.proxy_port}"
+        url = proxy if all_through_proxy else self.url
         return {
-            "STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy", "GOOGLE_CLOUD_PROJECT": "test",
             "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
@@ -131,6 +134,18 @@ class GcsEmulator:
             if e.code == 404:
                 return None
             raise
+
+    def inject_fault(self, status: int | None, text: str = "") -> None:
+        """From now on the proxy answers `status` to each request whose object path contains `text`, instead
+        of forwarding it; `None` ends the fault."""
+        fault = os.path.join(self.dir, "fault")
+        if status is None:
+            if os.path.exists(fault):
+                os.remove(fault)
+            return
+        with open(fault + ".tmp", "w", encoding="utf-8") as f:
+            f.write(f"{status} {text}")
+        os.replace(fault + ".tmp", fault)
 
     def proxy_log(self) -> list[str]:
         with open(os.path.join(self.dir, "proxy.log"), encoding="utf-8") as f:
