@@ -1,4 +1,4 @@
-"""Object storage (gs://) end to end, on a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): the file layer's
+"""Object storage (gs://) end to end, on a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py): the file layer's
 publish-when-complete writes, the workdir lock object, and the real CLIs on gs:// paths (pretokenize into a
 bucket, validate it, train from it into a bucket workdir, SIGTERM and resume with bitwise the losses of an
 uninterrupted run, a second run refused by the lock, export from the bucket workdir; a checkpoint whose upload

@@ -1,6 +1,6 @@
 """A TLS-terminating HTTPS proxy that hands Google Cloud Storage requests to a local fake-gcs-server.
 
-    python tests/gcs_proxy.py --emulator 127.0.0.1:PORT --dir DIR
+    python tools/gcs_proxy.py --emulator 127.0.0.1:PORT --dir DIR
 
 Why it exists: TensorFlow's GCS filesystem (tf.io.gfile, tf.data, tensorboard's writer through them) has
 https://www.googleapis.com compiled in and ignores every emulator variable; it only honours HTTPS_PROXY and
@@ -140,7 +140,7 @@ class Proxy:
             fault, logged = self._fault(path), _logged(path)
             if fault is not None:
                 self.log(f"FAULT {fault} {method} {logged}")
-                data = json.dumps({"error": {"code": fault, "message": "injected by tests/gcs_proxy.py"}}).encode()
+                data = json.dumps({"error": {"code": fault, "message": "injected by tools/gcs_proxy.py"}}).encode()
                 status, headers = f"{fault} Injected", [("Content-Type", "application/json")]
             else:
                 self.log(f"FORWARD {method} {logged}")
