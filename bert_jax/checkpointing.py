@@ -13,12 +13,17 @@ moving the bad ones aside (never deleting them).
 
 The folder may be an object-store URL (gs://bucket/run/checkpoints): orbax writes it through tensorstore and
 etils.epath and commits a step on object storage by writing its commit marker last; our few own file
-operations go through `data_pipeline.paths`.
+operations go through `data_pipeline.paths`. A save that fails (an upload refused once the clients' retries
+gave up, a full disk) stops the run with one line naming the step's folder (`fault.FaultError`, at the next
+save, wait or close, where orbax reports it); that step has no commit marker, so it is never listed, and a
+rerun resumes from the checkpoint before it.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -29,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from bert_jax import fault
 from bert_jax import workdir as workdir_lib
 from bert_jax.workdir import CheckpointMeta
 from data_pipeline import paths
@@ -51,6 +57,7 @@ class Checkpointer:
                                                keep_period=keep_every or None, read_only=read_only,
                                                cleanup_tmp_directories=not read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the save that may still be in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -63,8 +70,24 @@ class Checkpointer:
         saving asynchronously (after one small reduction over the state). The one writer of checkpoints:
         training and tools.import_from_hf both save through it."""
         meta = dataclasses.replace(meta, fingerprint=fingerprint(state))
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())), force=True)
+        self.wait()  # the previous save's failure shows here, named by its own step
+        self._saving = step
+        with self._save_errors():
+            return self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())), force=True)
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A failed save (an upload refused, a full disk) as one line naming the step's folder, raised where
+        orbax reports it: at the next save, wait or close. The step never got its commit marker, so it is not
+        listed: the previous checkpoints stay the newest, and a rerun resumes from them."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  orbax/tensorstore/gfile raise many types
+            step = self._saving
+            raise fault.FaultError(f"saving checkpoint step {step} to {paths.join(self.directory, str(step))} "
+                                   f"failed ({_first_line(e)}); a rerun resumes from the newest complete "
+                                   f"checkpoint") from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, CheckpointMeta]:
         """-> (state laid out as `abstract_state` says, its meta)."""
@@ -166,10 +189,12 @@ class Checkpointer:
 
     def wait(self):
         """Blocks until the pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
         self._manager.close()
 
 
@@ -180,8 +205,10 @@ def file_sha256(path: str) -> str:
 
 
 def _first_line(e: Exception) -> str:
+    """The error's type and first line, without the payloads tensorstore appends (`[tensorstore_spec=...]`)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    first = re.split(r" \[\w+=", text[0])[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def _leaf_sums(x):

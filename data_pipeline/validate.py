@@ -95,10 +95,14 @@ def check(data_dir: str) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", help="a directory written by data_pipeline.pretokenize")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     problems = check(args.data_dir)
     for p in problems:
         print(p)

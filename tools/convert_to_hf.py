@@ -225,8 +225,8 @@ def _failure(fig: dict) -> str:
             f"(tolerance {fig['tolerance_hidden']:.3g}), tokenizer ids match: {fig['tokenizer_ids_match']}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_to_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/ and tokenizer/)")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
@@ -236,7 +236,11 @@ def main(argv=None) -> int:
                         help="write a sentence-transformers folder (bare encoder, mean pooling; the head beside it)")
     parser.add_argument("--verify", action="store_true", help="load with transformers and compare outputs")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         summary = convert(args.workdir, args.out, step=args.step, model=args.model, verify=args.verify,

@@ -76,11 +76,16 @@ def _print_report(report: dict):
     print(f"{len(report['params'])} arrays, {report['num_params']:,} parameters")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.inspect_checkpoint",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", help="training workdir (or its checkpoints folder)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step to describe (default: newest)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:  # metadata only: never take an accelerator
         jax.config.update("jax_platforms", "cpu")
     try:

@@ -1,6 +1,6 @@
 """A TLS-terminating HTTPS proxy that hands Google Cloud Storage requests to a local fake-gcs-server.
 
-    python tests/gcs_proxy.py --emulator 127.0.0.1:PORT --dir DIR
+    python tools/gcs_proxy.py --emulator 127.0.0.1:PORT --dir DIR
 
 Why it exists: TensorFlow's GCS filesystem (tf.io.gfile, tf.data, tensorboard's writer through them) has
 https://www.googleapis.com compiled in and ignores every emulator variable; it only honours HTTPS_PROXY and
@@ -9,9 +9,15 @@ Google API hosts with a throw-away CA (written to DIR/ca.pem), de-chunks request
 a Content-Length) and forwards each request to the emulator on 127.0.0.1 with `Host` rewritten. It runs in
 its own process: inside the test process TFRecordWriter holds the GIL while it uploads and the two deadlock.
 
+It also serves plain HTTP to clients given it as their emulator URL (STORAGE_EMULATOR_HOST,
+TENSORSTORE_GCS_HTTP_URL), so that every client's requests can pass through it, and it injects faults: while
+the file DIR/fault holds "STATUS TEXT" (e.g. "403 checkpoints/6/"), each request whose decoded path contains
+TEXT is answered with STATUS and a JSON error instead of being forwarded.
+
 It never opens a connection to anything but the emulator. Every CONNECT target and every request goes to
-DIR/proxy.log ("CONNECT host:port", "FORWARD METHOD path", "REFUSED ..."), which the tests read to assert
-that only the hosts it terminates itself were asked for. Once listening it writes its port to DIR/port.
+DIR/proxy.log ("CONNECT host:port", "FORWARD METHOD path", "FAULT STATUS METHOD path", "REFUSED ..."), which
+the tests read to assert that only the hosts it terminates itself were asked for. Once listening it writes
+its port to DIR/port.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import http.client
+import json
 import os
 import socket
 import ssl
 import threading
+import urllib.parse
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -68,6 +76,7 @@ class Proxy:
     def __init__(self, emulator: str, directory: str):
         self.emulator = emulator
         self.log_file = open(os.path.join(directory, "proxy.log"), "a", encoding="utf-8", buffering=1)
+        self.fault_file = os.path.join(directory, "fault")
         self.lock = threading.Lock()
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(*_certificates(directory))
@@ -85,8 +94,11 @@ class Proxy:
         try:
             rfile = conn.makefile("rb")
             line = rfile.readline().decode("latin-1").strip()
-            _read_headers(rfile)
             method, target = (line.split() + ["", ""])[:2]
+            if target.startswith("/"):  # a client given this proxy as its emulator URL: plain HTTP, no CONNECT
+                self._requests(conn, rfile, line)
+                return
+            _read_headers(rfile)
             host = target.rsplit(":", 1)[0]
             if method != "CONNECT" or host not in HOSTS:
                 self.log(f"REFUSED {line}")
@@ -95,40 +107,62 @@ class Proxy:
             self.log(f"CONNECT {target}")
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             with self.tls.wrap_socket(conn, server_side=True) as tls:
-                self._requests(tls)
+                tls_rfile = tls.makefile("rb")
+                self._requests(tls, tls_rfile, tls_rfile.readline().decode("latin-1").strip())
         except (OSError, ValueError, ssl.SSLError):
             pass
         finally:
             conn.close()
 
-    def _requests(self, tls) -> None:
-        """Forwards the requests of one TLS connection (keep-alive) to the emulator, one by one."""
-        rfile = tls.makefile("rb")
+    def _fault(self, path: str) -> int | None:
+        """The status to answer instead of forwarding, when DIR/fault ("STATUS TEXT") names a text in `path`."""
+        try:
+            with open(self.fault_file, encoding="utf-8") as f:
+                status, text = f.read().split(maxsplit=1)
+        except (OSError, ValueError):
+            return None
+        return int(status) if text.strip() in urllib.parse.unquote(path) else None
+
+    def _requests(self, sock, rfile, line: str) -> None:
+        """Forwards the requests of one connection (keep-alive) to the emulator, one by one, `line` the first
+        request line; a request that DIR/fault names is answered with its status and not forwarded."""
         upstream = http.client.HTTPConnection(self.emulator, timeout=120)
-        while True:
-            line = rfile.readline().decode("latin-1").strip()
-            if not line:
-                return
+        while line:
             method, path = line.split()[:2]
             headers = _read_headers(rfile)
             lower = {k.lower(): v for k, v in headers}
             if lower.get("expect", "").lower() == "100-continue":
-                tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             if lower.get("transfer-encoding", "").lower() == "chunked":
                 body = _dechunk(rfile)
             else:
                 body = rfile.read(int(lower.get("content-length", 0) or 0))
-            self.log(f"FORWARD {method} {path.split('?')[0]}")
-            sent = {k: v for k, v in headers if k.lower() not in _HOP_HEADERS | {"host"}}
-            sent["Host"] = self.emulator
-            sent["Content-Length"] = str(len(body))
-            upstream.request(method, path, body=body, headers=sent)
-            resp = upstream.getresponse()
-            data = resp.read()
-            out = [f"HTTP/1.1 {resp.status} {resp.reason}"]
-            out += [f"{k}: {v}" for k, v in resp.getheaders() if k.lower() not in _HOP_HEADERS]
+            fault, logged = self._fault(path), _logged(path)
+            if fault is not None:
+                self.log(f"FAULT {fault} {method} {logged}")
+                data = json.dumps({"error": {"code": fault, "message": "injected by tools/gcs_proxy.py"}}).encode()
+                status, headers = f"{fault} Injected", [("Content-Type", "application/json")]
+            else:
+                self.log(f"FORWARD {method} {logged}")
+                sent = {k: v for k, v in headers if k.lower() not in _HOP_HEADERS | {"host"}}
+                sent["Host"] = self.emulator
+                sent["Content-Length"] = str(len(body))
+                upstream.request(method, path, body=body, headers=sent)
+                resp = upstream.getresponse()
+                data = resp.read()
+                status = f"{resp.status} {resp.reason}"
+                headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_HEADERS]
+            out = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers]
             out += [f"Content-Length: {len(data)}", "Connection: keep-alive", "", ""]
-            tls.sendall("\r\n".join(out).encode("latin-1") + (b"" if method == "HEAD" else data))
+            sock.sendall("\r\n".join(out).encode("latin-1") + (b"" if method == "HEAD" else data))
+            line = rfile.readline().decode("latin-1").strip()
+
+
+def _logged(path: str) -> str:
+    """The request's path without its query, plus the object's name when the query gives it (uploads)."""
+    base, _, query = path.partition("?")
+    name = urllib.parse.parse_qs(query).get("name")
+    return f"{base} name={name[0]}" if name else base
 
 
 def _read_headers(rfile) -> list[tuple[str, str]]:
