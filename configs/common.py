@@ -36,7 +36,7 @@ def apply_tiny_optim(c: ml_collections.ConfigDict) -> None:
     """TINY_OPTIM and the warmup rule, for the run's `train.steps` (set them first)."""
     for key, value in TINY_OPTIM.items():
         c.optim[key] = value
-    c.optim.warmup_steps = tiny_warmup_steps(c.train.steps)
+    c.optim.warmup_steps = tiny_warmup_steps(c.train.steps)  # a twelfth of the run
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
