@@ -129,8 +129,8 @@ def controls_table(table: dict, budget: dict) -> list[str]:
     lines = ["## Controls (fine-tuning choices)", "",
              f"{budget['few']} labels, every seed, the settings above but for one option of `tools.finetune_hf`: "
              "`--pooling mean` (the head reads the masked mean of the final hidden states, not [CLS]), "
-             "`--layerwise-lr-decay 0.8` (ELECTRA's rule: the head at lr, layer k of L at lr x 0.8^(L-k), the "
-             "embeddings at lr x 0.8^(L+1)), `--head bert|electra` (a fresh head of BERT's shape: dense + tanh, "
+             "`--layerwise-lr-decay 0.8` (ELECTRA's rule: the head at lr, layer k of L at lr x 0.8^(L+1-k), the "
+             "embeddings at lr x 0.8^(L+2)), `--head bert|electra` (a fresh head of BERT's shape: dense + tanh, "
              "dropout, linear; or of ELECTRA's: dropout, dense, GELU, dropout, linear; on the bare encoder). "
              "The head swap (`mlm@electra_head`, `electra@bert_head`) is compared with the same encoders under "
              "their own family's head, built the same way (`mlm@bert_head`, `electra@electra_head`).", "",
