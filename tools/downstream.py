@@ -156,6 +156,9 @@ def _pretrain_and_export(out: str, info: dict, name: str, overrides: dict, per_s
     if name not in info:
         log(f"pretraining {name}: {RECIPES[name]}, {steps} steps ({per_step * steps / 1e12:.2f} TFLOP)")
         seconds = _train(name, workdir, overrides)
+        if final_eval_loss(workdir, steps) is None:  # stopped early (SIGTERM: the trainer checkpoints, exits 0)
+            raise SystemExit(f"error: {workdir} stopped before step {steps} (no final eval in its metrics.jsonl); "
+                             f"run the same command again to resume it")
         info[name] = {"config": RECIPES[name], "steps": steps, "step_flops": per_step,
                       "train_flops": per_step * steps, "wall_seconds": round(seconds, 1), "overrides": overrides}
         with open(os.path.join(out, "pretraining.json"), "w", encoding="utf-8") as f:
