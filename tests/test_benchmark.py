@@ -14,7 +14,7 @@ from flax import nnx
 
 from bert_jax import flops, masking, objectives, optim, prefetch, sharding, train_state, train_step
 from bert_jax.models import BertForMaskedLM, EncoderConfig
-from bert_jax.models.layers import SelfAttention, even_lengths
+from bert_jax.models.layers import SelfAttention, even_lengths, relative_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,6 +134,52 @@ def test_fused_attention_equals_einsum(fused, bias_shape):
     floor = 1e-2 * max(np.linalg.norm(np.asarray(u, np.float64)) for u in jax.tree.leaves(ga))
     for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
         assert _rel_err(u, v, floor) < 5 * tol, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("fused", ["dot_product", "cudnn"])
+def test_relative_terms_as_the_fused_attention_bias(fused):
+    """DeBERTa: attention=dot_product (XLA) and, on a GPU, attention=cudnn take the c2p + p2c terms as
+    jax.nn.dot_product_attention's bias ([B, heads, T, S]): values and gradients equal the einsum path's, also for
+    the last layer's queries at some positions only (3 of them: cuDNN's odd length, padded by `even_lengths`).
+    f32 for dot_product (5e-5 of the largest value); cudnn in bfloat16, its only dtype (2e-2 relative, gradients
+    1e-1: the relative terms pass through bf16 twice); on a CPU, cudnn is refused by name."""
+    dtype = "bfloat16" if fused == "cudnn" else "float32"
+    kw = dict(attention_dropout=0.0, relative_attention=True, position_buckets=8, max_relative_positions=16,
+              dtype=dtype)
+    if fused == "cudnn" and jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU; this backend is 'cpu'"):
+            _attention_pair(fused, **kw)
+        return
+    a, b = _attention_pair(fused, **kw)
+    cfg, seq = a.cfg, 20
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, seq, 32)).astype(dtype)
+    emb = jax.random.normal(jax.random.PRNGKey(2), (2 * cfg.relative_span, 32))
+    mask = np.ones((2, seq), bool)
+    mask[1, 14:] = False
+    bias = jnp.where(mask[:, None, None, :], 0.0, -1e9)
+    for positions in (None, jnp.array([[0, 5, 19], [1, 2, 13]], jnp.int32)):
+        index = jnp.arange(seq)[None] if positions is None else positions
+        rel = relative_inputs(cfg, emb, index, seq)
+
+        @nnx.jit  # one compiled function: op-by-op gradients of this attention take seconds
+        def out_and_grad(m, rel):
+            def f(m):
+                return m(x, bias, None, positions, rel).astype(jnp.float32).sum()
+            return m(x, bias, None, positions, rel), nnx.grad(f)(m)
+
+        with jax.default_matmul_precision("float32"):  # a GPU's default for f32 is TF32 (~1e-3)
+            (ya, ga), (yb, gb) = out_and_grad(a, rel), out_and_grad(b, rel)
+        ga, gb = nnx.state(ga), nnx.state(gb)
+        if dtype == "float32":
+            np.testing.assert_allclose(ya, yb, atol=2e-5)
+            for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+                np.testing.assert_allclose(u, v, atol=5e-5 * max(1.0, float(np.abs(u).max())))
+            continue
+        assert _rel_err(ya, yb) < 2e-2
+        # the key bias's gradient is 0 in exact arithmetic (it shifts a query's scores by one constant)
+        floor = 1e-2 * max(np.linalg.norm(np.asarray(u, np.float64)) for u in jax.tree.leaves(ga))
+        for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
+            assert _rel_err(u, v, floor) < 1e-1, jax.tree_util.keystr(path)
 
 
 def test_even_lengths_pads_without_changing_attention():

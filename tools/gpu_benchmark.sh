@@ -20,6 +20,13 @@
 #   K5. a 500-step bf16 loss curve of BERT-base (batch 64) with and without $BEST_KERNELS, on the token rows
 #       in .gpu_data/rows.npy when present (tools.kernel_benchmark --export-rows writes them), else random.
 # PARTS (default "K1 K2 K3 K4 K5") picks parts; the last line is one JSON object of everything measured.
+#
+# `bash tools/gpu_benchmark.sh deberta` runs DeBERTa's part (about 6 minutes on an H200):
+#   D1. the fused-attention tests on the GPU, DeBERTa's relative terms as cuDNN's bias among them;
+#   D2. DeBERTa-v3 RTD (configs/deberta.py base and large), seq 128, batch 256, the `SIZE,gpu` preset: MFU;
+#   D3. DeBERTa MLM on the base backbone, the preset, A/B of its attention: einsum against cuDNN with the
+#       relative terms as its bias (one process);
+#   D4. BERT-base with the preset in the same session, the figure the DeBERTa rows are read against.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bert_jax_gpu}
@@ -27,6 +34,21 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-989.4}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+summary() {  # one JSON object: each log's last JSON line, and the last line of the tests' output ($1.txt)
+  $PY - "$OUT" "$1" <<'PYEOF'
+import glob, json, os, sys
+out = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.log"))):
+    lines = [l for l in open(path) if l.startswith("{")]
+    if lines:
+        out[os.path.basename(path)[:-4]] = json.loads(lines[-1])
+tests = os.path.join(sys.argv[1], sys.argv[2] + ".txt")
+if os.path.exists(tests):
+    out[sys.argv[2]] = open(tests).read().strip().splitlines()[-1:]
+print(json.dumps(out))
+PYEOF
+}
 
 kernels() {
   local parts=${PARTS:-K1 K2 K3 K4 K5} best=${BEST_KERNELS:-hash_dropout+layernorm+gelu}
@@ -45,18 +67,7 @@ kernels() {
     "${PRESET[@]}" --ab "kernels=none,$best"
   [[ $parts == *K5* ]] && timeout 400 $PY -m tools.kernel_benchmark --part curve --size base --batch 64 --steps 500 \
     --kernels "$best" ${data:+--data $data} 2>&1 | tee "$OUT/kernel_curve.log" | tail -1
-  $PY - "$OUT" <<'PYEOF'
-import glob, json, os, sys
-out = {}
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.log"))):
-    lines = [l for l in open(path) if l.startswith("{")]
-    if lines:
-        out[os.path.basename(path)[:-4]] = json.loads(lines[-1])
-tests = os.path.join(sys.argv[1], "kernel_tests.txt")
-if os.path.exists(tests):
-    out["kernel_tests"] = open(tests).read().strip().splitlines()[-1:]
-print(json.dumps(out))
-PYEOF
+  summary kernel_tests
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -71,6 +82,21 @@ bench() {  # name, then the benchmark's arguments
 PRESET=(--model attention=cudnn --model attention_dropout=0 --model scan_unroll=24 --model hidden_act=gelu_tanh
         --model kernels=hash_dropout+layernorm+gelu)
 if [ "${1:-}" = kernels ]; then kernels; exit; fi
+
+deberta() {
+  local parts=${PARTS:-D1 D2 D3 D4}
+  if [[ $parts == *D1* ]]; then
+    JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_benchmark.py \
+      -k "fused_attention or relative_terms or even_lengths" 2>&1 | tail -15 | tee "$OUT/deberta_tests.txt"
+  fi
+  [[ $parts == *D2* ]] && bench deberta_rtd_preset_b256 --configs deberta:base,deberta:large --objective deberta_rtd \
+    --batch-size 256 --steps 10 --warmup 2 "${PRESET[@]}"
+  [[ $parts == *D3* ]] && bench deberta_mlm_attention_b256 --configs "" --ab-config deberta:base --objective mlm \
+    --batch-size 256 --steps 10 --warmup 2 "${PRESET[@]}" --ab attention=einsum,cudnn
+  [[ $parts == *D4* ]] && bench bert_base_preset_b256 --configs base --batch-size 256 --steps 10 --warmup 2 "${PRESET[@]}"
+  summary deberta_tests
+}
+if [ "${1:-}" = deberta ]; then deberta; exit; fi
 
 # (only the attention tests: the CLI tests there expect the CPU backend that JAX_PLATFORMS=cuda takes away)
 JAX_PLATFORMS=cuda timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_benchmark.py \
