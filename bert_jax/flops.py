@@ -14,9 +14,10 @@ the step computes (not at every position, as the Hugging Face trainers do). So d
 MLM encoder (`model.last_layer` "predictions", the default): its keys and values (4 h^2 per token) cover
 every position, its queries, output projection, attention and MLP (4 h^2 + 4 S h + 4 h f) the P positions.
 
-DeBERTa (model.relative_attention; R = 2 x the relative span, n = the number of c2p/p2c terms) adds per layer
-the projection of the R relative embeddings through the layer's key (c2p) and query (p2c) kernels, n 2 R h^2
-whatever the batch, and per term the scores against them: c2p 2 R h per query, p2c 2 R h per key (every
+DeBERTa (model.relative_attention; R = the relative embeddings that the distances within a row of S reach,
+`layers.relative_rows`: at most 2 x the relative span, e.g. 255 of 512 for DeBERTa-v3 at S = 128; n = the number
+of c2p/p2c terms) adds per layer the projection of the R relative embeddings through the layer's key (c2p)
+and query (p2c) kernels, n 2 R h^2 whatever the batch, and per term the scores against them: c2p 2 R h per query, p2c 2 R h per key (every
 position, also in the last layer of an MLM encoder, whose keys are all there). The gathers that pick each
 pair's column are not matmuls. The projections are counted once per step: every data-parallel device (and
 every micro-batch) computes them again, work that the model FLOPs (and so MFU) leave out, as remat's.
@@ -27,6 +28,7 @@ encoder's forward FLOPs; at one row 32%, 25%, 23%.
 import dataclasses
 
 from bert_jax.models.config import EncoderConfig
+from bert_jax.models.layers import relative_rows
 
 FORMULA = ("train FLOPs = 3 x [B S ((L - 1) (8 h^2 + 4 S h + 4 h f) + 4 h^2 + 2 e h [e != h])"
            " + B P (4 h^2 + 4 S h + 4 h f) + B P (2 h e + 2 e V)]"
@@ -56,7 +58,8 @@ def relative_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int, predict
     terms = cfg.pos_att_types
     if not terms:
         return 0
-    h, layers, r = cfg.hidden_size, cfg.num_layers, 2 * cfg.relative_span
+    lo, hi = relative_rows(cfg, seq_len)
+    h, layers, r = cfg.hidden_size, cfg.num_layers, hi - lo
     last_queries = seq_len if predictions is None or cfg.last_layer == "all" else predictions
     total = layers * len(terms) * 2 * r * h * h
     if "c2p" in terms:

@@ -4,6 +4,7 @@ import pytest
 
 from bert_jax import flops
 from bert_jax.models import EncoderConfig, generator_config
+from bert_jax.models.layers import relative_rows
 
 
 def _cfg(**kw):
@@ -60,10 +61,14 @@ def test_formula_equals_compiled_matmuls(recipe):
 
 
 def test_deberta_relative_terms_by_hand():
-    """DeBERTa's extra matmuls: the projections of the 2 x span relative embeddings per layer and term, and the
-    c2p (per query; the last layer's at the P positions) and p2c (per key) scores against them."""
+    """DeBERTa's extra matmuls: the projections of the relative embeddings that a row's distances reach (of the
+    2 x span) per layer and term, and the c2p (per query; the last layer's at the P positions) and p2c (per
+    key) scores against them."""
     cfg = _cfg(relative_attention=True, position_buckets=8, type_vocab_size=0, position_biased_input=False)
-    b, s, p, h, r, layers = 2, 16, 5, 64, 16, 3
+    # distances -15..15 of a row of 16 reach buckets -5..5 (beyond 4 logarithmic: 15 -> 5): rows 3..13 of 16;
+    # at 512 (max_relative_positions) the farthest bucket is 7: rows 1..15
+    assert relative_rows(cfg, 16) == (3, 14) and relative_rows(cfg, 512) == (1, 16)
+    b, s, p, h, r, layers = 2, 16, 5, 64, 11, 3
     want = layers * 2 * (2 * r * h * h) + 2 * r * h * b * (s * (layers - 1) + p) + 2 * r * h * b * s * layers
     assert flops.relative_forward_flops(cfg, b, s, p) == want
     assert (flops.encoder_forward_flops(cfg, b, s, p) - flops.encoder_forward_flops(_cfg(), b, s, p)) == want

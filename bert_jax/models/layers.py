@@ -5,6 +5,7 @@ Every parameter is created through `param()` so that it carries logical axis nam
 Dropout takes an explicit PRNG key (None = deterministic) so the step stays a pure function of its inputs.
 """
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -195,9 +196,11 @@ class SelfAttention(nnx.Module):
         """DeBERTa's disentangled terms, scaled: q [B, N, T, D], k [B, N, S, D] (heads-major) -> [B, N, T, S]
         float32. c2p: each query against the key projection of the relative embedding of its distance to the
         key; p2c: each key against the query projection of the embedding of its distance to the query. Both
-        are computed against all 2 x span embeddings ([.., 2 span]) and then gathered, as Hugging Face does."""
+        are computed against the embeddings that the row's distances reach (`relative_rows`) and then
+        gathered, as Hugging Face does against all 2 x span of them."""
         dt = q.dtype
-        emb = dropout_for(self.cfg)(rel.embeddings.astype(dt), self.cfg.hidden_dropout, key)
+        lo, hi = relative_rows(self.cfg, k.shape[2])
+        emb = dropout_for(self.cfg)(rel.embeddings.astype(dt), self.cfg.hidden_dropout, key)[lo:hi]
         score = jnp.zeros((), jnp.float32)
         if "c2p" in self.cfg.pos_att_types:
             c2p = jnp.einsum("bntd,rnd->bntr", q, self.key(emb))
@@ -307,19 +310,37 @@ def log_bucket(distance: np.ndarray, buckets: int, max_position: int) -> np.ndar
     return np.where(abs_pos <= mid, distance, log_pos * np.sign(distance)).astype(np.int64)
 
 
-def relative_inputs(cfg: EncoderConfig, embeddings: jax.Array, query_index: jax.Array,
-                    seq_len: int) -> RelativeInputs:
-    """The indices of DeBERTa's relative terms for queries at `query_index` [B|1, T] (their index in the
-    row) against the keys 0..seq_len-1. The bucket of each distance is a numpy table built at trace time
-    (the length is static), so the log is that of `log_bucket` whatever the device.
-
-    Distances are index differences: in a packed row they are the distances within each document (the
-    attention bias masks every pair across documents), the same as per-document position ids would give."""
+def _relative_tables(cfg: EncoderConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each distance query - key in -(seq_len - 1) .. seq_len - 1: its row of the 2 x span relative
+    embeddings in the c2p term, and that of the opposite distance (key - query) in the p2c term."""
     span = cfg.relative_span
     distance = np.arange(-(seq_len - 1), seq_len)
     bucket = log_bucket(distance, span, cfg.max_relative) if cfg.position_buckets > 0 else distance
-    c2p_table = jnp.asarray(np.clip(bucket + span, 0, 2 * span - 1), jnp.int32)
-    p2c_table = jnp.asarray(np.clip(-bucket + span, 0, 2 * span - 1), jnp.int32)
+    return np.clip(bucket + span, 0, 2 * span - 1), np.clip(-bucket + span, 0, 2 * span - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_rows(cfg: EncoderConfig, seq_len: int) -> tuple[int, int]:
+    """[lo, hi): the rows of the 2 x span relative embeddings that the distances within a row of seq_len
+    reach. Only these are projected and scored: e.g. 255 of DeBERTa-v3's 512 at seq 128 (distances under
+    position_buckets / 2 = 128 are their own buckets), 511 at seq 512. The same scores as projecting all
+    rows and gathering (bitwise on XLA:CPU), with half the work at seq 128."""
+    c2p, p2c = _relative_tables(cfg, seq_len)
+    return int(min(c2p.min(), p2c.min())), int(max(c2p.max(), p2c.max())) + 1
+
+
+def relative_inputs(cfg: EncoderConfig, embeddings: jax.Array, query_index: jax.Array,
+                    seq_len: int) -> RelativeInputs:
+    """The indices of DeBERTa's relative terms for queries at `query_index` [B|1, T] (their index in the
+    row) against the keys 0..seq_len-1, counted from `relative_rows`' first row. The bucket of each distance
+    is a numpy table built at trace time (the length is static), so the log is that of `log_bucket` whatever
+    the device.
+
+    Distances are index differences: in a packed row they are the distances within each document (the
+    attention bias masks every pair across documents), the same as per-document position ids would give."""
+    c2p_table, p2c_table = _relative_tables(cfg, seq_len)
+    lo, _ = relative_rows(cfg, seq_len)
+    c2p_table, p2c_table = (jnp.asarray(t - lo, jnp.int32) for t in (c2p_table, p2c_table))
     dist = query_index[:, :, None] - jnp.arange(seq_len, dtype=jnp.int32)[None, None, :]  # query - key
     return RelativeInputs(embeddings, c2p_table[dist + seq_len - 1],
                           p2c_table[seq_len - 1 - dist.swapaxes(1, 2)])  # key - query
