@@ -136,7 +136,7 @@ def encode_splits(splits: list[str], state: dict, out_dir: str, documents: Calla
     pack_args = {"out_dir": out_dir, "tmp_dir": tmp_dir, "tok_dir": tok_dir, "shard_rows": shard_rows,
                  "seq_len": seq_len, "dtype": dtype}
     log(f"Beam {runner}: encoding {', '.join(splits)}")
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=_local_runner() if runner == "DirectRunner" else None, options=options) as p:
         _ = (p
              | "splits" >> beam.Create(splits)
              | "read" >> beam.FlatMap(_read_batches_of, documents)
@@ -146,6 +146,14 @@ def encode_splits(splits: list[str], state: dict, out_dir: str, documents: Calla
              | "pack" >> beam.Map(_pack, **pack_args))
     for split in splits:
         state["splits"][split] = json.loads(paths.read_text(paths.join(tmp_dir, f"{split}.json")))
+
+
+def _local_runner():
+    """What `--runner DirectRunner` runs: Beam's FnApiRunner (direct_num_workers, direct_running_mode apply).
+    Beam's own DirectRunner first tries its Prism runner, which looks for its binary on github.com (a name
+    lookup on a machine that must not reach out, and seconds lost) and then falls back to this runner."""
+    from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=import-outside-toplevel
+    return fn_runner.FnApiRunner()
 
 
 def _read_batches_of(split: str, documents):

@@ -25,11 +25,11 @@ def traced(cmd: list[str], log: str) -> list[str]:
     return ["strace", "-f", "-qq", "-e", "trace=connect", "-e", "signal=none", "-o", log] + cmd
 
 
-def connect_targets(log: str, skip_dns: bool = False) -> set[str]:
-    """The IP addresses that the traced processes tried to connect to (AF_INET and AF_INET6); with `skip_dns`,
-    not counting the name server (port 53)."""
+def connect_targets(log: str) -> set[str]:
+    """The IP addresses that the traced processes tried to connect to (AF_INET and AF_INET6), the name
+    server's included."""
     with open(log, encoding="utf-8") as f:
-        return {m.group(3) or m.group(4) for m in _CONNECT.finditer(f.read()) if not (skip_dns and m.group(2) == "53")}
+        return {m.group(3) or m.group(4) for m in _CONNECT.finditer(f.read())}
 
 
 @pytest.fixture(scope="module")

@@ -42,10 +42,9 @@ def test_benchmark_data_reports_consistent_figures(tmp_path):
                              "batch_size": 8, "reader_batches": 3, "workers": 2, "tokenizers": list(KINDS),
                              "window_shards": 1, "runner": "DirectRunner", "bucket": "gs://bench/data",
                              "gcs_emulator": True}
-    # The tool, the emulator, its proxy and Beam's workers connect to loopback only (Beam's gRPC: also ::1).
-    # Not counted: under pytest the tool's main process asks the name server for github.com once per Beam
-    # pipeline (a lookup, no connection follows; not seen outside pytest; its caller is not found yet).
-    assert connect_targets(trace, skip_dns=True) <= {"127.0.0.1", "::1"}
+    # The tool, the emulator, its proxy and Beam's workers connect to loopback only (Beam's gRPC: also ::1);
+    # no name lookups either (Beam's DirectRunner would look up github.com for its Prism runner's binary).
+    assert connect_targets(trace) <= {"127.0.0.1", "::1"}
     assert r["machine"]["nproc"] == os.cpu_count() and len(r["machine"]["loadavg_start"]) == 3
     assert r["corpus"]["documents"] == 300 and r["corpus"]["mb"] > 0
     assert set(r["pretokenize"]) == set(KINDS)
