@@ -324,7 +324,8 @@ def relative_rows(cfg: EncoderConfig, seq_len: int) -> tuple[int, int]:
     """[lo, hi): the rows of the 2 x span relative embeddings that the distances within a row of seq_len
     reach. Only these are projected and scored: e.g. 255 of DeBERTa-v3's 512 at seq 128 (distances under
     position_buckets / 2 = 128 are their own buckets), 511 at seq 512. The same scores as projecting all
-    rows and gathering (bitwise on XLA:CPU), with half the work at seq 128."""
+    rows and gathering, with half the work at seq 128 (the gradients' sums run over fewer rows: a tiny
+    DeBERTa run's losses moved in the last bit, 1e-7 relative, over 20 steps)."""
     c2p, p2c = _relative_tables(cfg, seq_len)
     return int(min(c2p.min(), p2c.min())), int(max(c2p.max(), p2c.max())) + 1
 
