@@ -171,12 +171,7 @@ def _pretrain_and_export(out: str, info: dict, name: str, overrides: dict, per_s
 
 def final_eval_loss(workdir: str, steps: int) -> float | None:
     """The held-out `eval/loss` of a run's evaluation at step `steps` (its last), from its metrics.jsonl."""
-    from bert_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    path = workdir_lib.metrics(workdir)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        losses = [r["eval/loss"] for r in map(json.loads, f) if "eval/loss" in r and r.get("step") == steps]
+    losses = [r["eval/loss"] for r in downstream_report.eval_records(workdir) if r.get("step") == steps]
     return losses[-1] if losses else None
 
 

@@ -50,14 +50,18 @@ def epochs(budget: dict, num_train: int) -> int:
     return finetune_hf.num_epochs(num_train, 16, budget["epochs"], budget["min_steps"])
 
 
+def eval_records(workdir: str) -> list[dict]:
+    """The eval records (those with `eval/loss`) of a run's metrics.jsonl, in order; [] when it has none yet."""
+    path = workdir_lib.metrics(workdir)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "eval/loss" in r]
+
+
 def eval_curves(out: str, names) -> dict:
-    """name -> the eval records of the metrics.jsonl of OUT/pretrain_NAME."""
-    curves = {}
-    for name in names:
-        path = workdir_lib.metrics(os.path.join(out, f"pretrain_{name}"))
-        with open(path, encoding="utf-8") as f:
-            curves[name] = [r for r in map(json.loads, f) if "eval/loss" in r]
-    return curves
+    """name -> the eval records of OUT/pretrain_NAME."""
+    return {name: eval_records(os.path.join(out, f"pretrain_{name}")) for name in names}
 
 
 
@@ -282,7 +286,7 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
             lines.append(f"| {name} | {r['step']} | {r['step'] * info[name]['step_flops'] / 1e12:.2f} | "
                          f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
                          f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
-    lines += ["", "(For ELECTRA the MLM accuracy is its small generator's; DAPT's is on all-MiniLM-L6-v2's "
+    lines += ["", "(For ELECTRA and DeBERTa-v3 RTD the MLM accuracy is the generator's; DAPT's is on all-MiniLM-L6-v2's "
               "vocabulary, not comparable with ours.)", "",
               f"Time: pretraining {sum(i['wall_seconds'] for i in info.values()) / 60:.1f} min "
               f"({', '.join(k + ' ' + format(v['wall_seconds'] / 60, '.1f') for k, v in info.items())}), fine-tuning "
