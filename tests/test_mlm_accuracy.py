@@ -50,7 +50,7 @@ def _constant_predictor(data_dir, out, token_id):
 
 def test_cli_scores_a_transformers_folder_on_the_masked_positions(docstring_shards, tmp_path):
     """Through the CLI: a model that always predicts token t scores exactly the share of t among the masked
-    tokens; a folder with another vocabulary is refused with one line naming its vocab.txt."""
+    tokens; a bare encoder (no masked-LM head) and a folder with another vocabulary are refused with one line."""
     from tools import mlm_accuracy
 
     docs, positions = mlm_accuracy.masked_documents(docstring_shards, "validation", 40, 0.15, seed=0)
@@ -63,6 +63,16 @@ def test_cli_scores_a_transformers_folder_on_the_masked_positions(docstring_shar
     result = json.loads(proc.stdout.strip().splitlines()[-1])[model]
     assert result["positions"] == len(labels) and result["documents"] == len(docs)
     assert result["accuracy"] == (labels == top).sum() / len(labels) > 0
+
+    # A bare encoder (no masked-LM head: its head would be random) is refused before any scoring.
+    from transformers import BertForMaskedLM
+    bare = str(tmp_path / "bare")
+    BertForMaskedLM.from_pretrained(model).bert.save_pretrained(bare)
+    shutil.copy(os.path.join(model, "vocab.txt"), bare)
+    refused = subprocess.run(cmd[:-4] + ["--model", bare, "--rows", "40"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, check=False)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: --model {bare} has no trained masked-LM head for BertForMaskedLM (missing: cls.predictions.")
 
     with open(os.path.join(model, "vocab.txt"), "a", encoding="utf-8") as f:
         f.write("another_token\n")

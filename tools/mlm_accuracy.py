@@ -69,12 +69,23 @@ def check_vocabulary(data_dir: str, model_dir: str) -> None:
         raise SystemExit(f"error: {config}: vocab_size {size} < the data's {manifest.vocab_size}")
 
 
-def accuracy(model_dir: str, docs, positions, mask_id: int, batch_size: int = 32) -> tuple[int, int]:
-    """(correct, total) argmax predictions at the masked positions, documents batched by length."""
-    import torch  # pylint: disable=import-outside-toplevel
+def load_masked_lm(model_dir: str):
+    """transformers' AutoModelForMaskedLM of the folder; a one-line error when any of its weights would be newly
+    initialised (e.g. an ELECTRA discriminator or a bare encoder: no trained masked-LM head)."""
     from transformers import AutoModelForMaskedLM  # pylint: disable=import-outside-toplevel
 
-    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    model, info = AutoModelForMaskedLM.from_pretrained(model_dir, output_loading_info=True)
+    if info["missing_keys"]:
+        raise SystemExit(f"error: --model {model_dir} has no trained masked-LM head for {type(model).__name__} "
+                         f"(missing: {', '.join(sorted(info['missing_keys']))})")
+    return model.eval()
+
+
+def accuracy(model, docs, positions, mask_id: int, batch_size: int = 32) -> tuple[int, int]:
+    """(correct, total) argmax predictions of a transformers masked-LM model at the masked positions, documents
+    batched by length."""
+    import torch  # pylint: disable=import-outside-toplevel
+
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
     correct = total = 0
     with torch.no_grad():
@@ -116,13 +127,14 @@ def main(argv=None) -> int:
         check_vocabulary(args.data, model_dir)
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    models = {model_dir: load_masked_lm(model_dir) for model_dir in args.model}
     docs, positions = masked_documents(args.data, args.split, args.rows, args.fraction, args.seed)
     if not docs:
         raise SystemExit(f"error: --data {args.data}: no document with 2 maskable tokens in the {args.split} split")
     mask_id = manifest_lib.load(args.data).special_ids.mask
     out = {}
-    for model_dir in args.model:
-        correct, total = accuracy(model_dir, docs, positions, mask_id)
+    for model_dir, model in models.items():
+        correct, total = accuracy(model, docs, positions, mask_id)
         out[model_dir] = {"accuracy": correct / total, "positions": total, "documents": len(docs)}
         print(f"{model_dir}: {correct / total:.4f} ([MASK]-only accuracy, {total} positions in {len(docs)} "
               f"documents of {args.split})", flush=True)
