@@ -90,16 +90,23 @@ def plot_curves(curves: dict, info: dict, png: str) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, key, label in (("mlm", "eval/mlm_accuracy", "MLM: held-out MLM accuracy"),
-                             ("electra", "eval/gen_mlm_accuracy", "ELECTRA generator: held-out MLM accuracy")):
-        rs = curves[name]
-        ax1.plot([r["step"] * info[name]["step_flops"] / 1e12 for r in rs], [r.get(key, np.nan) for r in rs],
-                 "o-", label=label)
-    for key in ("disc_accuracy", "disc_precision", "disc_recall"):
-        rs = curves["electra"]
-        ax2.plot([r["step"] * info["electra"]["step_flops"] / 1e12 for r in rs],
-                 [r.get(f"eval/{key}", np.nan) for r in rs], "o-", label=f"ELECTRA {key.replace('_', ' ')}")
-    for ax, title in ((ax1, "masked-token accuracy (validation split)"), (ax2, "ELECTRA discriminator (validation)")):
+
+    def tflop(name):
+        return [r["step"] * info[name]["step_flops"] / 1e12 for r in curves[name]]
+
+    for name, key, label in (("mlm", "eval/mlm_accuracy", "MLM"),
+                             ("electra", "eval/gen_mlm_accuracy", "ELECTRA generator"),
+                             ("deberta_mlm", "eval/mlm_accuracy", "DeBERTa MLM"),
+                             ("deberta_rtd", "eval/gen_mlm_accuracy", "DeBERTa-v3 RTD generator")):
+        if name in curves:
+            ax1.plot(tflop(name), [r.get(key, np.nan) for r in curves[name]], "o-", label=label)
+    for name, style, label in (("electra", "o-", "ELECTRA"), ("deberta_rtd", "s--", "DeBERTa-v3 RTD")):
+        for color, key in zip(("C0", "C1", "C2"), ("disc_accuracy", "disc_precision", "disc_recall")):
+            if name in curves:
+                ax2.plot(tflop(name), [r.get(f"eval/{key}", np.nan) for r in curves[name]], style, color=color,
+                         label=f"{label} {key.replace('_', ' ')}")
+    for ax, title in ((ax1, "held-out masked-token accuracy (validation split)"),
+                      (ax2, "discriminators (validation split)")):
         ax.set_xlabel("pretraining compute (TFLOP, bert_jax.flops)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -225,7 +232,9 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
         lines += [f"**QUICK MODE: this page was written by `{command}` (a smoke test of every step: tiny "
                   "budgets, one seed; its numbers mean nothing).** The experiment is the command below.", ""]
     lines += ["Reproduce (2-core CPU, no download; finished steps are reused when run again):", "", "```",
-              "python -m tools.downstream --out runs/downstream --sweep", "```", "",
+              "python -m tools.downstream --out runs/downstream    # the default protocol (under an hour)",
+              "python -m tools.downstream --out runs/downstream --controls --deberta --sweep   # + every other table",
+              "```", "",
               f"This page: `{command}`, {total_seconds / 60:.1f} min wall-clock for the invocation (steps "
               "finished by an earlier invocation are reused, not counted).", "",
               "## Task", "",
@@ -286,8 +295,8 @@ def write_results(path: str, command: str, quick: bool, budget: dict, task: dict
             lines.append(f"| {name} | {r['step']} | {r['step'] * info[name]['step_flops'] / 1e12:.2f} | "
                          f"{_fmt(r.get('eval/loss'))} | {_fmt(acc)} | {_fmt(r.get('eval/disc_accuracy'))} | "
                          f"{_fmt(r.get('eval/disc_precision'))} | {_fmt(r.get('eval/disc_recall'))} |")
-    lines += ["", "(For ELECTRA and DeBERTa-v3 RTD the MLM accuracy is the generator's; DAPT's is on all-MiniLM-L6-v2's "
-              "vocabulary, not comparable with ours.)", "",
+    lines += ["", "(For ELECTRA and DeBERTa-v3 RTD the MLM accuracy is the generator's; DAPT's is on "
+              "all-MiniLM-L6-v2's vocabulary, not comparable with ours.)", "",
               f"Time: pretraining {sum(i['wall_seconds'] for i in info.values()) / 60:.1f} min "
               f"({', '.join(k + ' ' + format(v['wall_seconds'] / 60, '.1f') for k, v in info.items())}), fine-tuning "
               f"{sum(r['train_seconds'] for r in results) / 60:.1f} min ({len(results)} runs, training loops "
