@@ -79,5 +79,5 @@ def test_cli_scores_a_transformers_folder_on_the_masked_positions(docstring_shar
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        f"error: {os.path.join(model, 'vocab.txt')} is not the vocabulary of --data {docstring_shards} "
-        "(its manifest's vocab_hash)")
+        f"error: --model {model}: its tokenizer is not the vocabulary of --data {docstring_shards} "
+        "(vocab_hash differs from its manifest's)")

@@ -101,10 +101,11 @@ def plot_curves(curves: dict, info: dict, png: str) -> bool:
         if name in curves:
             ax1.plot(tflop(name), [r.get(key, np.nan) for r in curves[name]], "o-", label=label)
     for name, style, label in (("electra", "o-", "ELECTRA"), ("deberta_rtd", "s--", "DeBERTa-v3 RTD")):
+        if name not in curves:
+            continue
         for color, key in zip(("C0", "C1", "C2"), ("disc_accuracy", "disc_precision", "disc_recall")):
-            if name in curves:
-                ax2.plot(tflop(name), [r.get(f"eval/{key}", np.nan) for r in curves[name]], style, color=color,
-                         label=f"{label} {key.replace('_', ' ')}")
+            ax2.plot(tflop(name), [r.get(f"eval/{key}", np.nan) for r in curves[name]], style, color=color,
+                     label=f"{label} {key.replace('_', ' ')}")
     for ax, title in ((ax1, "held-out masked-token accuracy (validation split)"),
                       (ax2, "discriminators (validation split)")):
         ax.set_xlabel("pretraining compute (TFLOP, bert_jax.flops)")

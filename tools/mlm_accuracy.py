@@ -51,18 +51,21 @@ def masked_documents(data_dir: str, split: str, max_rows: int, fraction: float, 
     return docs, positions
 
 
-def check_vocabulary(data_dir: str, model_dir: str) -> None:
-    """One-line error unless the model folder's vocab.txt is the data's (or, without one, its vocabulary is at
-    least the data's size)."""
-    from data_pipeline import manifest as manifest_lib, records  # pylint: disable=import-outside-toplevel
+def check_vocabulary(manifest, data_dir: str, model_dir: str) -> None:
+    """One-line error unless the model folder's tokenizer has the data's vocabulary (`Tokenizer.vocab_hash`, the
+    hash the manifest records, for every tokenizer family) and its config at least the data's vocabulary size."""
+    from data_pipeline.tokenization import Tokenizer  # pylint: disable=import-outside-toplevel
 
-    manifest = manifest_lib.load(data_dir)
     config = os.path.join(model_dir, "config.json")
     if not os.path.exists(config):
         raise SystemExit(f"error: --model {model_dir}: no config.json (not a transformers model folder)")
-    vocab = os.path.join(model_dir, "vocab.txt")
-    if manifest.vocab_hash and os.path.exists(vocab) and records.file_sha256(vocab) != manifest.vocab_hash:
-        raise SystemExit(f"error: {vocab} is not the vocabulary of --data {data_dir} (its manifest's vocab_hash)")
+    try:
+        vocab_hash = Tokenizer.load(model_dir).vocab_hash
+    except Exception:  # pylint: disable=broad-except  # no tokenizer in the folder: the size check below stands
+        vocab_hash = None
+    if manifest.vocab_hash and vocab_hash and vocab_hash != manifest.vocab_hash:
+        raise SystemExit(f"error: --model {model_dir}: its tokenizer is not the vocabulary of --data {data_dir} "
+                         "(vocab_hash differs from its manifest's)")
     with open(config, encoding="utf-8") as f:
         size = json.load(f).get("vocab_size", 0)
     if size < manifest.vocab_size:
@@ -123,18 +126,18 @@ def main(argv=None) -> int:
     from data_pipeline import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
     if not os.path.exists(manifest_lib.path(args.data)):
         parser.error(f"--data {args.data}: no manifest.json (not a pretokenized data folder)")
+    manifest = manifest_lib.load(args.data)
     for model_dir in args.model:
-        check_vocabulary(args.data, model_dir)
+        check_vocabulary(manifest, args.data, model_dir)
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     models = {model_dir: load_masked_lm(model_dir) for model_dir in args.model}
     docs, positions = masked_documents(args.data, args.split, args.rows, args.fraction, args.seed)
     if not docs:
         raise SystemExit(f"error: --data {args.data}: no document with 2 maskable tokens in the {args.split} split")
-    mask_id = manifest_lib.load(args.data).special_ids.mask
     out = {}
     for model_dir, model in models.items():
-        correct, total = accuracy(model, docs, positions, mask_id)
+        correct, total = accuracy(model, docs, positions, manifest.special_ids.mask)
         out[model_dir] = {"accuracy": correct / total, "positions": total, "documents": len(docs)}
         print(f"{model_dir}: {correct / total:.4f} ([MASK]-only accuracy, {total} positions in {len(docs)} "
               f"documents of {args.split})", flush=True)
