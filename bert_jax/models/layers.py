@@ -310,13 +310,18 @@ def log_bucket(distance: np.ndarray, buckets: int, max_position: int) -> np.ndar
     return np.where(abs_pos <= mid, distance, log_pos * np.sign(distance)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=None)
 def _relative_tables(cfg: EncoderConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """For each distance query - key in -(seq_len - 1) .. seq_len - 1: its row of the 2 x span relative
-    embeddings in the c2p term, and that of the opposite distance (key - query) in the p2c term."""
+    embeddings in the c2p term, and that of the opposite distance (key - query) in the p2c term. Built once
+    per (config, length) and read-only: `relative_rows` and `relative_inputs` share them."""
     span = cfg.relative_span
     distance = np.arange(-(seq_len - 1), seq_len)
     bucket = log_bucket(distance, span, cfg.max_relative) if cfg.position_buckets > 0 else distance
-    return np.clip(bucket + span, 0, 2 * span - 1), np.clip(-bucket + span, 0, 2 * span - 1)
+    tables = np.clip(bucket + span, 0, 2 * span - 1), np.clip(-bucket + span, 0, 2 * span - 1)
+    for table in tables:
+        table.setflags(write=False)
+    return tables
 
 
 @functools.lru_cache(maxsize=None)
