@@ -225,13 +225,13 @@ def test_downstream_plans_the_controls_and_deberta_only_when_asked():
 
 def test_downstream_page_says_how_many_seeds_the_reference_sized_rows_ran():
     """The all-label all-MiniLM-L6-v2 / DAPT rows: absent by default (the page names the flag), fewer seeds
-    than the others ("only"), or as many ("like the other rows")."""
+    than the others (how many those ran), or as many ("like the other rows")."""
     from tools import downstream, downstream_report
 
     notes = {n: downstream_report.ref_all_note(dict(downstream.FULL, ref_all_seeds=n)) for n in (0, 1, 3)}
     assert "--ref-all-seeds 3` runs it" in notes[0] and "mean of 3 seeds" in notes[0]
-    assert "run 1 seed(s) only" in notes[1] and "like the other rows" not in notes[1]
-    assert "run 3 seed(s) like the other rows" in notes[3] and "only" not in notes[3]
+    assert "run 1 seed(s) (the other rows: 3)" in notes[1] and "like the other rows" not in notes[1]
+    assert "run 3 seed(s) like the other rows" in notes[3] and "(the other rows" not in notes[3]
 
 
 def test_downstream_sweep_reuses_finished_runs_and_picks_the_lowest_mean_relative_loss(tmp_path):

@@ -208,14 +208,12 @@ def dapt_note(info: dict) -> list[str]:
 
 
 def ref_all_note(budget: dict) -> str:
-    n = budget["ref_all_seeds"]
-    if n >= budget["seeds"]:
-        return (f"all-MiniLM-L6-v2 and its DAPT continuation with all labels run {n} seed(s) like the other rows "
-                "(`--ref-all-seeds`: each is ~20x the compute of our models, about 25 min per seed on this "
-                "2-core CPU).")
+    n, seeds = budget["ref_all_seeds"], budget["seeds"]
     if n:
-        return (f"all-MiniLM-L6-v2 and its DAPT continuation with all labels run {n} seed(s) "
-                "only (each is ~20x the compute of our models: about 25 min per seed on this 2-core CPU).")
+        others = "like the other rows" if n == seeds else f"(the other rows: {seeds})"
+        return (f"all-MiniLM-L6-v2 and its DAPT continuation with all labels run {n} seed(s) {others}: "
+                "`--ref-all-seeds`, since each is ~20x the compute of our models (about 25 min per seed on this "
+                "2-core CPU).")
     return ("all-MiniLM-L6-v2 and its DAPT continuation with all labels are not run by default (~20x the compute "
             "of our models: about 25 min per seed on this 2-core CPU): *the reference's figure comes from an "
             "earlier run (docs/RESULTS.md's of 2026-12-04, "
