@@ -17,14 +17,14 @@ def test_documents_are_cut_at_cls_and_masked_only_where_maskable(docstring_shard
 
     manifest = manifest_lib.load(docstring_shards)
     special = set(manifest.special_token_ids) | {manifest.special_ids.pad}
-    docs, positions = mlm_accuracy.masked_documents(docstring_shards, "validation", 50, 0.15, seed=3)
+    docs, positions = mlm_accuracy.masked_documents(docstring_shards, manifest, "validation", 50, 0.15, seed=3)
     assert len(docs) > 50  # rows hold several documents
     for doc, pos in zip(docs, positions):
         assert doc[0] == manifest.special_ids.cls and (doc == manifest.special_ids.cls).sum() == 1
         assert manifest.special_ids.pad not in doc
         can = [i for i, t in enumerate(doc) if t not in special]
         assert set(pos) <= set(can) and len(set(pos)) == len(pos) == max(1, round(0.15 * len(can)))
-    again = mlm_accuracy.masked_documents(docstring_shards, "validation", 50, 0.15, seed=3)
+    again = mlm_accuracy.masked_documents(docstring_shards, manifest, "validation", 50, 0.15, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(positions, again[1]))
 
 
@@ -51,9 +51,11 @@ def _constant_predictor(data_dir, out, token_id):
 def test_cli_scores_a_transformers_folder_on_the_masked_positions(docstring_shards, tmp_path):
     """Through the CLI: a model that always predicts token t scores exactly the share of t among the masked
     tokens; a bare encoder (no masked-LM head) and a folder with another vocabulary are refused with one line."""
+    from data_pipeline import manifest as manifest_lib
     from tools import mlm_accuracy
 
-    docs, positions = mlm_accuracy.masked_documents(docstring_shards, "validation", 40, 0.15, seed=0)
+    docs, positions = mlm_accuracy.masked_documents(docstring_shards, manifest_lib.load(docstring_shards),
+                                                    "validation", 40, 0.15, seed=0)
     labels = np.concatenate([d[p] for d, p in zip(docs, positions)])
     top = int(np.bincount(labels).argmax())
     model = _constant_predictor(docstring_shards, str(tmp_path / "const"), top)

@@ -22,19 +22,19 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def masked_documents(data_dir: str, split: str, max_rows: int, fraction: float, seed: int):
+def masked_documents(data_dir: str, manifest, split: str, max_rows: int, fraction: float, seed: int):
     """-> (documents: list of int64 [L] token ids, positions: list of sorted masked indices), the first
-    `max_rows` packed rows of `split` cut at each [CLS] (padding dropped; documents with fewer than 2 maskable
-    tokens skipped), masked positions drawn uniformly among each document's non-special tokens."""
-    from data_pipeline import dataset, manifest as manifest_lib  # pylint: disable=import-outside-toplevel
+    `max_rows` packed rows of `split` of `data_dir` (whose loaded manifest is `manifest`) cut at each [CLS]
+    (padding dropped; documents with fewer than 2 maskable tokens skipped), masked positions drawn uniformly
+    among each document's non-special tokens."""
+    from data_pipeline import dataset  # pylint: disable=import-outside-toplevel
 
-    manifest = manifest_lib.load(data_dir)
     cls_id, pad_id = manifest.special_ids.cls, manifest.special_ids.pad
     special = np.asarray(sorted(set(manifest.special_token_ids) | {pad_id}))
     rng = np.random.default_rng(seed)
     docs, positions, rows = [], [], 0
     ds = dataset.make_dataset(data_dir, split, 64, shuffle=False, repeat=False, drop_remainder=False)
-    for batch in ds.as_numpy_iterator():
+    for batch in dataset.as_numpy(ds):
         for row in batch["input_ids"][:max_rows - rows].astype(np.int64):
             starts = list(np.flatnonzero(row == cls_id)) + [len(row)]
             for a, b in zip(starts[:-1], starts[1:]):
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     models = {model_dir: load_masked_lm(model_dir) for model_dir in args.model}
-    docs, positions = masked_documents(args.data, args.split, args.rows, args.fraction, args.seed)
+    docs, positions = masked_documents(args.data, manifest, args.split, args.rows, args.fraction, args.seed)
     if not docs:
         raise SystemExit(f"error: --data {args.data}: no document with 2 maskable tokens in the {args.split} split")
     out = {}
